@@ -1,0 +1,107 @@
+"""`pensievectl`: commands for the user's shell.
+
+Kept fast to start: importing this module loads no MLX; commands that need
+it (`import`) import it when they run.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from pensieved.config import Config, ConfigError, ensure_token, load_config
+
+
+def _config(ctx: click.Context) -> Config:
+    config: Config = ctx.obj
+    return config
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Config file (default: $PENSIEVE_HOME/config.toml or the per-user location).",
+)
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None) -> None:
+    """Control the Pensieve daemon."""
+    try:
+        ctx.obj = load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option(
+    "--shell",
+    type=click.Choice(["bash", "zsh", "fish"]),
+    default="bash",
+    show_default=True,
+    help="Syntax of the lines printed.",
+)
+@click.pass_context
+def env(ctx: click.Context, shell: str) -> None:
+    """Print the environment that points Claude Code and the SDKs at Pensieve.
+
+    Use it as: eval "$(pensievectl env)"
+    """
+    config = _config(ctx)
+    variables = {
+        "ANTHROPIC_BASE_URL": config.base_url,
+        "ANTHROPIC_AUTH_TOKEN": ensure_token(config),
+    }
+    for name, value in variables.items():
+        if shell == "fish":
+            click.echo(f"set -gx {name} {shlex.quote(value)}")
+        else:
+            click.echo(f"export {name}={shlex.quote(value)}")
+
+
+@main.command(name="import")
+@click.argument("gguf_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--name", required=True, help="Name of the model directory to create.")
+@click.pass_context
+def import_(ctx: click.Context, gguf_file: Path, name: str) -> None:
+    """Import a llama-architecture GGUF file as an MLX model.
+
+    The model lands in Pensieve's models directory; point a [models.NAME]
+    source at the printed path (or at the .gguf file itself).
+    """
+    from pensieved.gguf import GGUFImportError, import_gguf
+
+    if not name or "/" in name or name.startswith("."):
+        raise click.BadParameter("must be a plain directory name", param_hint="--name")
+    target = _config(ctx).paths.models_dir / name
+    try:
+        import_gguf(gguf_file, target)
+    except GGUFImportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(str(target))
+
+
+@main.command()
+@click.pass_context
+def prepare(ctx: click.Context) -> None:
+    """Import the embedded and GGUF-sourced models now, so the first start is quick.
+
+    `make setup` runs this. Models already imported are left as they are.
+    """
+    from pensieved.gguf import GGUFImportError
+    from pensieved.registry import materialize
+
+    config = _config(ctx)
+    for model in config.models:
+        try:
+            location = materialize(model, config.paths.models_dir)
+        except (GGUFImportError, FileNotFoundError) as exc:
+            raise click.ClickException(f"{model.name}: {exc}") from exc
+        click.echo(f"{model.name}: {location}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

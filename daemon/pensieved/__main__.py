@@ -1,0 +1,3 @@
+from pensieved.cli import main
+
+main()

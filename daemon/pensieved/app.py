@@ -1,0 +1,220 @@
+"""The Falcon ASGI app: routes, middleware, and Anthropic-shaped errors for everything."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import falcon
+import falcon.asgi
+import psutil
+
+from pensieved import __version__
+from pensieved.config import Config, ModelConfig
+from pensieved.engine import Engine
+from pensieved.errors import ApiError, AuthenticationFailed, error_body, error_type_for_status
+from pensieved.http import json_response
+from pensieved.messages import CountTokensResource, MessagesResource, PromptPreparer
+from pensieved.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+GB = 1024**3
+
+
+class RequestIdMiddleware:
+    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        req.context.request_id = f"req_{secrets.token_hex(12)}"
+        resp.set_header("request-id", req.context.request_id)
+
+
+class AuthMiddleware:
+    """Token on every route but the connectivity probe and health check."""
+
+    OPEN = frozenset({("HEAD", "/"), ("GET", "/"), ("GET", "/health"), ("HEAD", "/health")})
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        if (req.method, req.path.rstrip("/") or "/") in self.OPEN:
+            return
+        provided = req.get_header("x-api-key")
+        if provided is None:
+            authorization = req.get_header("Authorization") or ""
+            scheme, _, value = authorization.partition(" ")
+            provided = value.strip() if scheme.lower() == "bearer" else None
+        if not provided:
+            raise AuthenticationFailed(
+                "missing credentials: send the token as x-api-key or Authorization: Bearer"
+            )
+        if not hmac.compare_digest(provided.encode(), self._token):
+            raise AuthenticationFailed("invalid x-api-key")
+
+
+class RootResource:
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        json_response(resp, {"name": "pensieve", "version": __version__, "status": "ok"})
+
+    async def on_head(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.status = 200
+        resp.content_type = falcon.MEDIA_JSON
+
+
+class HealthResource:
+    def __init__(self, config: Config, engine: Engine, started: float) -> None:
+        self._config = config
+        self._engine = engine
+        self._started = started
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        import mlx.core as mx  # reading allocator counters is not array work
+
+        loaded = {m.name: m for m in self._engine.loaded()}
+        vm = psutil.virtual_memory()
+        json_response(
+            resp,
+            {
+                "status": "ok",
+                "version": __version__,
+                "uptime_s": round(time.time() - self._started, 1),
+                "model": self._config.default_model.name,
+                "models": [
+                    {
+                        "name": m.name,
+                        "source": m.source,
+                        "loaded": m.name in loaded,
+                        "context_length": loaded[m.name].context_length if m.name in loaded else None,
+                    }
+                    for m in self._config.models
+                ],
+                "requests": {
+                    "active": self._engine.active_requests(),
+                    "served": self._engine.requests_served,
+                },
+                "memory": {
+                    "available_gb": round(vm.available / GB, 3),
+                    "total_gb": round(vm.total / GB, 3),
+                    "rss_gb": round(psutil.Process().memory_info().rss / GB, 3),
+                    "mlx_active_gb": round(mx.get_active_memory() / GB, 3),
+                    "mlx_cache_gb": round(mx.get_cache_memory() / GB, 3),
+                    "mlx_peak_gb": round(mx.get_peak_memory() / GB, 3),
+                },
+            },
+        )
+
+
+class ModelsResource:
+    def __init__(self, registry: ModelRegistry, engine: Engine, started: float) -> None:
+        self._registry = registry
+        self._engine = engine
+        self._created = datetime.fromtimestamp(started, UTC).isoformat().replace("+00:00", "Z")
+
+    def _info(self, model: ModelConfig) -> dict[str, Any]:
+        loaded = {m.name: m for m in self._engine.loaded()}
+        context = model.context_length or (
+            loaded[model.name].context_length if model.name in loaded else None
+        )
+        return {
+            "type": "model",
+            "id": model.name,
+            "display_name": model.name,
+            "created_at": self._created,
+            "lifecycle": "active",
+            "max_input_tokens": context,
+            "max_tokens": context,
+            "capabilities": None,
+            "deprecated_at": None,
+            "retires_at": None,
+            "line": None,
+        }
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        data = [self._info(m) for m in self._registry.models]
+        json_response(
+            resp,
+            {
+                "data": data,
+                "has_more": False,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+            },
+        )
+
+    async def on_get_one(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, model_id: str
+    ) -> None:
+        json_response(resp, self._info(self._registry.get(model_id)))
+
+
+def _write_error(
+    req: falcon.asgi.Request,
+    resp: falcon.asgi.Response,
+    status: int,
+    error_type: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    request_id = getattr(req.context, "request_id", None)
+    if request_id is None:  # failed before the middleware ran
+        request_id = f"req_{secrets.token_hex(12)}"
+        resp.set_header("request-id", request_id)
+    for name, value in (headers or {}).items():
+        resp.set_header(name, value)
+    json_response(resp, error_body(error_type, message, request_id), status)
+
+
+async def _handle_api_error(
+    req: falcon.asgi.Request, resp: falcon.asgi.Response, ex: ApiError, params: dict[str, Any]
+) -> None:
+    _write_error(req, resp, ex.status, ex.error_type, ex.message, ex.headers)
+
+
+async def _handle_http_error(
+    req: falcon.asgi.Request,
+    resp: falcon.asgi.Response,
+    ex: falcon.HTTPError,
+    params: dict[str, Any],
+) -> None:
+    status = ex.status_code
+    if status == 404:
+        message = f"not found: {req.method} {req.path}"
+    elif status == 405:
+        message = f"method {req.method} is not allowed on {req.path}"
+    else:
+        message = ex.description or ex.title or "request failed"
+    _write_error(req, resp, status, error_type_for_status(status), message)
+
+
+async def _handle_unexpected(
+    req: falcon.asgi.Request, resp: falcon.asgi.Response, ex: Exception, params: dict[str, Any]
+) -> None:
+    # Never a traceback in a response: log it, answer with the request id.
+    log.exception("unhandled error on %s %s", req.method, req.path)
+    _write_error(req, resp, 500, "api_error", "internal server error; see the daemon log")
+
+
+def create_app(config: Config, engine: Engine, token: str) -> falcon.asgi.App:
+    started = time.time()
+    registry = ModelRegistry(config)
+    preparer = PromptPreparer(registry, engine)
+    app = falcon.asgi.App(
+        middleware=[RequestIdMiddleware(), AuthMiddleware(token)],
+        cors_enable=False,
+    )
+    app.req_options.strip_url_path_trailing_slash = True
+    models = ModelsResource(registry, engine, started)
+    app.add_route("/", RootResource())
+    app.add_route("/health", HealthResource(config, engine, started))
+    app.add_route("/v1/models", models)
+    app.add_route("/v1/models/{model_id}", models, suffix="one")
+    app.add_route("/v1/messages", MessagesResource(preparer, engine, config.server))
+    app.add_route("/v1/messages/count_tokens", CountTokensResource(preparer))
+    app.add_error_handler(Exception, _handle_unexpected)
+    app.add_error_handler(falcon.HTTPError, _handle_http_error)
+    app.add_error_handler(ApiError, _handle_api_error)
+    return app

@@ -1,0 +1,185 @@
+"""The one TOML config file: defaults, parsing, validation, and the auth token.
+
+Read with `tomllib`; `pensievectl` writes it with `tomli-w`. The documented
+defaults live in `config/config.toml` at the repository root.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pensieved.paths import Paths, default_paths, private_dir
+
+BUILTIN_SOURCE = "builtin:smollm2-135m-instruct"
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """The config file cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 7777
+    auth_token: str | None = None
+    # Seconds between SSE `ping` events while a stream waits (long prefill).
+    ping_interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    source: str
+    aliases: tuple[str, ...] = ()
+    default: bool = False
+    context_length: int | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    models: tuple[ModelConfig, ...] = (
+        ModelConfig(DEFAULT_MODEL_NAME, BUILTIN_SOURCE, ("claude-*",), True),
+    )
+    paths: Paths = field(default_factory=default_paths)
+
+    @property
+    def default_model(self) -> ModelConfig:
+        return next((m for m in self.models if m.default), self.models[0])
+
+    @property
+    def base_url(self) -> str:
+        host = self.server.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.server.port}"
+
+
+def load_config(path: Path | None = None, paths: Paths | None = None) -> Config:
+    """Read the config at `path` (default: the per-user location).
+
+    A missing file at the default location means "all defaults"; a missing
+    file that was named explicitly is an error.
+    """
+    paths = paths or default_paths()
+    explicit = path is not None
+    path = Path(path) if path is not None else paths.config_file
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"config file not found: {path}")
+        return Config(paths=paths)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return parse_config(data, paths)
+
+
+def parse_config(data: dict[str, Any], paths: Paths) -> Config:
+    server_table = _table(data, "server")
+    server = ServerConfig(
+        host=_get(server_table, "server.host", str, ServerConfig.host),
+        port=_get(server_table, "server.port", int, ServerConfig.port),
+        auth_token=_get(server_table, "server.auth_token", str, None) or None,
+        ping_interval=float(
+            _get(server_table, "server.ping_interval", (int, float), ServerConfig.ping_interval)
+        ),
+    )
+    if not 0 < server.port < 65536:
+        raise ConfigError(f"server.port: {server.port} is not a TCP port")
+    if server.ping_interval <= 0:
+        raise ConfigError("server.ping_interval: must be > 0")
+
+    models: list[ModelConfig] = []
+    for name, table in _table(data, "models").items():
+        key = f"models.{name}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{key}: expected a table")
+        source = _get(table, f"{key}.source", str, None)
+        if not source:
+            raise ConfigError(f"{key}.source: required")
+        aliases = _get(table, f"{key}.aliases", list, [])
+        if not all(isinstance(a, str) for a in aliases):
+            raise ConfigError(f"{key}.aliases: expected a list of strings")
+        context = _get(table, f"{key}.context_length", int, None)
+        if context is not None and context < 1:
+            raise ConfigError(f"{key}.context_length: must be >= 1")
+        models.append(
+            ModelConfig(
+                name=name,
+                source=source,
+                aliases=tuple(aliases),
+                default=_get(table, f"{key}.default", bool, False),
+                context_length=context,
+            )
+        )
+    if sum(m.default for m in models) > 1:
+        raise ConfigError("models: more than one model has default = true")
+    if not models:
+        return Config(server=server, paths=paths)
+    return Config(server=server, models=tuple(models), paths=paths)
+
+
+def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table")
+    return value
+
+
+def _get(table: dict[str, Any], key: str, kind: Any, default: Any) -> Any:
+    value = table.get(key.rsplit(".", 1)[-1], default)
+    if value is default:
+        return value
+    # bool is an int in Python; a port of `true` is still a mistake.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        expected = kind.__name__ if isinstance(kind, type) else "number"
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+    return value
+
+
+def with_overrides(
+    config: Config, host: str | None = None, port: int | None = None, model: str | None = None
+) -> Config:
+    """Apply command-line flags, which win over the file."""
+    server = ServerConfig(
+        host=host if host is not None else config.server.host,
+        port=port if port is not None else config.server.port,
+        auth_token=config.server.auth_token,
+        ping_interval=config.server.ping_interval,
+    )
+    models = config.models
+    if model is not None:
+        default = config.default_model
+        replaced = ModelConfig(default.name, model, default.aliases, True, default.context_length)
+        models = tuple(replaced if m is default else m for m in models)
+    return Config(server=server, models=models, paths=config.paths)
+
+
+def ensure_token(config: Config) -> str:
+    """The configured token, else the one stored in the token file (made on first use).
+
+    The file is written 0600 inside a 0700 directory.
+    """
+    if config.server.auth_token:
+        return config.server.auth_token
+    token_file = config.paths.token_file
+    if token_file.exists():
+        token = token_file.read_text().strip()
+        if token:
+            return token
+    private_dir(token_file.parent)
+    token = f"pensieve-{secrets.token_urlsafe(32)}"
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    os.chmod(token_file, 0o600)
+    return token

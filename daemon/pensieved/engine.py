@@ -1,0 +1,353 @@
+"""The engine: one thread that owns every MLX call (load, prefill, decode).
+
+MLX arrays and caches must not cross threads (on Metal that breaks, mlx#3727),
+so the asyncio side never touches them: it sends commands over a queue and
+receives events on a per-request `asyncio.Queue`, filled with
+`loop.call_soon_threadsafe`. Generation runs on mlx-lm's `BatchGenerator`, so
+requests join and leave the running batch between decode steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pensieved.config import ModelConfig
+from pensieved.prompt import PromptBuilder
+from pensieved.registry import ModelRegistry, materialize
+from pensieved.stops import StopMatcher
+
+log = logging.getLogger(__name__)
+
+# Tokens per prefill chunk: a cancelled request stops within one chunk.
+PREFILL_STEP = 512
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling = Sampling()
+    stop_sequences: tuple[str, ...] = ()
+
+
+# Events the engine sends to a request's stream.
+@dataclass(frozen=True)
+class PromptProgress:
+    processed: int
+    total: int
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    stop_reason: str  # end_turn | max_tokens | stop_sequence
+    stop_sequence: str | None
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = PromptProgress | TextDelta | Finished | Failed
+
+
+class GenerationStream:
+    """The asyncio end of one request: events in order, and a way to cancel."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+        self._engine = engine
+        self._loop = loop
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.done = False
+
+    def _deliver(self, event: Event) -> None:
+        # Called on the engine thread.
+        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    async def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None when `timeout` passes first."""
+        try:
+            event = await asyncio.wait_for(self._events.get(), timeout)
+        except TimeoutError:
+            return None
+        if isinstance(event, Finished | Failed):
+            self.done = True
+        return event
+
+    def cancel(self) -> None:
+        """Stop generating for this request (client gone). Safe to call twice."""
+        if not self.done and not self.cancelled.is_set():
+            self.cancelled.set()
+            self._engine._commands.put(("cancel", self))
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: Any
+    tokenizer: Any
+    context_length: int
+    builder: PromptBuilder
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass
+class _Job:
+    stream: GenerationStream
+    request: GenerationRequest
+    detokenizer: Any
+    stops: StopMatcher
+    output_tokens: int = 0
+
+
+@dataclass
+class _Runner:
+    """A loaded model's batch generator and the jobs it is running."""
+
+    loaded: LoadedModel
+    generator: Any
+    jobs: dict[int, _Job] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, registry: ModelRegistry, models_dir: Path) -> None:
+        self._registry = registry
+        self._models_dir = models_dir
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._runners: dict[str, _Runner] = {}
+        self._thread = threading.Thread(target=self._run, name="pensieve-engine", daemon=True)
+        self.requests_served = 0
+
+    # -- asyncio side -----------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread.is_alive():
+            self._commands.put(("stop", None))
+            self._thread.join(timeout)
+
+    def loaded(self) -> list[LoadedModel]:
+        return [runner.loaded for runner in list(self._runners.values())]
+
+    def active_requests(self) -> int:
+        return sum(len(runner.jobs) for runner in list(self._runners.values()))
+
+    async def load(self, config: ModelConfig) -> LoadedModel:
+        """The loaded model for `config`, loading it on the engine thread if needed."""
+        runner = self._runners.get(config.name)
+        if runner is not None:
+            return runner.loaded
+        future: concurrent.futures.Future[LoadedModel] = concurrent.futures.Future()
+        self._commands.put(("load", (config, future)))
+        return await asyncio.wrap_future(future)
+
+    def load_sync(self, config: ModelConfig) -> LoadedModel:
+        """Blocking `load`, for start-up before the event loop serves requests."""
+        future: concurrent.futures.Future[LoadedModel] = concurrent.futures.Future()
+        self._commands.put(("load", (config, future)))
+        return future.result()
+
+    def submit(self, model: LoadedModel, request: GenerationRequest) -> GenerationStream:
+        stream = GenerationStream(self, asyncio.get_running_loop())
+        self._commands.put(("submit", (model.name, request, stream)))
+        return stream
+
+    # -- engine thread ----------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            busy = any(runner.jobs for runner in self._runners.values())
+            try:
+                command = self._commands.get(block=not busy)
+            except queue.Empty:
+                command = None
+            while command is not None:
+                if command[0] == "stop":
+                    self._fail_all("the server is shutting down")
+                    return
+                self._handle(*command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            for runner in list(self._runners.values()):
+                if runner.jobs:
+                    self._step(runner)
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "load":
+            config, future = payload
+            try:
+                future.set_result(self._load(config))
+            except Exception as exc:
+                log.exception("loading model %s failed", config.name)
+                future.set_exception(exc)
+        elif kind == "submit":
+            name, request, stream = payload
+            self._insert(self._runners[name], request, stream)
+        elif kind == "cancel":
+            self._cancel(payload)
+
+    def _load(self, config: ModelConfig) -> LoadedModel:
+        if config.name in self._runners:
+            return self._runners[config.name].loaded
+        import mlx_lm
+
+        started = time.perf_counter()
+        path = materialize(config, self._models_dir)
+        model, tokenizer = mlx_lm.load(path)
+        context = config.context_length or _context_length(model, tokenizer)
+        loaded = LoadedModel(config, model, tokenizer, context, PromptBuilder(tokenizer, config.name))
+        self._runners[config.name] = _Runner(loaded, _new_generator(loaded))
+        log.info(
+            "loaded model %s from %s in %.1fs (context %d tokens)",
+            config.name,
+            path,
+            time.perf_counter() - started,
+            context,
+        )
+        return loaded
+
+    def _insert(self, runner: _Runner, request: GenerationRequest, stream: GenerationStream) -> None:
+        from mlx_lm.sample_utils import make_sampler
+
+        if stream.cancelled.is_set():
+            return
+        sampling = request.sampling
+        sampler = make_sampler(
+            temp=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k
+        )
+        try:
+            (uid,) = runner.generator.insert(
+                [request.prompt], max_tokens=[request.max_tokens], samplers=[sampler]
+            )
+        except Exception as exc:
+            log.exception("could not start generation")
+            stream._deliver(Failed(f"generation could not start: {exc}"))
+            return
+        tokenizer = runner.loaded.tokenizer
+        runner.jobs[uid] = _Job(stream, request, tokenizer.detokenizer, StopMatcher(request.stop_sequences))
+
+    def _cancel(self, stream: GenerationStream) -> None:
+        for runner in self._runners.values():
+            for uid, job in list(runner.jobs.items()):
+                if job.stream is stream:
+                    runner.generator.remove([uid])
+                    del runner.jobs[uid]
+                    log.info("request cancelled after %d tokens", job.output_tokens)
+
+    def _step(self, runner: _Runner) -> None:
+        try:
+            prompt_responses, generation_responses = runner.generator.next()
+        except Exception as exc:
+            log.exception("generation step failed for model %s", runner.loaded.name)
+            self._fail_runner(runner, f"generation failed: {exc}")
+            return
+        for response in prompt_responses:
+            job = runner.jobs.get(response.uid)
+            if job is not None:
+                processed, total = response.progress
+                job.stream._deliver(PromptProgress(processed, total))
+        for response in generation_responses:
+            job = runner.jobs.get(response.uid)
+            if job is None:
+                continue
+            try:
+                self._advance(runner, response.uid, job, response.token, response.finish_reason)
+            except Exception as exc:
+                log.exception("decoding a token failed for model %s", runner.loaded.name)
+                self._finish(runner, response.uid, Failed(f"generation failed: {exc}"))
+
+    def _advance(
+        self, runner: _Runner, uid: int, job: _Job, token: int, finish_reason: str | None
+    ) -> None:
+        job.output_tokens += 1
+        detokenizer = job.detokenizer
+        if finish_reason != "stop":  # "stop" means an end-of-turn token: not text
+            detokenizer.add_token(token)
+        if finish_reason is not None:
+            detokenizer.finalize()
+        text, matched = job.stops.feed(detokenizer.last_segment)
+        if matched is not None:
+            if text:
+                job.stream._deliver(TextDelta(text))
+            self._finish(runner, uid, Finished("stop_sequence", matched, job.output_tokens))
+            return
+        if finish_reason is not None:
+            text += job.stops.flush()
+        if text:
+            job.stream._deliver(TextDelta(text))
+        if finish_reason is not None:
+            reason = "end_turn" if finish_reason == "stop" else "max_tokens"
+            self._finish(runner, uid, Finished(reason, None, job.output_tokens))
+
+    def _finish(self, runner: _Runner, uid: int, event: Finished | Failed) -> None:
+        job = runner.jobs.pop(uid, None)
+        if job is None:
+            return
+        # A request that ended by stop sequence or failure is still in the batch.
+        runner.generator.remove([uid])
+        self.requests_served += 1
+        job.stream._deliver(event)
+
+    def _fail_runner(self, runner: _Runner, message: str) -> None:
+        for job in runner.jobs.values():
+            job.stream._deliver(Failed(message))
+        runner.jobs.clear()
+        # The batch's state is unknown after a failure; start from a clean one.
+        runner.generator = _new_generator(runner.loaded)
+
+    def _fail_all(self, message: str) -> None:
+        for runner in self._runners.values():
+            for job in runner.jobs.values():
+                job.stream._deliver(Failed(message))
+            runner.jobs.clear()
+
+
+def _new_generator(loaded: LoadedModel) -> Any:
+    from mlx_lm.generate import BatchGenerator
+
+    return BatchGenerator(
+        loaded.model,
+        stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)],
+        prefill_step_size=PREFILL_STEP,
+    )
+
+
+def _context_length(model: Any, tokenizer: Any) -> int:
+    args = getattr(model, "args", None)
+    for value in (
+        getattr(args, "max_position_embeddings", None),
+        getattr(tokenizer, "model_max_length", None),
+    ):
+        if isinstance(value, int) and 0 < value < 10_000_000:
+            return value
+    return 4096

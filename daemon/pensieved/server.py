@@ -1,0 +1,104 @@
+"""Run the daemon: warm the model, serve the app with embedded Granian, stop cleanly.
+
+Granian's embedded server runs inside our own asyncio loop, so this process
+owns its signal handlers and its exit code (launchd restarts only on a
+non-zero exit). Granian does not end open SSE streams when it stops, so the
+engine ends them first: each gets an `error` event instead of a silent cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+import socket
+import time
+
+from pensieved.app import create_app
+from pensieved.config import Config, ensure_token
+from pensieved.engine import Engine
+from pensieved.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the message says why."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(
+                    f"{host}:{port} is already in use (another Pensieve? "
+                    "`pensievectl env` shows the configured address)"
+                ) from exc
+            raise StartupError(f"cannot listen on {host}:{port}: {exc}") from exc
+
+
+async def serve(config: Config) -> int:
+    """Serve until SIGTERM/SIGINT; return the process exit code."""
+    from granian.constants import Interfaces
+    from granian.http import HTTP1Settings
+    from granian.server.embed import Server
+
+    token = ensure_token(config)
+    host, port = config.server.host, config.server.port
+    check_port_free(host, port)
+
+    engine = Engine(ModelRegistry(config), config.paths.models_dir)
+    engine.start()
+    started = time.perf_counter()
+    # Warm before the first request: load the default model now.
+    try:
+        await engine.load(config.default_model)
+    except Exception as exc:
+        engine.stop()
+        raise StartupError(f"model {config.default_model.name!r} failed to load: {exc}") from exc
+    log.info("model warm in %.1fs", time.perf_counter() - started)
+
+    app = create_app(config, engine, token)
+    server = Server(
+        app,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGINL,
+        websockets=False,
+        log_access=False,
+        # A client that never finishes its headers is dropped (slowloris).
+        http1_settings=HTTP1Settings(header_read_timeout=10_000),
+    )
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def request_stop(signum: int) -> None:
+        if stopping.is_set():
+            return
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stopping.set()
+
+        async def stop() -> None:
+            # End in-flight streams with an error event, then stop listening.
+            await asyncio.to_thread(engine.stop)
+            await asyncio.sleep(0.2)
+            server.stop()
+
+        loop.create_task(stop())
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, request_stop, signum)
+    log.info("pensieve listening on %s", config.base_url)
+    try:
+        await server.serve()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        engine.stop()
+    log.info("stopped")
+    return 0

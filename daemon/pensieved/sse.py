@@ -1,0 +1,100 @@
+"""The Anthropic streaming event sequence: the one place that writes SSE.
+
+message_start → ping → (content_block_start → content_block_delta* →
+content_block_stop) → message_delta → message_stop, with `ping` while the
+engine is still busy (long prefill), and `event: error` for a failure after
+the 200 has been sent (never followed by `message_stop`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from falcon.asgi import SSEvent
+
+from pensieved import protocol
+from pensieved.engine import Failed, Finished, GenerationStream, TextDelta
+from pensieved.errors import error_body
+
+
+def sse_event(name: str, payload: dict[str, Any]) -> SSEvent:
+    return SSEvent(event=name, data=msgspec.json.encode(payload))
+
+
+PING = {"type": "ping"}
+
+
+async def message_events(
+    stream: GenerationStream,
+    *,
+    message_id: str,
+    model: str,
+    input_tokens: int,
+    ping_interval: float,
+    request_id: str,
+) -> AsyncIterator[SSEvent]:
+    """Translate engine events into Anthropic SSE events for one message."""
+    try:
+        start = protocol.message(
+            message_id, model, [], None, None, protocol.usage(input_tokens, 0)
+        )
+        yield sse_event("message_start", {"type": "message_start", "message": start})
+        yield sse_event("ping", PING)
+        block_open = False
+        while True:
+            # Falcon notices a gone client only when we yield, so never wait
+            # longer than one ping interval without yielding.
+            event = await stream.next_event(timeout=ping_interval)
+            if event is None:
+                yield sse_event("ping", PING)
+            elif isinstance(event, TextDelta):
+                if not block_open:
+                    block_open = True
+                    yield sse_event(
+                        "content_block_start",
+                        {
+                            "type": "content_block_start",
+                            "index": 0,
+                            "content_block": protocol.text_block(""),
+                        },
+                    )
+                yield sse_event(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": event.text},
+                    },
+                )
+            elif isinstance(event, Finished):
+                if block_open:
+                    yield sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                yield sse_event(
+                    "message_delta",
+                    {
+                        "type": "message_delta",
+                        "delta": {
+                            "stop_reason": event.stop_reason,
+                            "stop_sequence": event.stop_sequence,
+                            "stop_details": None,
+                            "container": None,
+                        },
+                        "usage": {
+                            "input_tokens": input_tokens,
+                            "output_tokens": event.output_tokens,
+                            "cache_creation_input_tokens": 0,
+                            "cache_read_input_tokens": 0,
+                            "server_tool_use": None,
+                        },
+                    },
+                )
+                yield sse_event("message_stop", {"type": "message_stop"})
+                return
+            elif isinstance(event, Failed):
+                yield sse_event("error", error_body("api_error", event.message, request_id))
+                return
+    finally:
+        # Runs when the client disconnects too: free the slot at once.
+        stream.cancel()

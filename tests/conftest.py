@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pensieved.gguf import import_gguf
+from pensieved.registry import builtin_gguf_path
+from tests.daemon import Daemon, running_daemon
+from tests.models import build_tiny_model
+
+TINY_CONTEXT = 256
+
+
+@pytest.fixture(autouse=True)
+def pensieve_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own PENSIEVE_HOME: nothing touches the user's files."""
+    home = tmp_path / "pensieve-home"
+    monkeypatch.setenv("PENSIEVE_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded SmolLM2, imported from its GGUF once per test session."""
+    return import_gguf(builtin_gguf_path(), tmp_path_factory.mktemp("models") / "smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", smollm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(smollm_dir: Path, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("models")
+    broken = build_tiny_model(
+        root / "broken", smollm_dir, vocab_size=49152 + 4096, out_of_vocab_head=True
+    )
+    unloadable = root / "unloadable"
+    unloadable.mkdir()
+    (unloadable / "config.json").write_text('{"model_type": "llama"}')
+    (unloadable / "model.safetensors").write_bytes(b"not safetensors")
+    return {
+        "models": {
+            "tiny": {
+                "source": str(tiny_dir),
+                "aliases": ["claude-*"],
+                "default": True,
+                "context_length": TINY_CONTEXT,
+            },
+            "tiny-long": {"source": str(tiny_dir), "aliases": ["long-*"]},
+            "broken": {"source": str(broken), "aliases": ["broken-*"]},
+            "unloadable": {"source": str(unloadable)},
+        }
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_daemon(tmp_path_factory: pytest.TempPathFactory, tiny_config: dict) -> Iterator[Daemon]:
+    """One real daemon on a free port, serving tiny random models."""
+    yield from running_daemon(tmp_path_factory.mktemp("tiny-daemon"), tiny_config)

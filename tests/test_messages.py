@@ -1,0 +1,261 @@
+"""The Messages API against a real daemon, driven by the official SDK."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import anthropic
+import httpx
+import pytest
+
+from tests.conftest import TINY_CONTEXT
+from tests.daemon import Daemon, sse_events
+
+QUESTION = [{"role": "user", "content": "Tell me about the sea."}]
+# anthropic 2.x passes sampling settings through extra_body.
+GREEDY = {"temperature": 0.0}
+
+
+def test_create_returns_a_full_message(tiny_daemon: Daemon) -> None:
+    client = tiny_daemon.client()
+    message = client.messages.create(model="claude-opus-4-8", max_tokens=8, messages=QUESTION)
+    assert message.id.startswith("msg_")
+    assert message.type == "message"
+    assert message.role == "assistant"
+    assert message.model == "tiny"  # names the local model, not the client's alias
+    assert message.stop_reason in {"max_tokens", "end_turn"}
+    assert message.content and message.content[0].type == "text"
+    assert message.usage.output_tokens <= 8
+    if message.stop_reason == "max_tokens":
+        assert message.usage.output_tokens == 8
+    assert message.usage.cache_read_input_tokens == 0
+    assert message.usage.service_tier == "standard"
+    counted = client.messages.count_tokens(model="claude-opus-4-8", messages=QUESTION)
+    assert message.usage.input_tokens == counted.input_tokens > 5
+
+
+def test_stream_accumulates_to_the_final_message(tiny_daemon: Daemon) -> None:
+    client = tiny_daemon.client()
+    with client.messages.stream(
+        model="claude-opus-4-8", max_tokens=12, messages=QUESTION, extra_body=GREEDY
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text
+    assert final.content[0].type == "text"
+    assert final.content[0].text == text
+    assert final.usage.output_tokens == 12
+    assert final.stop_reason == "max_tokens"
+    # Greedy decoding gives the same text streamed or not.
+    plain = client.messages.create(
+        model="claude-opus-4-8", max_tokens=12, messages=QUESTION, extra_body=GREEDY
+    )
+    assert plain.content[0].text == text
+
+
+def test_stream_event_sequence_is_exact(tiny_daemon: Daemon) -> None:
+    body = {"model": "claude-opus-4-8", "max_tokens": 5, "stream": True, "messages": QUESTION}
+    with (
+        tiny_daemon.http() as http,
+        http.stream("POST", "/v1/messages?beta=true", json=body) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["request-id"].startswith("req_")
+        events = sse_events(response)
+    names = [name for name, _ in events]
+    assert names[:2] == ["message_start", "ping"]
+    assert names[2] == "content_block_start"
+    assert set(names[3:-3]) == {"content_block_delta"}
+    assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    for name, data in events:
+        assert json.loads(data)["type"] == name
+    start = json.loads(events[0][1])["message"]
+    assert start["content"] == [] and start["stop_reason"] is None
+    delta = json.loads(events[-2][1])
+    assert delta["delta"]["stop_reason"] == "max_tokens"
+    assert delta["usage"]["output_tokens"] == 5
+
+
+def test_pings_while_the_engine_is_busy(tiny_config: dict, tmp_path_factory) -> None:
+    from tests.daemon import running_daemon
+
+    config = {**tiny_config, "server": {"ping_interval": 0.05}}
+    for daemon in running_daemon(tmp_path_factory.mktemp("ping-daemon"), config):
+        body = {
+            "model": "long-model",
+            "max_tokens": 400,
+            "stream": True,
+            "messages": [{"role": "user", "content": "word " * 1500}],
+        }
+        with daemon.http() as http, http.stream("POST", "/v1/messages", json=body) as response:
+            names = [name for name, _ in sse_events(response)]
+    # Prefill of ~1500 tokens takes several ping intervals: more pings than the first.
+    first_text = names.index("content_block_start")
+    assert names[:first_text].count("ping") > 1
+    assert names[-1] == "message_stop"
+
+
+def test_system_prompt_forms_and_inline_system_turns(tiny_daemon: Daemon) -> None:
+    client = tiny_daemon.client()
+
+    def count(**kwargs: object) -> int:
+        return client.messages.count_tokens(model="x", **kwargs).input_tokens  # type: ignore[arg-type]
+
+    as_string = count(system="Be brief.", messages=QUESTION)
+    as_blocks = count(
+        system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        messages=QUESTION,
+    )
+    assert as_string == as_blocks
+    assert count(system="Be brief. Answer in French.", messages=QUESTION) > as_string
+    inline = count(
+        messages=[
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "system", "content": "The user is in Paris."},  # type: ignore[list-item]
+            {"role": "user", "content": "Weather?"},
+        ]
+    )
+    assert inline > count(
+        messages=[
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Weather?"},
+        ]
+    )
+
+
+def test_consecutive_same_role_turns_merge(tiny_daemon: Daemon) -> None:
+    client = tiny_daemon.client()
+    split = client.messages.count_tokens(
+        model="tiny",
+        messages=[
+            {"role": "user", "content": "First part."},
+            {"role": "user", "content": [{"type": "text", "text": "Second part."}]},
+        ],
+    )
+    merged = client.messages.count_tokens(
+        model="tiny", messages=[{"role": "user", "content": "First part.\n\nSecond part."}]
+    )
+    assert split.input_tokens == merged.input_tokens
+
+
+def test_stop_sequences(tiny_daemon: Daemon) -> None:
+    client = tiny_daemon.client()
+    free = client.messages.create(model="tiny", max_tokens=30, messages=QUESTION, extra_body=GREEDY)
+    text = free.content[0].text
+    stop = next(
+        text[i : i + 3] for i in range(4, len(text) - 3) if text[i : i + 3].strip() == text[i : i + 3]
+    )
+    stopped = client.messages.create(
+        model="tiny", max_tokens=30, messages=QUESTION, extra_body=GREEDY, stop_sequences=[stop, "zzzz"]
+    )
+    assert stopped.stop_reason == "stop_sequence"
+    assert stopped.stop_sequence == stop
+    assert stopped.content[0].text == text[: text.index(stop)]
+    with client.messages.stream(
+        model="tiny", max_tokens=30, messages=QUESTION, extra_body=GREEDY, stop_sequences=[stop]
+    ) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == text[: text.index(stop)]
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == stop
+
+
+def test_max_tokens_is_clamped_to_the_context_never_rejected(tiny_daemon: Daemon) -> None:
+    client = tiny_daemon.client()
+    # Claude Code streams with max_tokens 64000; the SDK insists on streaming there.
+    with client.messages.stream(model="tiny", max_tokens=64000, messages=QUESTION) as stream:
+        message = stream.get_final_message()
+    prompt = message.usage.input_tokens
+    assert message.usage.output_tokens <= TINY_CONTEXT - prompt
+    if message.stop_reason == "max_tokens":
+        assert message.usage.output_tokens == TINY_CONTEXT - prompt
+
+
+def test_sampling_fields_and_unknown_fields_are_accepted(tiny_daemon: Daemon) -> None:
+    client = tiny_daemon.client()
+    message = client.messages.create(
+        model="claude-opus-4-8",
+        max_tokens=4,
+        messages=QUESTION,
+        metadata={"user_id": "someone"},
+        thinking={"type": "adaptive"},
+        # The current SDK passes these through extra_body; older clients as fields.
+        extra_body={
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "top_k": 40,
+            "context_management": {"edits": []},
+            "output_config": {"effort": "high"},
+            "speed": "standard",
+            "some_future_field": {"nested": [1, 2]},
+        },
+    )
+    assert message.usage.output_tokens >= 1
+
+
+def test_assistant_prefill_is_continued(tiny_daemon: Daemon) -> None:
+    client = tiny_daemon.client()
+    message = client.messages.create(
+        model="tiny",
+        max_tokens=4,
+        messages=[*QUESTION, {"role": "assistant", "content": "The sea is"}],
+    )
+    assert message.role == "assistant"
+    assert message.usage.output_tokens >= 1
+
+
+def test_beta_messages_route(tiny_daemon: Daemon) -> None:
+    message = tiny_daemon.client().beta.messages.create(
+        model="claude-opus-4-8", max_tokens=3, messages=QUESTION, betas=["some-beta-2025-01-01"]
+    )
+    assert message.model == "tiny"
+
+
+def test_models_list_and_retrieve(tiny_daemon: Daemon) -> None:
+    client = tiny_daemon.client()
+    ids = [model.id for model in client.models.list()]
+    assert ids == ["tiny", "tiny-long", "broken", "unloadable"]
+    tiny = client.models.retrieve("tiny")
+    assert tiny.type == "model" and tiny.display_name == "tiny"
+    assert tiny.max_input_tokens == TINY_CONTEXT
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        client.models.retrieve("claude-opus-4-8")
+    assert caught.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+
+
+def test_probe_and_health_need_no_token(tiny_daemon: Daemon) -> None:
+    assert httpx.head(f"{tiny_daemon.base_url}/").status_code == 200
+    assert httpx.get(f"{tiny_daemon.base_url}/").status_code == 200
+    health = httpx.get(f"{tiny_daemon.base_url}/health").json()
+    assert health["status"] == "ok"
+    assert health["model"] == "tiny"
+    tiny = next(m for m in health["models"] if m["name"] == "tiny")
+    assert tiny["loaded"] is True  # warm before the first request
+    assert health["memory"]["rss_gb"] > 0
+    assert health["uptime_s"] >= 0
+
+
+def test_disconnect_frees_the_slot_at_once(tiny_daemon: Daemon) -> None:
+    body = {
+        "model": "long-x",
+        "max_tokens": 3000,  # ~10 s of decoding on a 2-core machine
+        "stream": True,
+        "messages": QUESTION,
+    }
+    with tiny_daemon.http() as http, http.stream("POST", "/v1/messages", json=body) as response:
+        for line in response.iter_lines():
+            if "content_block_delta" in line:
+                break
+    # The connection is closed: the engine must drop the request promptly.
+    deadline = time.monotonic() + 3.0
+    active = None
+    while time.monotonic() < deadline:
+        active = httpx.get(f"{tiny_daemon.base_url}/health").json()["requests"]["active"]
+        if active == 0:
+            break
+        time.sleep(0.05)
+    assert active == 0
