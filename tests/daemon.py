@@ -106,11 +106,12 @@ def running_daemon(home: Path, config: dict[str, Any]) -> Iterator[Daemon]:
         daemon.stop()
 
 
-def sse_events(response: httpx.Response) -> list[tuple[str, str]]:
-    """(event, data) pairs of an SSE body, in order."""
+def sse_events(body: httpx.Response | Iterator[str]) -> list[tuple[str, str]]:
+    """(event, data) pairs of an SSE body (or the rest of its lines), in order."""
+    lines = body.iter_lines() if isinstance(body, httpx.Response) else body
     events: list[tuple[str, str]] = []
     name, data = "", ""
-    for line in response.iter_lines():
+    for line in lines:
         if line.startswith("event:"):
             name = line.split(":", 1)[1].strip()
         elif line.startswith("data:"):

@@ -147,10 +147,16 @@ def test_stop_sequences(tiny_daemon: Daemon) -> None:
     free = client.messages.create(model="tiny", max_tokens=30, messages=QUESTION, extra_body=GREEDY)
     text = free.content[0].text
     stop = next(
-        text[i : i + 3] for i in range(4, len(text) - 3) if text[i : i + 3].strip() == text[i : i + 3]
+        text[i : i + 3]
+        for i in range(4, len(text) - 3)
+        if text[i : i + 3].strip() == text[i : i + 3]
     )
     stopped = client.messages.create(
-        model="tiny", max_tokens=30, messages=QUESTION, extra_body=GREEDY, stop_sequences=[stop, "zzzz"]
+        model="tiny",
+        max_tokens=30,
+        messages=QUESTION,
+        extra_body=GREEDY,
+        stop_sequences=[stop, "zzzz"],
     )
     assert stopped.stop_reason == "stop_sequence"
     assert stopped.stop_sequence == stop

@@ -88,7 +88,9 @@ class HealthResource:
                         "name": m.name,
                         "source": m.source,
                         "loaded": m.name in loaded,
-                        "context_length": loaded[m.name].context_length if m.name in loaded else None,
+                        "context_length": loaded[m.name].context_length
+                        if m.name in loaded
+                        else None,
                     }
                     for m in self._config.models
                 ],
@@ -198,12 +200,13 @@ async def _handle_unexpected(
     _write_error(req, resp, 500, "api_error", "internal server error; see the daemon log")
 
 
-def create_app(config: Config, engine: Engine, token: str) -> falcon.asgi.App:
+def create_app(config: Config, engine: Engine, token: str) -> falcon.asgi.App[Any, Any]:
     started = time.time()
     registry = ModelRegistry(config)
     preparer = PromptPreparer(registry, engine)
-    app = falcon.asgi.App(
-        middleware=[RequestIdMiddleware(), AuthMiddleware(token)],
+    middleware: list[Any] = [RequestIdMiddleware(), AuthMiddleware(token)]
+    app: falcon.asgi.App[Any, Any] = falcon.asgi.App(
+        middleware=middleware,
         cors_enable=False,
     )
     app.req_options.strip_url_path_trailing_slash = True

@@ -110,6 +110,7 @@ class LoadedModel:
     tokenizer: Any
     context_length: int
     builder: PromptBuilder
+    vocab_size: int
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -223,9 +224,11 @@ class Engine:
 
         started = time.perf_counter()
         path = materialize(config, self._models_dir)
-        model, tokenizer = mlx_lm.load(path)
+        model, tokenizer = mlx_lm.load(path)[:2]
         context = config.context_length or _context_length(model, tokenizer)
-        loaded = LoadedModel(config, model, tokenizer, context, PromptBuilder(tokenizer, config.name))
+        loaded = LoadedModel(
+            config, model, tokenizer, context, PromptBuilder(tokenizer, config.name), len(tokenizer)
+        )
         self._runners[config.name] = _Runner(loaded, _new_generator(loaded))
         log.info(
             "loaded model %s from %s in %.1fs (context %d tokens)",
@@ -236,7 +239,9 @@ class Engine:
         )
         return loaded
 
-    def _insert(self, runner: _Runner, request: GenerationRequest, stream: GenerationStream) -> None:
+    def _insert(
+        self, runner: _Runner, request: GenerationRequest, stream: GenerationStream
+    ) -> None:
         from mlx_lm.sample_utils import make_sampler
 
         if stream.cancelled.is_set():
@@ -254,7 +259,9 @@ class Engine:
             stream._deliver(Failed(f"generation could not start: {exc}"))
             return
         tokenizer = runner.loaded.tokenizer
-        runner.jobs[uid] = _Job(stream, request, tokenizer.detokenizer, StopMatcher(request.stop_sequences))
+        runner.jobs[uid] = _Job(
+            stream, request, tokenizer.detokenizer, StopMatcher(request.stop_sequences)
+        )
 
     def _cancel(self, stream: GenerationStream) -> None:
         for runner in self._runners.values():
@@ -274,7 +281,7 @@ class Engine:
         for response in prompt_responses:
             job = runner.jobs.get(response.uid)
             if job is not None:
-                processed, total = response.progress
+                processed, total = response.progress[0], response.progress[1]
                 job.stream._deliver(PromptProgress(processed, total))
         for response in generation_responses:
             job = runner.jobs.get(response.uid)
@@ -290,6 +297,12 @@ class Engine:
         self, runner: _Runner, uid: int, job: _Job, token: int, finish_reason: str | None
     ) -> None:
         job.output_tokens += 1
+        if token >= runner.loaded.vocab_size:
+            # The detokenizer would quietly turn it into junk text.
+            raise ValueError(
+                f"model produced token id {token}, outside its tokenizer's "
+                f"vocabulary of {runner.loaded.vocab_size}"
+            )
         detokenizer = job.detokenizer
         if finish_reason != "stop":  # "stop" means an end-of-turn token: not text
             detokenizer.add_token(token)

@@ -14,7 +14,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from gguf import GGUFReader
@@ -72,7 +72,9 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
     if not gguf_path.is_file():
         raise GGUFImportError(f"no such GGUF file: {gguf_path}")
     _check_tensor_types(gguf_path)
-    weights, metadata = mx.load(str(gguf_path), return_metadata=True)  # type: ignore[misc]
+    weights, metadata = cast(
+        tuple[dict[str, mx.array], dict[str, Any]], mx.load(str(gguf_path), return_metadata=True)
+    )
     arch = str(metadata.get("general.architecture", "unknown"))
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFImportError(
@@ -234,7 +236,9 @@ def _write_tokenizer(metadata: dict[str, Any], out_dir: Path, context_length: in
     tokenizer.decoder = decoders.ByteLevel()
 
     types = metadata.get("tokenizer.ggml.token_type")
-    type_list: list[int] = types.tolist() if isinstance(types, mx.array) else [1] * len(tokens)
+    type_list = (
+        cast(list[int], types.tolist()) if isinstance(types, mx.array) else [1] * len(tokens)
+    )
     control = 3
     specials = [tokens[i] for i, t in enumerate(type_list) if t == control]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
@@ -242,7 +246,11 @@ def _write_tokenizer(metadata: dict[str, Any], out_dir: Path, context_length: in
 
     def token_at(key: str) -> str | None:
         value = metadata.get(f"tokenizer.ggml.{key}_token_id")
-        return None if value is None else tokens[int(_scalar(metadata, f"tokenizer.ggml.{key}_token_id"))]
+        return (
+            None
+            if value is None
+            else tokens[int(_scalar(metadata, f"tokenizer.ggml.{key}_token_id"))]
+        )
 
     tokenizer_config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -47,7 +47,11 @@ def to_chat_messages(request: CountTokensRequest, model_name: str) -> list[ChatM
             text = "\n".join(
                 part
                 for block_index, block in enumerate(content)
-                if (part := _block_text(block, model_name, f"messages.{index}.content.{block_index}"))
+                if (
+                    part := _block_text(
+                        block, model_name, f"messages.{index}.content.{block_index}"
+                    )
+                )
             )
         if turns and turns[-1]["role"] == msg.role:
             turns[-1]["content"] = _join(turns[-1]["content"], text)
@@ -92,7 +96,7 @@ def _tool_result_text(block: ToolResultBlock, model_name: str, where: str) -> st
         body = block.content
     else:
         parts = []
-        for i, part in enumerate(block.content):
+        for part in block.content:
             if isinstance(part, TextBlock):
                 parts.append(part.text)
             else:
@@ -139,15 +143,16 @@ class PromptBuilder:
             # Some templates refuse a system turn anywhere but first; keep the
             # leading one and present later ones as user turns.
             rewritten = [
-                {"role": "user", "content": t["content"]}
-                if t["role"] == "system" and i > 0
-                else t
+                {"role": "user", "content": t["content"]} if t["role"] == "system" and i > 0 else t
                 for i, t in enumerate(turns)
             ]
             merged: list[ChatMessage] = []
             for turn in rewritten:
                 if merged and merged[-1]["role"] == turn["role"]:
-                    merged[-1] = {"role": turn["role"], "content": _join(merged[-1]["content"], turn["content"])}
+                    merged[-1] = {
+                        "role": turn["role"],
+                        "content": _join(merged[-1]["content"], turn["content"]),
+                    }
                 else:
                     merged.append(turn)
             try:

@@ -76,6 +76,7 @@ async def serve(config: Config) -> int:
     )
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
+    stop_tasks: set[asyncio.Task[None]] = set()
 
     def request_stop(signum: int) -> None:
         if stopping.is_set():
@@ -87,9 +88,9 @@ async def serve(config: Config) -> int:
             # End in-flight streams with an error event, then stop listening.
             await asyncio.to_thread(engine.stop)
             await asyncio.sleep(0.2)
-            server.stop()
+            server.stop()  # type: ignore[no-untyped-call]
 
-        loop.create_task(stop())
+        stop_tasks.add(loop.create_task(stop()))
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, request_stop, signum)

@@ -37,9 +37,7 @@ async def message_events(
 ) -> AsyncIterator[SSEvent]:
     """Translate engine events into Anthropic SSE events for one message."""
     try:
-        start = protocol.message(
-            message_id, model, [], None, None, protocol.usage(input_tokens, 0)
-        )
+        start = protocol.message(message_id, model, [], None, None, protocol.usage(input_tokens, 0))
         yield sse_event("message_start", {"type": "message_start", "message": start})
         yield sse_event("ping", PING)
         block_open = False
@@ -70,7 +68,9 @@ async def message_events(
                 )
             elif isinstance(event, Finished):
                 if block_open:
-                    yield sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                    yield sse_event(
+                        "content_block_stop", {"type": "content_block_stop", "index": 0}
+                    )
                 yield sse_event(
                     "message_delta",
                     {

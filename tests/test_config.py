@@ -1,0 +1,143 @@
+"""Config parsing, overrides, token storage and model-name resolution (no model needed)."""
+
+from __future__ import annotations
+
+import stat
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from pensieved.config import (
+    BUILTIN_SOURCE,
+    Config,
+    ConfigError,
+    ensure_token,
+    load_config,
+    parse_config,
+    with_overrides,
+)
+from pensieved.paths import default_paths
+from pensieved.registry import ModelRegistry
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_documented_defaults_match_the_built_in_ones() -> None:
+    documented = parse_config(
+        tomllib.loads((REPO / "config" / "config.toml").read_text()), default_paths()
+    )
+    assert documented == Config()
+    assert documented.server.host == "127.0.0.1"
+    assert documented.server.port == 7777
+    assert documented.default_model.source == BUILTIN_SOURCE
+
+
+def test_everything_lives_under_pensieve_home(pensieve_home: Path) -> None:
+    paths = default_paths()
+    for path in (
+        paths.config_file,
+        paths.token_file,
+        paths.models_dir,
+        paths.log_dir,
+        paths.control_socket,
+    ):
+        assert path.is_relative_to(pensieve_home)
+
+
+def test_missing_default_file_means_defaults_but_a_named_one_must_exist(tmp_path: Path) -> None:
+    assert load_config() == Config()
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_config_is_read_from_pensieve_home(pensieve_home: Path) -> None:
+    pensieve_home.mkdir()
+    (pensieve_home / "config.toml").write_text(
+        '[server]\nport = 8123\n[models.a]\nsource = "/m/a"\n'
+        '[models.b]\nsource = "x/y"\ndefault = true\n'
+    )
+    config = load_config()
+    assert config.server.port == 8123
+    assert config.default_model.name == "b"
+    assert config.base_url == "http://127.0.0.1:8123"
+
+
+def test_first_model_is_default_when_none_is_marked() -> None:
+    config = parse_config(
+        {"models": {"a": {"source": "/a"}, "b": {"source": "/b"}}}, default_paths()
+    )
+    assert config.default_model.name == "a"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[server]\nport = "80"', "server.port"),
+        ("[server]\nport = 70000", "server.port"),
+        ("[server]\nport = true", "server.port"),
+        ("[models.a]\naliases = []", "models.a.source"),
+        ('[models.a]\nsource = "/a"\naliases = "claude-*"', "models.a.aliases"),
+        ('[models.a]\nsource = "/a"\ncontext_length = 0', "models.a.context_length"),
+        (
+            '[models.a]\nsource = "/a"\ndefault = true\n[models.b]\nsource = "/b"\ndefault = true',
+            "models",
+        ),
+        ("server = 3", "server"),
+        ("[server\n", "config.toml"),
+    ],
+)
+def test_bad_config_names_the_key(pensieve_home: Path, text: str, key: str) -> None:
+    pensieve_home.mkdir()
+    (pensieve_home / "config.toml").write_text(text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config()
+
+
+def test_flags_override_the_file() -> None:
+    base = parse_config(
+        {"models": {"main": {"source": "/a", "aliases": ["claude-*"]}, "other": {"source": "/b"}}},
+        default_paths(),
+    )
+    config = with_overrides(base, host="::1", port=9000, model="/c")
+    assert config.server.port == 9000
+    assert config.base_url == "http://[::1]:9000"
+    assert config.default_model.name == "main"
+    assert config.default_model.source == "/c"
+    assert config.default_model.aliases == ("claude-*",)
+    assert [m.source for m in config.models] == ["/c", "/b"]
+
+
+def test_token_is_generated_once_and_private(pensieve_home: Path) -> None:
+    config = Config()
+    token = ensure_token(config)
+    assert len(token) > 30
+    assert ensure_token(config) == token
+    assert stat.S_IMODE(config.paths.token_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(config.paths.token_file.parent.stat().st_mode) == 0o700
+
+
+def test_configured_token_wins(pensieve_home: Path) -> None:
+    config = parse_config({"server": {"auth_token": "sekrit"}}, default_paths())
+    assert ensure_token(config) == "sekrit"
+    assert not config.paths.token_file.exists()
+
+
+def test_model_names_resolve_exact_then_aliases_in_order_then_default() -> None:
+    config = parse_config(
+        {
+            "models": {
+                "big": {"source": "/big", "aliases": ["claude-*opus*", "claude-*sonnet*"]},
+                "small": {"source": "/small", "aliases": ["claude-*haiku*", "claude-*"]},
+                "fallback": {"source": "/f", "default": True},
+            }
+        },
+        default_paths(),
+    )
+    registry = ModelRegistry(config)
+    assert registry.resolve("small").name == "small"
+    assert registry.resolve("claude-opus-4-8").name == "big"
+    assert registry.resolve("claude-haiku-4-5-20251001").name == "small"
+    assert registry.resolve("claude-3-sonnet").name == "big"
+    assert registry.resolve("claude-instant").name == "small"
+    assert registry.resolve("gpt-4o").name == "fallback"
