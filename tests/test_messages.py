@@ -245,6 +245,22 @@ def test_probe_and_health_need_no_token(tiny_daemon: Daemon) -> None:
     assert health["uptime_s"] >= 0
 
 
+def wait_until_idle(daemon: Daemon, seconds: float = 3.0) -> int:
+    deadline = time.monotonic() + seconds
+    while True:
+        active: int = httpx.get(f"{daemon.base_url}/health").json()["requests"]["active"]
+        if active == 0 or time.monotonic() > deadline:
+            return active
+        time.sleep(0.05)
+
+
+def test_disconnect_of_a_non_streaming_client_frees_the_slot(tiny_daemon: Daemon) -> None:
+    body = {"model": "long-x", "max_tokens": 3000, "messages": QUESTION}
+    with tiny_daemon.http() as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/messages", json=body, timeout=1.0)
+    assert wait_until_idle(tiny_daemon) == 0
+
+
 def test_disconnect_frees_the_slot_at_once(tiny_daemon: Daemon) -> None:
     body = {
         "model": "long-x",
@@ -257,11 +273,4 @@ def test_disconnect_frees_the_slot_at_once(tiny_daemon: Daemon) -> None:
             if "content_block_delta" in line:
                 break
     # The connection is closed: the engine must drop the request promptly.
-    deadline = time.monotonic() + 3.0
-    active = None
-    while time.monotonic() < deadline:
-        active = httpx.get(f"{tiny_daemon.base_url}/health").json()["requests"]["active"]
-        if active == 0:
-            break
-        time.sleep(0.05)
-    assert active == 0
+    assert wait_until_idle(tiny_daemon) == 0

@@ -173,6 +173,14 @@ def _write_error(
 async def _handle_api_error(
     req: falcon.asgi.Request, resp: falcon.asgi.Response, ex: ApiError, params: dict[str, Any]
 ) -> None:
+    log.info(
+        "%s %s %s → %d %s",
+        getattr(req.context, "request_id", "-"),
+        req.method,
+        req.path,
+        ex.status,
+        ex.message,
+    )
     _write_error(req, resp, ex.status, ex.error_type, ex.message, ex.headers)
 
 

@@ -72,6 +72,10 @@ class Failed:
 Event = PromptProgress | TextDelta | Finished | Failed
 
 
+class ClientGone(Exception):
+    """The client disconnected while waiting for its generation."""
+
+
 class GenerationStream:
     """The asyncio end of one request: events in order, and a way to cancel."""
 
@@ -86,12 +90,23 @@ class GenerationStream:
         # Called on the engine thread.
         self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
-    async def next_event(self, timeout: float | None = None) -> Event | None:
-        """The next event, or None when `timeout` passes first."""
-        try:
-            event = await asyncio.wait_for(self._events.get(), timeout)
-        except TimeoutError:
-            return None
+    async def next_event(self, gone: asyncio.Event, timeout: float | None = None) -> Event | None:
+        """The next event; None when `timeout` passes first; `ClientGone` once `gone` is set."""
+        if self._events.empty():
+            getter = asyncio.ensure_future(self._events.get())
+            waiter = asyncio.ensure_future(gone.wait())
+            done, _ = await asyncio.wait(
+                {getter, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            waiter.cancel()
+            if getter not in done:
+                getter.cancel()
+                if waiter in done:
+                    raise ClientGone
+                return None
+            event = getter.result()
+        else:
+            event = self._events.get_nowait()
         if isinstance(event, Finished | Failed):
             self.done = True
         return event

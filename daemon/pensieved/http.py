@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import falcon
@@ -33,3 +34,72 @@ async def read_body(req: falcon.asgi.Request, limit: int = MAX_BODY_BYTES) -> by
             raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+CONNECTION_KEY = "pensieve.connection"
+
+
+class ClientConnection:
+    """Tells a request when its client has gone away."""
+
+    def __init__(self, receive: Any) -> None:
+        self._receive = receive
+        self.gone = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+
+    def watch(self) -> asyncio.Event:
+        """Start watching (once the body has been read); returns the `gone` event."""
+        if self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._watch())
+        return self.gone
+
+    async def _watch(self) -> None:
+        # Skips a trailing empty body message Falcon did not need to read.
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.gone.set()
+
+    async def receive(self) -> dict[str, Any]:
+        """What the app sees as `receive`: the real one until we watch, then our verdict."""
+        if self._watcher is not None:
+            await self.gone.wait()
+            return {"type": "http.disconnect"}
+        message: dict[str, Any] = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.gone.set()
+        return message
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+
+class DisconnectWatcher:
+    """ASGI wrapper that lets a request notice its client going away.
+
+    Falcon learns of a gone client only while it streams SSE, and a
+    non-streamed request never does. Per the ASGI spec, `receive()` after the
+    body blocks until `http.disconnect`, so one task awaiting it tells the
+    request the moment the client leaves, and the engine drops the generation
+    instead of computing for nobody.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        connection = ClientConnection(receive)
+        scope[CONNECTION_KEY] = connection
+        try:
+            await self._app(scope, connection.receive, send)
+        finally:
+            connection.close()
+
+
+def disconnected(req: falcon.asgi.Request) -> asyncio.Event:
+    """An event set when the client of `req` goes away. Call after reading the body."""
+    connection: ClientConnection = req.scope[CONNECTION_KEY]
+    return connection.watch()

@@ -13,6 +13,7 @@ import falcon.asgi
 from pensieved import protocol
 from pensieved.config import ServerConfig
 from pensieved.engine import (
+    ClientGone,
     Engine,
     Failed,
     Finished,
@@ -22,7 +23,7 @@ from pensieved.engine import (
     TextDelta,
 )
 from pensieved.errors import EngineFailure, prompt_too_long
-from pensieved.http import json_response, read_body
+from pensieved.http import disconnected, json_response, read_body
 from pensieved.prompt import Prompt
 from pensieved.protocol import CountTokensRequest, MessagesRequest, decode_request
 from pensieved.registry import ModelRegistry
@@ -96,7 +97,18 @@ class MessagesResource:
         )
         message_id = protocol.new_message_id()
         request_id: str = req.context.request_id
+        log.info(
+            "%s %s model=%s→%s prompt=%d max_tokens=%d%s",
+            request_id,
+            "stream" if request.stream else "create",
+            request.model,
+            model.name,
+            input_tokens,
+            max_tokens,
+            f" (asked {request.max_tokens})" if max_tokens != request.max_tokens else "",
+        )
         started = time.perf_counter()
+        gone = disconnected(req)
         stream = self._engine.submit(model, generation)
         if request.stream:
             resp.content_type = "text/event-stream"
@@ -108,26 +120,29 @@ class MessagesResource:
                 input_tokens=input_tokens,
                 ping_interval=self._server.ping_interval,
                 request_id=request_id,
+                gone=gone,
             )
             return
         try:
             parts: list[str] = []
             while True:
-                event = await stream.next_event()
+                event = await stream.next_event(gone)
                 if isinstance(event, TextDelta):
                     parts.append(event.text)
                 elif isinstance(event, Finished):
                     break
                 elif isinstance(event, Failed):
                     raise EngineFailure(event.message)
+        except ClientGone:
+            log.info("%s client disconnected; generation dropped", request_id)
+            return
         finally:
             stream.cancel()
         text = "".join(parts)
         log.info(
-            "%s model=%s in=%d out=%d %.2fs",
+            "%s done: %s out=%d in %.2fs",
             request_id,
-            model.name,
-            input_tokens,
+            event.stop_reason,
             event.output_tokens,
             time.perf_counter() - started,
         )

@@ -18,6 +18,7 @@ import time
 from pensieved.app import create_app
 from pensieved.config import Config, ensure_token
 from pensieved.engine import Engine
+from pensieved.http import DisconnectWatcher
 from pensieved.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ async def serve(config: Config) -> int:
 
     app = create_app(config, engine, token)
     server = Server(
-        app,
+        DisconnectWatcher(app),
         address=host,
         port=port,
         interface=Interfaces.ASGINL,

@@ -8,6 +8,8 @@ the 200 has been sent (never followed by `message_stop`).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,8 +17,10 @@ import msgspec
 from falcon.asgi import SSEvent
 
 from pensieved import protocol
-from pensieved.engine import Failed, Finished, GenerationStream, TextDelta
+from pensieved.engine import ClientGone, Failed, Finished, GenerationStream, TextDelta
 from pensieved.errors import error_body
+
+log = logging.getLogger(__name__)
 
 
 def sse_event(name: str, payload: dict[str, Any]) -> SSEvent:
@@ -34,6 +38,7 @@ async def message_events(
     input_tokens: int,
     ping_interval: float,
     request_id: str,
+    gone: asyncio.Event,
 ) -> AsyncIterator[SSEvent]:
     """Translate engine events into Anthropic SSE events for one message."""
     try:
@@ -42,9 +47,7 @@ async def message_events(
         yield sse_event("ping", PING)
         block_open = False
         while True:
-            # Falcon notices a gone client only when we yield, so never wait
-            # longer than one ping interval without yielding.
-            event = await stream.next_event(timeout=ping_interval)
+            event = await stream.next_event(gone, timeout=ping_interval)
             if event is None:
                 yield sse_event("ping", PING)
             elif isinstance(event, TextDelta):
@@ -67,6 +70,7 @@ async def message_events(
                     },
                 )
             elif isinstance(event, Finished):
+                log.info("%s done: %s out=%d", request_id, event.stop_reason, event.output_tokens)
                 if block_open:
                     yield sse_event(
                         "content_block_stop", {"type": "content_block_stop", "index": 0}
@@ -95,6 +99,8 @@ async def message_events(
             elif isinstance(event, Failed):
                 yield sse_event("error", error_body("api_error", event.message, request_id))
                 return
+    except ClientGone:
+        log.info("%s client disconnected mid-stream", request_id)
     finally:
-        # Runs when the client disconnects too: free the slot at once.
+        # Runs however the stream ends: a gone client frees its slot at once.
         stream.cancel()
