@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup run test lint typecheck check-clean clean
+.PHONY: setup run test lint typecheck bench clean
 
 # Idempotent: the venv, the project and its test tools, the embedded model.
 setup: $(STAMP)
@@ -22,8 +22,8 @@ run: setup
 	$(BIN)/pensieved
 
 lint: $(STAMP)
-	$(BIN)/ruff check daemon ctl tests
-	$(BIN)/ruff format --check daemon ctl tests
+	$(BIN)/ruff check daemon ctl tests bench
+	$(BIN)/ruff format --check daemon ctl tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -33,3 +33,7 @@ test: setup lint typecheck
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+# Speed figures for the README and closing notes (not part of `make test`).
+bench: setup
+	$(BIN)/python bench/api_vs_engine.py

@@ -41,7 +41,15 @@ def main(
     model: str | None,
     log_level: str,
 ) -> None:
-    """Serve a warm local MLX model through the Anthropic Messages API."""
+    """Serve a warm local MLX model through the Anthropic Messages API.
+
+    On Linux, when the system has OpenBLAS, the daemon re-executes itself with
+    it preloaded (MLX's CPU backend is several times faster with it); set
+    PENSIEVE_OPENBLAS=0 to prevent that.
+    """
+    from pensieved.cpu import reexec_with_openblas
+
+    reexec_with_openblas(sys.argv[1:])
     logging.basicConfig(
         level=log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -32,6 +32,16 @@ class ServerConfig:
     ping_interval: float = 5.0
 
 
+DEQUANTIZE_MODES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Quantized models on MLX's CPU backend: "auto" dequantizes to float32
+    # when OpenBLAS is active (much faster there), "always", or "never".
+    dequantize: str = "auto"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -44,6 +54,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     models: tuple[ModelConfig, ...] = (
         ModelConfig(DEFAULT_MODEL_NAME, BUILTIN_SOURCE, ("claude-*",), True),
     )
@@ -98,6 +109,13 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
     if server.ping_interval <= 0:
         raise ConfigError("server.ping_interval: must be > 0")
 
+    engine_table = _table(data, "engine")
+    engine = EngineConfig(
+        dequantize=_get(engine_table, "engine.dequantize", str, EngineConfig.dequantize),
+    )
+    if engine.dequantize not in DEQUANTIZE_MODES:
+        raise ConfigError(f"engine.dequantize: expected one of {', '.join(DEQUANTIZE_MODES)}")
+
     models: list[ModelConfig] = []
     for name, table in _table(data, "models").items():
         key = f"models.{name}"
@@ -124,8 +142,8 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
     if sum(m.default for m in models) > 1:
         raise ConfigError("models: more than one model has default = true")
     if not models:
-        return Config(server=server, paths=paths)
-    return Config(server=server, models=tuple(models), paths=paths)
+        return Config(server=server, engine=engine, paths=paths)
+    return Config(server=server, engine=engine, models=tuple(models), paths=paths)
 
 
 def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
@@ -161,7 +179,7 @@ def with_overrides(
         default = config.default_model
         replaced = ModelConfig(default.name, model, default.aliases, True, default.context_length)
         models = tuple(replaced if m is default else m for m in models)
-    return Config(server=server, models=models, paths=config.paths)
+    return Config(server=server, engine=config.engine, models=models, paths=config.paths)
 
 
 def ensure_token(config: Config) -> str:

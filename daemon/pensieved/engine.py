@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pensieved.config import ModelConfig
+from pensieved import cpu
+from pensieved.config import EngineConfig, ModelConfig
 from pensieved.prompt import PromptBuilder
 from pensieved.registry import ModelRegistry, materialize
 from pensieved.stops import StopMatcher
@@ -152,9 +153,12 @@ class _Runner:
 
 
 class Engine:
-    def __init__(self, registry: ModelRegistry, models_dir: Path) -> None:
+    def __init__(
+        self, registry: ModelRegistry, models_dir: Path, settings: EngineConfig | None = None
+    ) -> None:
         self._registry = registry
         self._models_dir = models_dir
+        self._settings = settings or EngineConfig()
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._runners: dict[str, _Runner] = {}
         self._thread = threading.Thread(target=self._run, name="pensieve-engine", daemon=True)
@@ -240,6 +244,9 @@ class Engine:
         started = time.perf_counter()
         path = materialize(config, self._models_dir)
         model, tokenizer = mlx_lm.load(path)[:2]
+        if cpu.should_dequantize(self._settings.dequantize, model):
+            cpu.dequantize(model)
+            log.info("dequantized %s to float32 (faster on the CPU backend)", config.name)
         context = config.context_length or _context_length(model, tokenizer)
         loaded = LoadedModel(
             config, model, tokenizer, context, PromptBuilder(tokenizer, config.name), len(tokenizer)

@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 
+from pensieved import cpu
 from pensieved.app import create_app
 from pensieved.config import Config, ensure_token
 from pensieved.engine import Engine
@@ -53,7 +54,9 @@ async def serve(config: Config) -> int:
     host, port = config.server.host, config.server.port
     check_port_free(host, port)
 
-    engine = Engine(ModelRegistry(config), config.paths.models_dir)
+    engine = Engine(ModelRegistry(config), config.paths.models_dir, config.engine)
+    if cpu.openblas_active():
+        log.info("CPU backend: using the system OpenBLAS")
     engine.start()
     started = time.perf_counter()
     # Warm before the first request: load the default model now.
