@@ -84,6 +84,7 @@ def test_first_model_is_default_when_none_is_marked() -> None:
             "models",
         ),
         ("server = 3", "server"),
+        ('[engine]\ndequantize = "sometimes"', "engine.dequantize"),
         ("[server\n", "config.toml"),
     ],
 )

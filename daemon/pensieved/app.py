@@ -13,9 +13,9 @@ import falcon
 import falcon.asgi
 import psutil
 
-from pensieved import __version__
+from pensieved import __version__, cpu
 from pensieved.config import Config, ModelConfig
-from pensieved.engine import Engine
+from pensieved.engine import Engine, LoadedModel
 from pensieved.errors import ApiError, AuthenticationFailed, error_body, error_type_for_status
 from pensieved.http import json_response
 from pensieved.messages import CountTokensResource, MessagesResource, PromptPreparer
@@ -83,17 +83,11 @@ class HealthResource:
                 "version": __version__,
                 "uptime_s": round(time.time() - self._started, 1),
                 "model": self._config.default_model.name,
-                "models": [
-                    {
-                        "name": m.name,
-                        "source": m.source,
-                        "loaded": m.name in loaded,
-                        "context_length": loaded[m.name].context_length
-                        if m.name in loaded
-                        else None,
-                    }
-                    for m in self._config.models
-                ],
+                "models": [_model_health(m, loaded.get(m.name)) for m in self._config.models],
+                "backend": {
+                    "device": str(mx.default_device().type).rsplit(".", 1)[-1],
+                    "openblas": cpu.openblas_active(),
+                },
                 "requests": {
                     "active": self._engine.active_requests(),
                     "served": self._engine.requests_served,
@@ -108,6 +102,16 @@ class HealthResource:
                 },
             },
         )
+
+
+def _model_health(model: ModelConfig, loaded: LoadedModel | None) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "source": model.source,
+        "loaded": loaded is not None,
+        "context_length": loaded.context_length if loaded else None,
+        "dequantized": loaded.dequantized if loaded else None,
+    }
 
 
 class ModelsResource:

@@ -127,6 +127,7 @@ class LoadedModel:
     context_length: int
     builder: PromptBuilder
     vocab_size: int
+    dequantized: bool = False
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -244,12 +245,19 @@ class Engine:
         started = time.perf_counter()
         path = materialize(config, self._models_dir)
         model, tokenizer = mlx_lm.load(path)[:2]
-        if cpu.should_dequantize(self._settings.dequantize, model):
+        dequantized = cpu.should_dequantize(self._settings.dequantize, model)
+        if dequantized:
             cpu.dequantize(model)
             log.info("dequantized %s to float32 (faster on the CPU backend)", config.name)
         context = config.context_length or _context_length(model, tokenizer)
         loaded = LoadedModel(
-            config, model, tokenizer, context, PromptBuilder(tokenizer, config.name), len(tokenizer)
+            config,
+            model,
+            tokenizer,
+            context,
+            PromptBuilder(tokenizer, config.name),
+            len(tokenizer),
+            dequantized,
         )
         self._runners[config.name] = _Runner(loaded, _new_generator(loaded))
         log.info(

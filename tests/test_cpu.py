@@ -1,0 +1,51 @@
+"""The CPU-backend speed path: dequantizing keeps the model's answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import mlx.core as mx
+import mlx_lm
+import pytest
+
+from pensieved import cpu
+from tests.daemon import Daemon
+
+
+def test_dequantized_model_computes_the_same_logits(smollm_dir: Path) -> None:
+    quantized, tokenizer = mlx_lm.load(str(smollm_dir))[:2]
+    dense = mlx_lm.load(str(smollm_dir))[0]
+    assert cpu.should_dequantize("always", dense)
+    cpu.dequantize(dense)
+    assert not cpu.should_dequantize("always", dense)  # nothing quantized is left
+    assert all(p.dtype == mx.float32 for _, p in _leaves(dense.parameters()))
+    tokens = mx.array([tokenizer.encode("The capital of France is")])
+    expected = quantized(tokens)[0, -1].astype(mx.float32)
+    got = dense(tokens)[0, -1]
+    assert mx.argmax(got).item() == mx.argmax(expected).item()
+    assert mx.abs(got - expected).max().item() < 0.05 * mx.abs(expected).max().item()
+
+
+def test_never_means_never(smollm_dir: Path) -> None:
+    model = mlx_lm.load(str(smollm_dir))[0]
+    assert not cpu.should_dequantize("never", model)
+
+
+def test_auto_follows_the_backend(smollm_dir: Path) -> None:
+    model = mlx_lm.load(str(smollm_dir))[0]
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    assert cpu.should_dequantize("auto", model) == (on_cpu and cpu.openblas_active())
+
+
+def test_daemon_preloads_the_system_openblas(tiny_daemon: Daemon) -> None:
+    backend = httpx.get(f"{tiny_daemon.base_url}/health").json()["backend"]
+    if cpu.openblas_library() is None:
+        pytest.skip("this machine has no system OpenBLAS")
+    assert backend == {"device": "cpu", "openblas": True}
+
+
+def _leaves(tree: object) -> list[tuple[str, mx.array]]:
+    from mlx.utils import tree_flatten
+
+    return list(tree_flatten(tree))
