@@ -21,8 +21,9 @@ from typing import Any
 
 from pensieved import cpu
 from pensieved.config import EngineConfig, ModelConfig
+from pensieved.errors import Overloaded
 from pensieved.prompt import PromptBuilder
-from pensieved.registry import ModelRegistry, materialize
+from pensieved.registry import materialize
 from pensieved.stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,6 @@ class LoadedModel:
     builder: PromptBuilder
     vocab_size: int
     dequantized: bool = False
-    loaded_at: float = field(default_factory=time.time)
 
     @property
     def name(self) -> str:
@@ -154,16 +154,14 @@ class _Runner:
 
 
 class Engine:
-    def __init__(
-        self, registry: ModelRegistry, models_dir: Path, settings: EngineConfig | None = None
-    ) -> None:
-        self._registry = registry
+    def __init__(self, models_dir: Path, settings: EngineConfig | None = None) -> None:
         self._models_dir = models_dir
         self._settings = settings or EngineConfig()
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._runners: dict[str, _Runner] = {}
         self._thread = threading.Thread(target=self._run, name="pensieve-engine", daemon=True)
         self.requests_served = 0
+        self._stopping = False
 
     # -- asyncio side -----------------------------------------------------
 
@@ -171,6 +169,7 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
         if self._thread.is_alive():
             self._commands.put(("stop", None))
             self._thread.join(timeout)
@@ -183,6 +182,8 @@ class Engine:
 
     async def load(self, config: ModelConfig) -> LoadedModel:
         """The loaded model for `config`, loading it on the engine thread if needed."""
+        if self._stopping:
+            raise Overloaded("the server is shutting down", {"retry-after": "5"})
         runner = self._runners.get(config.name)
         if runner is not None:
             return runner.loaded
@@ -190,13 +191,10 @@ class Engine:
         self._commands.put(("load", (config, future)))
         return await asyncio.wrap_future(future)
 
-    def load_sync(self, config: ModelConfig) -> LoadedModel:
-        """Blocking `load`, for start-up before the event loop serves requests."""
-        future: concurrent.futures.Future[LoadedModel] = concurrent.futures.Future()
-        self._commands.put(("load", (config, future)))
-        return future.result()
-
     def submit(self, model: LoadedModel, request: GenerationRequest) -> GenerationStream:
+        if self._stopping:
+            # Nothing would read the command queue: refuse rather than hang.
+            raise Overloaded("the server is shutting down", {"retry-after": "5"})
         stream = GenerationStream(self, asyncio.get_running_loop())
         self._commands.put(("submit", (model.name, request, stream)))
         return stream

@@ -22,7 +22,7 @@ from pensieved.engine import (
     Sampling,
     TextDelta,
 )
-from pensieved.errors import EngineFailure, prompt_too_long
+from pensieved.errors import ApiError, EngineFailure, prompt_too_long
 from pensieved.http import disconnected, json_response, read_body
 from pensieved.prompt import Prompt
 from pensieved.protocol import CountTokensRequest, MessagesRequest, decode_request
@@ -49,6 +49,8 @@ class PromptPreparer:
         config = self._registry.resolve(request.model)
         try:
             loaded = await self._engine.load(config)
+        except ApiError:
+            raise
         except Exception as exc:
             raise EngineFailure(f"model {config.name!r} could not be loaded: {exc}") from exc
         # Chat templates and tokenizing ~20k-token prompts take milliseconds:

@@ -20,7 +20,6 @@ from pensieved.app import create_app
 from pensieved.config import Config, ensure_token
 from pensieved.engine import Engine
 from pensieved.http import DisconnectWatcher
-from pensieved.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ async def serve(config: Config) -> int:
     host, port = config.server.host, config.server.port
     check_port_free(host, port)
 
-    engine = Engine(ModelRegistry(config), config.paths.models_dir, config.engine)
+    engine = Engine(config.paths.models_dir, config.engine)
     if cpu.openblas_active():
         log.info("CPU backend: using the system OpenBLAS")
     engine.start()
