@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from pensieved.cli import config_option
 from pensieved.config import Config, ConfigError, ensure_token, load_config
 
 
@@ -21,12 +22,7 @@ def _config(ctx: click.Context) -> Config:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Config file (default: $PENSIEVE_HOME/config.toml or the per-user location).",
-)
+@config_option
 @click.pass_context
 def main(ctx: click.Context, config_path: Path | None) -> None:
     """Control the Pensieve daemon."""

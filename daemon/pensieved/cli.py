@@ -12,14 +12,17 @@ import click
 from pensieved import __version__
 from pensieved.config import ConfigError, load_config, with_overrides
 
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
+# Shared with pensievectl: both find the same file the same way.
+config_option = click.option(
     "--config",
     "config_path",
     type=click.Path(path_type=Path, dir_okay=False),
     help="Config file (default: $PENSIEVE_HOME/config.toml or the per-user location).",
 )
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@config_option
 @click.option("--host", help="Address to listen on (overrides [server] host).")
 @click.option("--port", type=int, help="Port to listen on (overrides [server] port).")
 @click.option(
