@@ -52,7 +52,7 @@ def main(
     """
     from pensieved.cpu import reexec_with_openblas
 
-    reexec_with_openblas(sys.argv[1:])
+    reexec_with_openblas([sys.executable, "-m", "pensieved", *sys.argv[1:]])
     logging.basicConfig(
         level=log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -41,8 +41,8 @@ def openblas_library() -> Path | None:
     return Path(found) if found and Path(found).is_absolute() else None
 
 
-def reexec_with_openblas(argv: list[str]) -> None:
-    """Replace this process with one that has OpenBLAS preloaded (Linux only).
+def reexec_with_openblas(command: list[str]) -> None:
+    """Replace this process with `command`, run with OpenBLAS preloaded (Linux only).
 
     Returns without doing anything where that is not possible or not wanted
     (`PENSIEVE_OPENBLAS=0`).
@@ -60,7 +60,7 @@ def reexec_with_openblas(argv: list[str]) -> None:
     preload = env.get("LD_PRELOAD", "")
     env["LD_PRELOAD"] = f"{library} {preload}".strip()
     env[REEXEC_MARK] = "1"
-    os.execve(sys.executable, [sys.executable, "-m", "pensieved", *argv], env)
+    os.execve(command[0], command, env)
 
 
 def openblas_active() -> bool:
