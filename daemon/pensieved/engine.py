@@ -211,8 +211,13 @@ class Engine:
             while command is not None:
                 if command[0] == "stop":
                     self._fail_all("the server is shutting down")
+                    self._refuse_pending()
                     return
-                self._handle(*command)
+                try:
+                    self._handle(*command)
+                except Exception:
+                    # The engine thread must outlive any one request's failure.
+                    log.exception("engine command %s failed", command[0])
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:
@@ -220,6 +225,18 @@ class Engine:
             for runner in list(self._runners.values()):
                 if runner.jobs:
                     self._step(runner)
+
+    def _refuse_pending(self) -> None:
+        """Answer what was queued behind `stop`, so that nothing waits forever."""
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                payload[2]._deliver(Failed("the server is shutting down"))
+            elif kind == "load":
+                payload[1].set_exception(Overloaded("the server is shutting down"))
 
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "load":
@@ -231,7 +248,11 @@ class Engine:
                 future.set_exception(exc)
         elif kind == "submit":
             name, request, stream = payload
-            self._insert(self._runners[name], request, stream)
+            try:
+                self._insert(self._runners[name], request, stream)
+            except Exception as exc:
+                stream._deliver(Failed(f"generation could not start: {exc}"))
+                raise
         elif kind == "cancel":
             self._cancel(payload)
 
@@ -278,14 +299,9 @@ class Engine:
         sampler = make_sampler(
             temp=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k
         )
-        try:
-            (uid,) = runner.generator.insert(
-                [request.prompt], max_tokens=[request.max_tokens], samplers=[sampler]
-            )
-        except Exception as exc:
-            log.exception("could not start generation")
-            stream._deliver(Failed(f"generation could not start: {exc}"))
-            return
+        (uid,) = runner.generator.insert(
+            [request.prompt], max_tokens=[request.max_tokens], samplers=[sampler]
+        )
         tokenizer = runner.loaded.tokenizer
         runner.jobs[uid] = _Job(
             stream, request, tokenizer.detokenizer, StopMatcher(request.stop_sequences)
