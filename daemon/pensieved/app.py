@@ -17,6 +17,7 @@ from pensieved import __version__, cpu
 from pensieved.config import Config, ModelConfig
 from pensieved.engine import Engine, LoadedModel
 from pensieved.errors import ApiError, AuthenticationFailed, error_body, error_type_for_status
+from pensieved.guard import HostOriginGuard
 from pensieved.http import json_response
 from pensieved.messages import CountTokensResource, MessagesResource, PromptPreparer
 from pensieved.registry import ModelRegistry
@@ -216,7 +217,11 @@ def create_app(config: Config, engine: Engine, token: str) -> falcon.asgi.App[An
     started = time.time()
     registry = ModelRegistry(config)
     preparer = PromptPreparer(registry, engine)
-    middleware: list[Any] = [RequestIdMiddleware(), AuthMiddleware(token)]
+    middleware: list[Any] = [
+        RequestIdMiddleware(),
+        HostOriginGuard(config.server.port, config.server.allow_remote),
+        AuthMiddleware(token),
+    ]
     app: falcon.asgi.App[Any, Any] = falcon.asgi.App(
         middleware=middleware,
         cors_enable=False,

@@ -6,6 +6,7 @@ defaults live in `config/config.toml` at the repository root.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import tomllib
@@ -30,6 +31,12 @@ class ServerConfig:
     auth_token: str | None = None
     # Seconds between SSE `ping` events while a stream waits (long prefill).
     ping_interval: float = 5.0
+    # Listening on a non-loopback address must be asked for explicitly.
+    allow_remote: bool = False
+    # Seconds a client may take to send its request headers (slow-loris guard).
+    header_timeout: float = 10.0
+    # Requests served at once; more wait in the kernel's accept queue.
+    max_connections: int = 64
 
 
 DEQUANTIZE_MODES = ("auto", "always", "never")
@@ -103,7 +110,18 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
         ping_interval=float(
             _get(server_table, "server.ping_interval", (int, float), ServerConfig.ping_interval)
         ),
+        allow_remote=_get(server_table, "server.allow_remote", bool, False),
+        header_timeout=float(
+            _get(server_table, "server.header_timeout", (int, float), ServerConfig.header_timeout)
+        ),
+        max_connections=_get(
+            server_table, "server.max_connections", int, ServerConfig.max_connections
+        ),
     )
+    if server.header_timeout <= 0:
+        raise ConfigError("server.header_timeout: must be > 0")
+    if server.max_connections < 1:
+        raise ConfigError("server.max_connections: must be >= 1")
     if not 0 < server.port < 65536:
         raise ConfigError(f"server.port: {server.port} is not a TCP port")
     if server.ping_interval <= 0:
@@ -164,15 +182,25 @@ def _get(table: dict[str, Any], key: str, kind: Any, default: Any) -> Any:
     return value
 
 
+def _check_private(path: Path) -> None:
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise ConfigError(f"token file {path} belongs to another user; refusing to use it")
+    if info.st_mode & 0o077:
+        raise ConfigError(
+            f"token file {path} has mode {oct(info.st_mode & 0o777)[2:]}: others could read "
+            f"it; run `chmod 600 {path}`"
+        )
+
+
 def with_overrides(
     config: Config, host: str | None = None, port: int | None = None, model: str | None = None
 ) -> Config:
     """Apply command-line flags, which win over the file."""
-    server = ServerConfig(
+    server = dataclasses.replace(
+        config.server,
         host=host if host is not None else config.server.host,
         port=port if port is not None else config.server.port,
-        auth_token=config.server.auth_token,
-        ping_interval=config.server.ping_interval,
     )
     models = config.models
     if model is not None:
@@ -191,6 +219,7 @@ def ensure_token(config: Config) -> str:
         return config.server.auth_token
     token_file = config.paths.token_file
     if token_file.exists():
+        _check_private(token_file)
         token = token_file.read_text().strip()
         if token:
             return token

@@ -9,7 +9,7 @@ import falcon
 import falcon.asgi
 import msgspec
 
-from pensieved.errors import RequestTooLarge
+from pensieved.errors import InvalidRequest, RequestTooLarge
 
 # The Anthropic API's own limit for a Messages request.
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -23,6 +23,11 @@ def json_response(resp: falcon.asgi.Response, payload: Any, status: int = 200) -
 
 async def read_body(req: falcon.asgi.Request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The whole request body, refused with 413 past `limit` (chunked bodies too)."""
+    content_type = (req.content_type or "application/json").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        # Also shuts out the form and text/plain posts a web page may send
+        # without a CORS preflight.
+        raise InvalidRequest(f"content-type must be application/json, not {content_type!r}")
     too_large = RequestTooLarge(f"request body exceeds the {limit // (1024 * 1024)} MB limit")
     if req.content_length is not None and req.content_length > limit:
         raise too_large

@@ -115,6 +115,9 @@ def decode_request(body: bytes, kind: type[RequestT]) -> RequestT:
         raise InvalidRequest(_field_message(str(exc))) from exc
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        # msgspec stops at Python's recursion limit (~1000 levels).
+        raise InvalidRequest("request body is nested too deeply") from exc
     if isinstance(request, MessagesRequest) and request.max_tokens == 0:
         raise InvalidRequest("max_tokens: Field required")
     if not request.messages:

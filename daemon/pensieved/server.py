@@ -19,6 +19,7 @@ from pensieved import cpu
 from pensieved.app import create_app
 from pensieved.config import Config, ensure_token
 from pensieved.engine import Engine
+from pensieved.guard import is_loopback
 from pensieved.http import DisconnectWatcher
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,13 @@ async def serve(config: Config) -> int:
 
     token = ensure_token(config)
     host, port = config.server.host, config.server.port
+    if not is_loopback(host):
+        if not config.server.allow_remote:
+            raise StartupError(
+                f"server.host {host!r} is not a loopback address: other machines could "
+                "reach the model. Set server.allow_remote = true to mean it."
+            )
+        log.warning("listening on %s: reachable from other machines (token required)", host)
     check_port_free(host, port)
 
     engine = Engine(config.paths.models_dir, config.engine)
@@ -74,8 +82,9 @@ async def serve(config: Config) -> int:
         interface=Interfaces.ASGINL,
         websockets=False,
         log_access=False,
-        # A client that never finishes its headers is dropped (slowloris).
-        http1_settings=HTTP1Settings(header_read_timeout=10_000),
+        # A client that never finishes its headers is dropped (slow loris).
+        http1_settings=HTTP1Settings(header_read_timeout=int(config.server.header_timeout * 1000)),
+        backpressure=config.server.max_connections,
     )
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
