@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup run test lint typecheck bench clean
+.PHONY: setup run test lint typecheck bench openapi fuzz clean
 
 # Idempotent: the venv, the project and its test tools, the embedded model.
 setup: $(STAMP)
@@ -33,6 +33,14 @@ test: setup lint typecheck
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+# Regenerate the OpenAPI document kept in the repo (a test checks it is current).
+openapi: $(STAMP)
+	$(BIN)/python -m pensieved.openapi > daemon/pensieved/openapi.json
+
+# A longer schemathesis run over the OpenAPI document than `make test` does.
+fuzz: setup
+	PENSIEVE_FUZZ_EXAMPLES=500 $(BIN)/pytest tests/test_openapi.py -k fuzzing
 
 # Speed figures for the README and closing notes (not part of `make test`).
 bench: setup

@@ -203,6 +203,19 @@ def test_sampling_fields_and_unknown_fields_are_accepted(tiny_daemon: Daemon) ->
     assert message.usage.output_tokens >= 1
 
 
+def test_any_top_k_is_accepted_and_sampling_keeps_working(tiny_daemon: Daemon) -> None:
+    client = tiny_daemon.client()
+    for top_k in (1, 49151, 49152, 10**12):
+        message = client.messages.create(
+            model="tiny", max_tokens=3, messages=QUESTION, extra_body={"top_k": top_k}
+        )
+        assert message.usage.output_tokens >= 1
+    sampled = client.messages.create(
+        model="tiny", max_tokens=3, messages=QUESTION, extra_body={"temperature": 1.0}
+    )
+    assert sampled.usage.output_tokens >= 1
+
+
 def test_assistant_prefill_is_continued(tiny_daemon: Daemon) -> None:
     client = tiny_daemon.client()
     message = client.messages.create(

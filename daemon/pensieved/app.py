@@ -20,6 +20,7 @@ from pensieved.errors import ApiError, AuthenticationFailed, error_body, error_t
 from pensieved.guard import HostOriginGuard
 from pensieved.http import json_response
 from pensieved.messages import CountTokensResource, MessagesResource, PromptPreparer
+from pensieved.openapi import DOCUMENT
 from pensieved.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,15 @@ class RootResource:
     async def on_head(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.status = 200
         resp.content_type = falcon.MEDIA_JSON
+
+
+class OpenApiResource:
+    def __init__(self) -> None:
+        self._document = DOCUMENT.read_bytes()
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self._document
 
 
 class HealthResource:
@@ -230,6 +240,7 @@ def create_app(config: Config, engine: Engine, token: str) -> falcon.asgi.App[An
     models = ModelsResource(registry, engine, started)
     app.add_route("/", RootResource())
     app.add_route("/health", HealthResource(config, engine, started))
+    app.add_route("/openapi.json", OpenApiResource())
     app.add_route("/v1/models", models)
     app.add_route("/v1/models/{model_id}", models, suffix="one")
     app.add_route("/v1/messages", MessagesResource(preparer, engine, config.server))

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -296,9 +297,10 @@ class Engine:
         if stream.cancelled.is_set():
             return
         sampling = request.sampling
-        sampler = make_sampler(
-            temp=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k
-        )
+        # A top_k at or past the vocabulary keeps every token: no filter at all
+        # (mlx-lm refuses such values).
+        top_k = sampling.top_k if sampling.top_k < runner.loaded.vocab_size else 0
+        sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=top_k)
         (uid,) = runner.generator.insert(
             [request.prompt], max_tokens=[request.max_tokens], samplers=[sampler]
         )
@@ -376,6 +378,12 @@ class Engine:
         job.stream._deliver(event)
 
     def _fail_runner(self, runner: _Runner, message: str) -> None:
+        import mlx.core as mx
+
+        # mlx-lm's samplers are compiled with the global random state as an
+        # input and output; an exception mid-call leaves a placeholder array
+        # there, and every later sampled request would fail. Reseed it.
+        mx.random.seed(secrets.randbits(32))
         for job in runner.jobs.values():
             job.stream._deliver(Failed(message))
         runner.jobs.clear()

@@ -90,8 +90,8 @@ class CountTokensRequest(msgspec.Struct):
     thinking: Any = None
 
 
-class MessagesRequest(CountTokensRequest):
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 0  # 0 = absent, checked in decode
+class MessagesRequest(CountTokensRequest, kw_only=True):
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)]
     temperature: Probability | None = None
     top_p: Probability | None = None
     top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
@@ -118,8 +118,6 @@ def decode_request(body: bytes, kind: type[RequestT]) -> RequestT:
     except RecursionError as exc:
         # msgspec stops at Python's recursion limit (~1000 levels).
         raise InvalidRequest("request body is nested too deeply") from exc
-    if isinstance(request, MessagesRequest) and request.max_tokens == 0:
-        raise InvalidRequest("max_tokens: Field required")
     if not request.messages:
         raise InvalidRequest("messages: at least one message is required")
     for i, stop in enumerate(getattr(request, "stop_sequences", None) or []):

@@ -1,0 +1,223 @@
+"""Pensieve's own OpenAPI document, built from the request structs it validates with.
+
+`daemon/pensieved/openapi.json` is this module's output, kept in the repo
+and served at `/openapi.json`; a test fails when the two drift apart.
+Regenerate with `make openapi`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from pensieved import __version__
+from pensieved.protocol import CountTokensRequest, MessagesRequest
+
+DOCUMENT = Path(__file__).with_name("openapi.json")
+REF = "#/components/schemas/{name}"
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": REF.format(name=schema)}}},
+    }
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(status): _json("Error", "An Anthropic-shaped error") for status in statuses}
+
+
+PROTECTED_ERRORS = (400, 401, 403, 404, 413, 500, 503)
+
+RESPONSE_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["type", "error", "request_id"],
+        "properties": {
+            "type": {"const": "error"},
+            "error": {
+                "type": "object",
+                "required": ["type", "message"],
+                "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+            },
+            "request_id": {"type": ["string", "null"]},
+        },
+    },
+    "Usage": {
+        "type": "object",
+        "required": ["input_tokens", "output_tokens"],
+        "properties": {
+            "input_tokens": {"type": "integer", "minimum": 0},
+            "output_tokens": {"type": "integer", "minimum": 0},
+            "cache_creation_input_tokens": {"type": "integer", "minimum": 0},
+            "cache_read_input_tokens": {"type": "integer", "minimum": 0},
+        },
+    },
+    "Message": {
+        "type": "object",
+        "required": ["id", "type", "role", "model", "content", "stop_reason", "usage"],
+        "properties": {
+            "id": {"type": "string"},
+            "type": {"const": "message"},
+            "role": {"const": "assistant"},
+            "model": {"type": "string"},
+            "content": {"type": "array", "items": {"type": "object"}},
+            "stop_reason": {"type": ["string", "null"]},
+            "stop_sequence": {"type": ["string", "null"]},
+            "usage": {"$ref": REF.format(name="Usage")},
+        },
+    },
+    "TokenCount": {
+        "type": "object",
+        "required": ["input_tokens"],
+        "properties": {"input_tokens": {"type": "integer", "minimum": 0}},
+    },
+    "ModelInfo": {
+        "type": "object",
+        "required": ["type", "id", "display_name", "created_at"],
+        "properties": {
+            "type": {"const": "model"},
+            "id": {"type": "string"},
+            "display_name": {"type": "string"},
+            "created_at": {"type": "string"},
+        },
+    },
+    "ModelList": {
+        "type": "object",
+        "required": ["data", "has_more"],
+        "properties": {
+            "data": {"type": "array", "items": {"$ref": REF.format(name="ModelInfo")}},
+            "has_more": {"type": "boolean"},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "model", "models", "memory"],
+        "properties": {"status": {"type": "string"}, "model": {"type": "string"}},
+    },
+}
+
+
+def build_openapi() -> dict[str, Any]:
+    (messages_ref, count_ref), components = msgspec.json.schema_components(
+        [MessagesRequest, CountTokensRequest], ref_template=REF
+    )
+    secured: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}]
+    open_route: list[dict[str, list[str]]] = []
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Pensieve",
+            "version": __version__,
+            "description": "A local MLX model behind the Anthropic Messages API.",
+        },
+        "servers": [{"url": "http://127.0.0.1:7777"}],
+        "security": secured,
+        "paths": {
+            "/": {
+                "get": {
+                    "operationId": "root",
+                    "security": open_route,
+                    "responses": {"200": {"description": "The server is up"}},
+                },
+                "head": {
+                    "operationId": "probe",
+                    "security": open_route,
+                    "responses": {"200": {"description": "Claude Code's connectivity probe"}},
+                },
+            },
+            "/health": {
+                "get": {
+                    "operationId": "health",
+                    "security": open_route,
+                    "responses": {"200": _json("Health", "Status, models and memory")},
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "responses": {"200": {"description": "This document"}, **_errors(401, 403)},
+                }
+            },
+            "/v1/models": {
+                "get": {
+                    "operationId": "listModels",
+                    "responses": {
+                        "200": _json("ModelList", "The configured models"),
+                        **_errors(401, 403),
+                    },
+                }
+            },
+            "/v1/models/{model_id}": {
+                "get": {
+                    "operationId": "getModel",
+                    "parameters": [
+                        {
+                            "name": "model_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json("ModelInfo", "A configured model"),
+                        **_errors(401, 403, 404),
+                    },
+                }
+            },
+            "/v1/messages": {
+                "post": {
+                    "operationId": "createMessage",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": messages_ref}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "The message, or an SSE stream when `stream` is true",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": REF.format(name="Message")}
+                                },
+                                "text/event-stream": {"schema": {"type": "string"}},
+                            },
+                        },
+                        **_errors(*PROTECTED_ERRORS),
+                    },
+                }
+            },
+            "/v1/messages/count_tokens": {
+                "post": {
+                    "operationId": "countTokens",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": count_ref}},
+                    },
+                    "responses": {
+                        "200": _json("TokenCount", "Prompt tokens, counted with the chat template"),
+                        **_errors(*PROTECTED_ERRORS),
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {**components, **RESPONSE_SCHEMAS},
+            "securitySchemes": {
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+                "bearer": {"type": "http", "scheme": "bearer"},
+            },
+        },
+    }
+
+
+def render() -> str:
+    return json.dumps(build_openapi(), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())
