@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup run test lint typecheck bench openapi fuzz clean
+.PHONY: setup run test lint typecheck bench soak openapi fuzz clean
 
 # Idempotent: the venv, the project and its test tools, the embedded model.
 setup: $(STAMP)
@@ -45,3 +45,7 @@ fuzz: setup
 # Speed figures for the README and closing notes (not part of `make test`).
 bench: setup
 	$(BIN)/python bench/api_vs_engine.py
+
+# A few thousand mixed requests against a tiny model, with memory sampled.
+soak: setup
+	$(BIN)/python bench/soak.py

@@ -94,8 +94,17 @@ def test_sdk_raises_bad_request(tiny_daemon: Daemon) -> None:
     ],
 )
 def test_missing_or_wrong_token_is_401(tiny_daemon: Daemon, headers: dict[str, str]) -> None:
-    for path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/models", "/v1/nowhere"):
-        response = httpx.post(f"{tiny_daemon.base_url}{path}", json=VALID, headers=headers)
+    for method, path in (
+        ("POST", "/v1/messages"),
+        ("POST", "/v1/messages/count_tokens"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/tiny"),
+        ("GET", "/openapi.json"),
+        ("POST", "/v1/nowhere"),
+    ):
+        response = httpx.request(
+            method, f"{tiny_daemon.base_url}{path}", json=VALID, headers=headers
+        )
         assert_error(response, 401, "authentication_error")
 
 
