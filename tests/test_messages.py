@@ -248,7 +248,9 @@ def test_models_list_and_retrieve(tiny_daemon: Daemon) -> None:
 
 def test_probe_and_health_need_no_token(tiny_daemon: Daemon) -> None:
     assert httpx.head(f"{tiny_daemon.base_url}/").status_code == 200
-    assert httpx.get(f"{tiny_daemon.base_url}/").status_code == 200
+    assert httpx.get(f"{tiny_daemon.base_url}/").status_code == 401
+    with tiny_daemon.http() as http:
+        assert http.get("/").json()["name"] == "pensieve"
     health = httpx.get(f"{tiny_daemon.base_url}/health").json()
     assert health["status"] == "ok"
     assert health["model"] == "tiny"

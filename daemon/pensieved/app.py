@@ -37,7 +37,7 @@ class RequestIdMiddleware:
 class AuthMiddleware:
     """Token on every route but the connectivity probe and health check."""
 
-    OPEN = frozenset({("HEAD", "/"), ("GET", "/"), ("GET", "/health")})
+    OPEN = frozenset({("HEAD", "/"), ("GET", "/health")})
 
     def __init__(self, token: str) -> None:
         self._token = token.encode()

@@ -122,8 +122,7 @@ def build_openapi() -> dict[str, Any]:
             "/": {
                 "get": {
                     "operationId": "root",
-                    "security": open_route,
-                    "responses": {"200": {"description": "The server is up"}},
+                    "responses": {"200": {"description": "Name and version"}, **_errors(401, 403)},
                 },
                 "head": {
                     "operationId": "probe",
