@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup run test lint typecheck bench soak openapi fuzz clean
+.PHONY: setup run install uninstall test lint typecheck bench soak openapi fuzz clean
 
 # Idempotent: the venv, the project and its test tools, the embedded model.
 setup: $(STAMP)
@@ -20,6 +20,13 @@ $(STAMP): pyproject.toml
 
 run: setup
 	$(BIN)/pensieved
+
+# Start the daemon at login (LaunchAgent on macOS, systemd --user unit on Linux).
+install: setup
+	$(BIN)/pensievectl service install
+
+uninstall:
+	$(BIN)/pensievectl service uninstall
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon ctl tests bench

@@ -14,6 +14,7 @@ import click
 
 from pensieved.cli import config_option
 from pensieved.config import Config, ConfigError, ensure_token, load_config
+from pensieved.service import ServiceError, ServiceManager, describe
 
 
 def _config(ctx: click.Context) -> Config:
@@ -78,6 +79,38 @@ def import_(ctx: click.Context, gguf_file: Path, name: str) -> None:
     except GGUFImportError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(str(target))
+
+
+@main.group()
+def service() -> None:
+    """Run the daemon at login: a LaunchAgent on macOS, a systemd user unit on Linux."""
+
+
+def _manager(ctx: click.Context) -> ServiceManager:
+    return ServiceManager(describe(_config(ctx.find_root())))
+
+
+@service.command()
+@click.pass_context
+def install(ctx: click.Context) -> None:
+    """Write the service file and start the daemon; run again after an upgrade to restart it."""
+    try:
+        path = _manager(ctx).install()
+    except ServiceError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"installed {path}")
+
+
+@service.command()
+@click.pass_context
+def uninstall(ctx: click.Context) -> None:
+    """Stop the daemon and remove the service file."""
+    manager = _manager(ctx)
+    try:
+        manager.uninstall()
+    except ServiceError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"removed {manager.service_file}")
 
 
 @main.command()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import socket
 import time
@@ -21,6 +22,7 @@ from pensieved.config import Config, ensure_token
 from pensieved.engine import Engine
 from pensieved.guard import is_loopback
 from pensieved.http import DisconnectWatcher
+from pensieved.notify import sd_notify
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,7 @@ async def serve(config: Config) -> int:
             return
         log.info("received %s; stopping", signal.Signals(signum).name)
         stopping.set()
+        sd_notify("STOPPING=1")
 
         async def stop() -> None:
             # End in-flight streams with an error event, then stop listening.
@@ -107,9 +110,25 @@ async def serve(config: Config) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, request_stop, signum)
     log.info("pensieve listening on %s", config.base_url)
+
+    async def ready_when_listening() -> None:
+        # Granian binds inside serve(); tell systemd once connections succeed.
+        for _ in range(200):
+            try:
+                _reader, writer = await asyncio.open_connection(probe_host, port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            sd_notify(f"READY=1\nSTATUS=serving on {config.base_url}\nMAINPID={os.getpid()}")
+            return
+
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    ready = loop.create_task(ready_when_listening())
     try:
         await server.serve()
     finally:
+        ready.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         engine.stop()
