@@ -107,10 +107,12 @@ def test_pensievectl_bad_config_is_one_line(pensieve_home: Path) -> None:
     assert "server.port" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_second_daemon_on_the_same_port_exits_1_with_a_message(tiny_daemon: Daemon) -> None:
+def test_second_daemon_on_the_same_port_exits_1_with_a_message(
+    tiny_daemon: Daemon, tmp_path: Path
+) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pensieved", "--config", str(tiny_daemon.config_path)],
-        env=daemon_env(tiny_daemon.home),
+        env=daemon_env(tmp_path / "other-home"),
         capture_output=True,
         text=True,
         timeout=60,

@@ -6,12 +6,16 @@ it (`import`) import it when they run.
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import click
 
+from pensieved import control
 from pensieved.cli import config_option
 from pensieved.config import Config, ConfigError, ensure_token, load_config
 from pensieved.service import ServiceError, ServiceManager, describe
@@ -79,6 +83,86 @@ def import_(ctx: click.Context, gguf_file: Path, name: str) -> None:
     except GGUFImportError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(str(target))
+
+
+def _ask(config: Config, command: str) -> dict[str, Any]:
+    """The daemon's answer to `command`, or a one-line error when it is not running."""
+    path = config.paths.control_socket
+    try:
+        answer = control.call(path, command)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise NotRunning(f"pensieve is not running (no daemon on {path})") from None
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"the daemon on {path} did not answer: {exc}") from exc
+    if not answer.get("ok"):
+        raise click.ClickException(str(answer.get("error", "the daemon refused")))
+    return answer
+
+
+class NotRunning(click.ClickException):
+    exit_code = 3  # like `systemctl status` for a stopped unit
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the daemon's report as JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show whether the daemon runs, its models, requests and memory.
+
+    Exits 0 when it is running and 3 when it is not.
+    """
+    report = _ask(_config(ctx), "status")
+    report.pop("ok", None)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    memory, requests = report["memory"], report["requests"]
+    rows = [
+        ("status", f"running (pid {report['pid']}, up {_duration(report['uptime_s'])})"),
+        ("version", report["version"]),
+        ("listening", report["listen"]),
+        ("backend", ", ".join(f"{k} {v}" for k, v in report["backend"].items())),
+        ("requests", f"{requests['active']} active, {requests['served']} served"),
+        (
+            "memory",
+            f"{memory['rss_gb']:.2f} GB resident, {memory['mlx_active_gb']:.2f} GB MLX, "
+            f"{memory['available_gb']:.1f} GB of {memory['total_gb']:.1f} GB available",
+        ),
+    ]
+    for model in report["models"]:
+        state = "loaded" if model["loaded"] else "not loaded"
+        if model["loaded"]:
+            state += f", context {model['context_length']}"
+        default = " (default)" if model["name"] == report["model"] else ""
+        rows.append((f"model {model['name']}{default}", f"{state} — {model['source']}"))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name:<{width}}  {value}")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+@main.command()
+@click.option("--timeout", default=40.0, show_default=True, help="Seconds to wait for the exit.")
+@click.pass_context
+def stop(ctx: click.Context, timeout: float) -> None:
+    """Stop the daemon gracefully: open streams end with an error event, it exits 0.
+
+    A daemon installed as a service stays stopped until the next login or
+    `pensievectl service install`.
+    """
+    config = _config(ctx)
+    _ask(config, "stop")
+    deadline = time.monotonic() + timeout
+    while control.socket_answers(config.paths.control_socket):
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"the daemon did not exit within {timeout:.0f}s")
+        time.sleep(0.1)
+    click.echo("stopped")
 
 
 @main.group()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import secrets
 import time
 from datetime import UTC, datetime
@@ -76,6 +77,36 @@ class OpenApiResource:
         resp.data = self._document
 
 
+def health_report(config: Config, engine: Engine, started: float) -> dict[str, Any]:
+    """What `/health` and `pensievectl status` show."""
+    import mlx.core as mx  # reading allocator counters is not array work
+
+    loaded = {m.name: m for m in engine.loaded()}
+    vm = psutil.virtual_memory()
+    return {
+        "status": "ok",
+        "version": __version__,
+        "pid": os.getpid(),
+        "listen": config.base_url,
+        "uptime_s": round(time.time() - started, 1),
+        "model": config.default_model.name,
+        "models": [_model_health(m, loaded.get(m.name)) for m in config.models],
+        "backend": {
+            "device": str(mx.default_device().type).rsplit(".", 1)[-1],
+            "openblas": cpu.openblas_active(),
+        },
+        "requests": {"active": engine.active_requests(), "served": engine.requests_served},
+        "memory": {
+            "available_gb": round(vm.available / GB, 3),
+            "total_gb": round(vm.total / GB, 3),
+            "rss_gb": round(psutil.Process().memory_info().rss / GB, 3),
+            "mlx_active_gb": round(mx.get_active_memory() / GB, 3),
+            "mlx_cache_gb": round(mx.get_cache_memory() / GB, 3),
+            "mlx_peak_gb": round(mx.get_peak_memory() / GB, 3),
+        },
+    }
+
+
 class HealthResource:
     def __init__(self, config: Config, engine: Engine, started: float) -> None:
         self._config = config
@@ -83,36 +114,7 @@ class HealthResource:
         self._started = started
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        import mlx.core as mx  # reading allocator counters is not array work
-
-        loaded = {m.name: m for m in self._engine.loaded()}
-        vm = psutil.virtual_memory()
-        json_response(
-            resp,
-            {
-                "status": "ok",
-                "version": __version__,
-                "uptime_s": round(time.time() - self._started, 1),
-                "model": self._config.default_model.name,
-                "models": [_model_health(m, loaded.get(m.name)) for m in self._config.models],
-                "backend": {
-                    "device": str(mx.default_device().type).rsplit(".", 1)[-1],
-                    "openblas": cpu.openblas_active(),
-                },
-                "requests": {
-                    "active": self._engine.active_requests(),
-                    "served": self._engine.requests_served,
-                },
-                "memory": {
-                    "available_gb": round(vm.available / GB, 3),
-                    "total_gb": round(vm.total / GB, 3),
-                    "rss_gb": round(psutil.Process().memory_info().rss / GB, 3),
-                    "mlx_active_gb": round(mx.get_active_memory() / GB, 3),
-                    "mlx_cache_gb": round(mx.get_cache_memory() / GB, 3),
-                    "mlx_peak_gb": round(mx.get_peak_memory() / GB, 3),
-                },
-            },
-        )
+        json_response(resp, health_report(self._config, self._engine, self._started))
 
 
 def _model_health(model: ModelConfig, loaded: LoadedModel | None) -> dict[str, Any]:
@@ -223,8 +225,10 @@ async def _handle_unexpected(
     _write_error(req, resp, 500, "api_error", "internal server error; see the daemon log")
 
 
-def create_app(config: Config, engine: Engine, token: str) -> falcon.asgi.App[Any, Any]:
-    started = time.time()
+def create_app(
+    config: Config, engine: Engine, token: str, started: float | None = None
+) -> falcon.asgi.App[Any, Any]:
+    started = started or time.time()
     registry = ModelRegistry(config)
     preparer = PromptPreparer(registry, engine)
     middleware: list[Any] = [

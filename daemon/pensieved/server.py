@@ -17,8 +17,9 @@ import socket
 import time
 
 from pensieved import cpu
-from pensieved.app import create_app
+from pensieved.app import create_app, health_report
 from pensieved.config import Config, ensure_token
+from pensieved.control import AlreadyRunning, ControlServer
 from pensieved.engine import Engine
 from pensieved.guard import is_loopback
 from pensieved.http import DisconnectWatcher
@@ -47,13 +48,10 @@ def check_port_free(host: str, port: int) -> None:
 
 
 async def serve(config: Config) -> int:
-    """Serve until SIGTERM/SIGINT; return the process exit code."""
-    from granian.constants import Interfaces
-    from granian.http import HTTP1Settings
-    from granian.server.embed import Server
-
+    """Serve until SIGTERM/SIGINT or `pensievectl stop`; return the process exit code."""
     token = ensure_token(config)
-    host, port = config.server.host, config.server.port
+    started_at = time.time()
+    host = config.server.host
     if not is_loopback(host):
         if not config.server.allow_remote:
             raise StartupError(
@@ -61,9 +59,41 @@ async def serve(config: Config) -> int:
                 "reach the model. Set server.allow_remote = true to mean it."
             )
         log.warning("listening on %s: reachable from other machines (token required)", host)
+    stop_requested = asyncio.Event()
+    engine = Engine(config.paths.models_dir, config.engine)
+
+    async def status(_: dict[str, object]) -> dict[str, object]:
+        return health_report(config, engine, started_at)
+
+    async def stop_command(_: dict[str, object]) -> dict[str, object]:
+        stop_requested.set()
+        return {"stopping": True}
+
+    control = ControlServer(config.paths.control_socket, {"status": status, "stop": stop_command})
+    try:
+        await control.start()
+    except AlreadyRunning as exc:
+        raise StartupError(str(exc)) from exc
+    try:
+        return await _serve(config, token, engine, stop_requested, started_at)
+    finally:
+        await control.close()
+
+
+async def _serve(
+    config: Config,
+    token: str,
+    engine: Engine,
+    stop_requested: asyncio.Event,
+    started_at: float,
+) -> int:
+    from granian.constants import Interfaces
+    from granian.http import HTTP1Settings
+    from granian.server.embed import Server
+
+    host, port = config.server.host, config.server.port
     check_port_free(host, port)
 
-    engine = Engine(config.paths.models_dir, config.engine)
     if cpu.openblas_active():
         log.info("CPU backend: using the system OpenBLAS")
     engine.start()
@@ -76,7 +106,7 @@ async def serve(config: Config) -> int:
         raise StartupError(f"model {config.default_model.name!r} failed to load: {exc}") from exc
     log.info("model warm in %.1fs", time.perf_counter() - started)
 
-    app = create_app(config, engine, token)
+    app = create_app(config, engine, token, started_at)
     server = Server(
         DisconnectWatcher(app),
         address=host,
@@ -92,10 +122,10 @@ async def serve(config: Config) -> int:
     stopping = asyncio.Event()
     stop_tasks: set[asyncio.Task[None]] = set()
 
-    def request_stop(signum: int) -> None:
+    def request_stop(reason: str) -> None:
         if stopping.is_set():
             return
-        log.info("received %s; stopping", signal.Signals(signum).name)
+        log.info("%s; stopping", reason)
         stopping.set()
         sd_notify("STOPPING=1")
 
@@ -108,7 +138,13 @@ async def serve(config: Config) -> int:
         stop_tasks.add(loop.create_task(stop()))
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, request_stop, signum)
+        loop.add_signal_handler(signum, request_stop, f"received {signum.name}")
+
+    async def stop_on_request() -> None:
+        await stop_requested.wait()
+        request_stop("asked to stop over the control socket")
+
+    stop_watch = loop.create_task(stop_on_request())
     log.info("pensieve listening on %s", config.base_url)
 
     async def ready_when_listening() -> None:
@@ -129,6 +165,7 @@ async def serve(config: Config) -> int:
         await server.serve()
     finally:
         ready.cancel()
+        stop_watch.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         engine.stop()

@@ -1,0 +1,127 @@
+"""The control socket and `pensievectl status|stop`, against real daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from pensieved import control
+from pensieved.control import ControlServer
+from tests.daemon import Daemon, daemon_env, start_daemon
+
+
+def ctl(daemon_or_home: Daemon | Path, *args: str) -> subprocess.CompletedProcess[str]:
+    home = daemon_or_home.home if isinstance(daemon_or_home, Daemon) else daemon_or_home
+    extra = (
+        ["--config", str(daemon_or_home.config_path)] if isinstance(daemon_or_home, Daemon) else []
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "pensievectl", *extra, *args],
+        env=daemon_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_socket_is_private(tiny_daemon: Daemon) -> None:
+    path = tiny_daemon.home / "run" / "pensieve.sock"
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_status_reports_the_running_daemon(tiny_daemon: Daemon) -> None:
+    result = ctl(tiny_daemon, "status")
+    assert result.returncode == 0, result.stderr
+    assert f"running (pid {tiny_daemon.process.pid}" in result.stdout
+    assert tiny_daemon.base_url in result.stdout
+    assert "model tiny (default)" in result.stdout
+    report = json.loads(ctl(tiny_daemon, "status", "--json").stdout)
+    assert report["pid"] == tiny_daemon.process.pid
+    assert report["listen"] == tiny_daemon.base_url
+    assert next(m["name"] for m in report["models"] if m["loaded"]) == "tiny"
+
+
+def test_status_when_nothing_runs(tmp_path: Path) -> None:
+    result = ctl(tmp_path / "home", "status")
+    assert result.returncode == 3
+    assert "pensieve is not running" in result.stderr
+    assert "Traceback" not in result.stderr
+    stop = ctl(tmp_path / "home", "stop")
+    assert stop.returncode == 3 and "not running" in stop.stderr
+
+
+def test_bad_commands_get_an_error_answer(tiny_daemon: Daemon) -> None:
+    path = tiny_daemon.home / "run" / "pensieve.sock"
+    answer = control.call(path, "dance")
+    assert answer["ok"] is False and "unknown command 'dance'" in answer["error"]
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(path))
+        sock.sendall(b"not json\n[1]\n")
+        lines = sock.makefile().readline(), sock.makefile().readline()
+    assert all(json.loads(line)["ok"] is False for line in lines)
+
+
+def test_second_daemon_with_the_same_socket_refuses(tiny_daemon: Daemon) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pensieved",
+            "--config",
+            str(tiny_daemon.config_path),
+            "--port",
+            "1",
+        ],
+        env=daemon_env(tiny_daemon.home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "already running" in result.stderr
+    # The running daemon keeps its socket.
+    assert control.call(tiny_daemon.home / "run" / "pensieve.sock", "status")["ok"]
+
+
+def test_stale_socket_is_replaced_and_stop_works(tiny_config: dict, tmp_path: Path) -> None:
+    run = tmp_path / "home" / "run"
+    run.mkdir(parents=True)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(run / "pensieve.sock"))
+    stale.close()  # as after a crash: the file stays, nobody listens
+    daemon = start_daemon(tmp_path / "home", tiny_config)
+    try:
+        assert ctl(daemon, "status").returncode == 0
+        result = ctl(daemon, "stop")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "stopped"
+        assert daemon.process.wait(30) == 0
+        assert not (run / "pensieve.sock").exists()
+    finally:
+        daemon.stop()
+
+
+def test_a_peer_of_another_uid_is_refused(tmp_path: Path) -> None:
+    async def scenario() -> dict[str, Any]:
+        async def status(_: dict[str, Any]) -> dict[str, Any]:
+            return {"secret": "figures"}
+
+        # The server believes it belongs to another user, so this process is a stranger.
+        server = ControlServer(tmp_path / "run" / "c.sock", {"status": status}, uid=os.getuid() + 1)
+        await server.start()
+        try:
+            return await asyncio.to_thread(control.call, server.path, "status")
+        finally:
+            await server.close()
+
+    answer = asyncio.run(scenario())
+    assert answer == {"ok": False, "error": "permission denied: another user"}
