@@ -61,6 +61,7 @@ def write_llama_gguf(
     pre: str = "smollm",
     odd_tensor_type: GGMLQuantizationType | None = None,
     f16: bool = False,
+    add_bos: bool = False,
 ) -> dict[str, np.ndarray]:
     """Write a one-layer llama GGUF; returns its weights in HF order."""
     weights = hf_weights()
@@ -79,6 +80,7 @@ def write_llama_gguf(
     writer.add_token_merges(MERGES)
     writer.add_uint32("tokenizer.ggml.eos_token_id", 2)
     writer.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    writer.add_bool("tokenizer.ggml.add_bos_token", add_bos)
     writer.add_string(
         "tokenizer.chat_template",
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

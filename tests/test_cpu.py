@@ -50,3 +50,20 @@ def _leaves(tree: object) -> list[tuple[str, mx.array]]:
     from mlx.utils import tree_flatten
 
     return list(tree_flatten(tree))
+
+
+def test_non_affine_quantization_is_left_alone() -> None:
+    import mlx.nn as nn
+
+    class Tiny(nn.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(64, 64)
+
+    model = Tiny()
+    nn.quantize(model, group_size=32, bits=4, mode="mxfp4")
+    assert type(model.layer).__name__ == "QuantizedLinear"
+    # mxfp4 has no (scales, biases) pair to undo: never dequantized, never crashes.
+    assert not cpu.should_dequantize("always", model)
+    cpu.dequantize(model)
+    assert type(model.layer).__name__ == "QuantizedLinear"

@@ -157,7 +157,7 @@ def test_sigterm_ends_streams_with_an_error_event_and_exits_0(
         names = [name for name, _ in events]
         assert names[-1] == "error"
         assert "message_stop" not in names
-        assert json.loads(events[-1][1])["error"]["type"] == "api_error"
+        assert json.loads(events[-1][1])["error"]["type"] == "overloaded_error"
         assert daemon.process.wait(30) == 0
     finally:
         daemon.stop()

@@ -58,6 +58,17 @@ def test_tokenizer_is_built_from_gguf_metadata(tmp_path: Path) -> None:
     assert tokenizer.encode("<|im_end|>", add_special_tokens=False) == [2]
 
 
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_add_bos_token_is_honoured(tmp_path: Path, add_bos: bool) -> None:
+    write_llama_gguf(tmp_path / "m.gguf", add_bos=add_bos)
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tokenizer = load_tokenizer(import_gguf(tmp_path / "m.gguf", tmp_path / "model"))
+    expected = [TOKENS.index("ab")]
+    assert tokenizer.encode("ab") == ([1, *expected] if add_bos else expected)
+    assert tokenizer.encode("ab", add_special_tokens=False) == expected
+
+
 def test_embedded_smollm2_import_is_right(smollm_dir: Path) -> None:
     config = json.loads((smollm_dir / "config.json").read_text())
     assert config["num_hidden_layers"] == 30

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -78,23 +79,38 @@ def test_stream_event_sequence_is_exact(tiny_daemon: Daemon) -> None:
     assert delta["usage"]["output_tokens"] == 5
 
 
-def test_pings_while_the_engine_is_busy(tiny_config: dict, tmp_path_factory) -> None:
-    from tests.daemon import running_daemon
+def test_pings_keep_coming_while_prefill_progresses(tmp_path) -> None:
+    """Progress events from a long prefill write nothing, so they must not delay pings."""
+    from pensieved.engine import Engine, Finished, GenerationStream, PromptProgress
+    from pensieved.sse import message_events
 
-    config = {**tiny_config, "server": {"ping_interval": 0.05}}
-    for daemon in running_daemon(tmp_path_factory.mktemp("ping-daemon"), config):
-        body = {
-            "model": "long-model",
-            "max_tokens": 400,
-            "stream": True,
-            "messages": [{"role": "user", "content": "word " * 1500}],
-        }
-        with daemon.http() as http, http.stream("POST", "/v1/messages", json=body) as response:
-            names = [name for name, _ in sse_events(response)]
-    # Prefill of ~1500 tokens takes several ping intervals: more pings than the first.
-    first_text = names.index("content_block_start")
-    assert names[:first_text].count("ping") > 1
-    assert names[-1] == "message_stop"
+    async def scenario() -> list[str]:
+        stream = GenerationStream(Engine(tmp_path), asyncio.get_running_loop())
+
+        async def engine_side() -> None:
+            for chunk in range(40):  # 40 chunks, 10 ms apart: 0.4 s of prefill
+                stream._deliver(PromptProgress(chunk * 512, 40 * 512))
+                await asyncio.sleep(0.01)
+            stream._deliver(Finished("end_turn", None, 0))
+
+        feeder = asyncio.ensure_future(engine_side())
+        events = message_events(
+            stream,
+            message_id="msg_1",
+            model="tiny",
+            input_tokens=20480,
+            ping_interval=0.05,
+            request_id="req_1",
+            gone=asyncio.Event(),
+        )
+        names = [event.event async for event in events]
+        await feeder
+        return [name or "" for name in names]
+
+    names = asyncio.run(scenario())
+    assert names[0] == "message_start"
+    assert names[-2:] == ["message_delta", "message_stop"]
+    assert names.count("ping") >= 5  # one right away, then about every 50 ms
 
 
 def test_system_prompt_forms_and_inline_system_turns(tiny_daemon: Daemon) -> None:
@@ -177,8 +193,12 @@ def test_max_tokens_is_clamped_to_the_context_never_rejected(tiny_daemon: Daemon
         message = stream.get_final_message()
     prompt = message.usage.input_tokens
     assert message.usage.output_tokens <= TINY_CONTEXT - prompt
-    if message.stop_reason == "max_tokens":
+    # Running out of the clamped budget means the context window ended.
+    assert message.stop_reason in {"end_turn", "model_context_window_exceeded"}
+    if message.stop_reason == "model_context_window_exceeded":
         assert message.usage.output_tokens == TINY_CONTEXT - prompt
+    small = client.messages.create(model="tiny", max_tokens=2, messages=QUESTION)
+    assert small.stop_reason in {"end_turn", "max_tokens"}
 
 
 def test_sampling_fields_and_unknown_fields_are_accepted(tiny_daemon: Daemon) -> None:
@@ -270,16 +290,17 @@ def wait_until_idle(daemon: Daemon, seconds: float = 3.0) -> int:
 
 
 def test_disconnect_of_a_non_streaming_client_frees_the_slot(tiny_daemon: Daemon) -> None:
-    body = {"model": "long-x", "max_tokens": 3000, "messages": QUESTION}
+    body = {"model": "long-x", "max_tokens": 4000, "messages": QUESTION}
     with tiny_daemon.http() as http, pytest.raises(httpx.ReadTimeout):
         http.post("/v1/messages", json=body, timeout=1.0)
     assert wait_until_idle(tiny_daemon) == 0
+    assert "client disconnected; generation dropped" in tiny_daemon.log()
 
 
 def test_disconnect_frees_the_slot_at_once(tiny_daemon: Daemon) -> None:
     body = {
         "model": "long-x",
-        "max_tokens": 3000,  # ~10 s of decoding on a 2-core machine
+        "max_tokens": 4000,  # far more than can be decoded in the 3 s waited below
         "stream": True,
         "messages": QUESTION,
     }
@@ -289,3 +310,4 @@ def test_disconnect_frees_the_slot_at_once(tiny_daemon: Daemon) -> None:
                 break
     # The connection is closed: the engine must drop the request promptly.
     assert wait_until_idle(tiny_daemon) == 0
+    assert "client disconnected mid-stream" in tiny_daemon.log()

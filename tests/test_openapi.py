@@ -18,6 +18,7 @@ from pensieved.app import create_app
 from pensieved.config import Config
 from pensieved.engine import Engine
 from pensieved.openapi import DOCUMENT, render
+from pensieved.registry import ModelRegistry
 from tests.conftest import TINY_CONTEXT
 from tests.daemon import Daemon, running_daemon
 
@@ -30,7 +31,7 @@ def test_kept_document_is_current() -> None:
 
 
 def test_document_names_exactly_the_app_routes(tmp_path: Path) -> None:
-    app = create_app(Config(), Engine(tmp_path), "token")
+    app = create_app(ModelRegistry(Config()), Engine(tmp_path), "token")
     in_code = {
         (route.path, method.method.lower())
         for route in falcon.inspect.inspect_routes(app)

@@ -33,7 +33,15 @@ def request(daemon: Daemon, method: str, path: str, **kwargs: Any) -> httpx.Resp
 
 
 @pytest.mark.parametrize(
-    "host", ["evil.example:{port}", "evil.example", "localhost:1", "192.168.1.10:{port}", ""]
+    "host",
+    [
+        "evil.example:{port}",
+        "evil.example",
+        "localhost:1",
+        "192.168.1.10:{port}",
+        "",
+        "[::1]junk:{port}",
+    ],
 )
 def test_foreign_host_is_403(tiny_daemon: Daemon, host: str) -> None:
     for method, path in [*PROTECTED, ("HEAD", "/"), ("GET", "/health")]:
@@ -43,6 +51,17 @@ def test_foreign_host_is_403(tiny_daemon: Daemon, host: str) -> None:
         assert response.status_code == 403, (method, path)
         if method != "HEAD":
             assert_error(response, 403, "permission_error")
+
+
+@pytest.mark.parametrize("port", [b"\xb2", b"\xd9\xa1", b"99999999999999999999"])
+def test_odd_host_ports_are_403_not_500(tiny_daemon: Daemon, port: bytes) -> None:
+    # "²" passes str.isdigit() but not int(); a raw socket sends what httpx won't.
+    with socket.create_connection(("127.0.0.1", tiny_daemon.port), timeout=10) as sock:
+        sock.sendall(
+            b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:" + port + b"\r\nConnection: close\r\n\r\n"
+        )
+        status_line = sock.makefile("rb").readline()
+    assert status_line.startswith(b"HTTP/1.1 403"), status_line
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}"])

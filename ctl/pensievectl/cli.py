@@ -85,11 +85,12 @@ def import_(ctx: click.Context, gguf_file: Path, name: str) -> None:
     click.echo(str(target))
 
 
-def _ask(config: Config, command: str) -> dict[str, Any]:
+def _ask(config: Config, command: str, **arguments: Any) -> dict[str, Any]:
     """The daemon's answer to `command`, or a one-line error when it is not running."""
     path = config.paths.control_socket
     try:
-        answer = control.call(path, command)
+        # Loading a big model can take minutes.
+        answer = control.call(path, command, timeout=600, **arguments)
     except (FileNotFoundError, ConnectionRefusedError):
         raise NotRunning(f"pensieve is not running (no daemon on {path})") from None
     except (OSError, ValueError) as exc:
@@ -163,6 +164,40 @@ def stop(ctx: click.Context, timeout: float) -> None:
             raise click.ClickException(f"the daemon did not exit within {timeout:.0f}s")
         time.sleep(0.1)
     click.echo("stopped")
+
+
+@main.command()
+@click.pass_context
+def reload(ctx: click.Context) -> None:
+    """Re-read the config and apply it without dropping in-flight requests.
+
+    A changed model is unloaded once its requests finish, then the new one is
+    loaded; requests arriving meanwhile wait. A broken config is refused with
+    its error and the one in force stays.
+    """
+    answer = _ask(_config(ctx), "reload")
+    unloaded = ", ".join(answer["unloaded"]) or "nothing"
+    click.echo(f"reloaded (unloaded: {unloaded})")
+    if answer["restart_needed_for"]:
+        click.echo("restart to apply: " + ", ".join(answer["restart_needed_for"]))
+
+
+@main.command()
+@click.option("--model", help="Model name (default: the default model).")
+@click.pass_context
+def unload(ctx: click.Context, model: str | None) -> None:
+    """Free a model's memory now; the next request for it loads it again."""
+    answer = _ask(_config(ctx), "unload", model=model)
+    click.echo(f"unloaded {answer['unloaded']}")
+
+
+@main.command()
+@click.option("--model", help="Model name (default: the default model).")
+@click.pass_context
+def load(ctx: click.Context, model: str | None) -> None:
+    """Load a model now, so that its first request is warm."""
+    answer = _ask(_config(ctx), "load", model=model)
+    click.echo(f"loaded {answer['loaded']} (context {answer['context_length']} tokens)")
 
 
 @main.group()

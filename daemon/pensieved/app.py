@@ -81,7 +81,7 @@ def health_report(config: Config, engine: Engine, started: float) -> dict[str, A
     """What `/health` and `pensievectl status` show."""
     import mlx.core as mx  # reading allocator counters is not array work
 
-    loaded = {m.name: m for m in engine.loaded()}
+    loaded = {m.config: m for m in engine.loaded()}
     vm = psutil.virtual_memory()
     return {
         "status": "ok",
@@ -90,7 +90,7 @@ def health_report(config: Config, engine: Engine, started: float) -> dict[str, A
         "listen": config.base_url,
         "uptime_s": round(time.time() - started, 1),
         "model": config.default_model.name,
-        "models": [_model_health(m, loaded.get(m.name)) for m in config.models],
+        "models": [_model_health(m, loaded.get(m)) for m in config.models],
         "backend": {
             "device": str(mx.default_device().type).rsplit(".", 1)[-1],
             "openblas": cpu.openblas_active(),
@@ -108,13 +108,13 @@ def health_report(config: Config, engine: Engine, started: float) -> dict[str, A
 
 
 class HealthResource:
-    def __init__(self, config: Config, engine: Engine, started: float) -> None:
-        self._config = config
+    def __init__(self, registry: ModelRegistry, engine: Engine, started: float) -> None:
+        self._registry = registry
         self._engine = engine
         self._started = started
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        json_response(resp, health_report(self._config, self._engine, self._started))
+        json_response(resp, health_report(self._registry.config, self._engine, self._started))
 
 
 def _model_health(model: ModelConfig, loaded: LoadedModel | None) -> dict[str, Any]:
@@ -134,9 +134,9 @@ class ModelsResource:
         self._created = datetime.fromtimestamp(started, UTC).isoformat().replace("+00:00", "Z")
 
     def _info(self, model: ModelConfig) -> dict[str, Any]:
-        loaded = {m.name: m for m in self._engine.loaded()}
+        loaded = {m.config: m for m in self._engine.loaded()}
         context = model.context_length or (
-            loaded[model.name].context_length if model.name in loaded else None
+            loaded[model].context_length if model in loaded else None
         )
         return {
             "type": "model",
@@ -226,10 +226,10 @@ async def _handle_unexpected(
 
 
 def create_app(
-    config: Config, engine: Engine, token: str, started: float | None = None
+    registry: ModelRegistry, engine: Engine, token: str, started: float | None = None
 ) -> falcon.asgi.App[Any, Any]:
     started = started or time.time()
-    registry = ModelRegistry(config)
+    config = registry.config
     preparer = PromptPreparer(registry, engine)
     middleware: list[Any] = [
         RequestIdMiddleware(),
@@ -243,11 +243,11 @@ def create_app(
     app.req_options.strip_url_path_trailing_slash = True
     models = ModelsResource(registry, engine, started)
     app.add_route("/", RootResource())
-    app.add_route("/health", HealthResource(config, engine, started))
+    app.add_route("/health", HealthResource(registry, engine, started))
     app.add_route("/openapi.json", OpenApiResource())
     app.add_route("/v1/models", models)
     app.add_route("/v1/models/{model_id}", models, suffix="one")
-    app.add_route("/v1/messages", MessagesResource(preparer, engine, config.server))
+    app.add_route("/v1/messages", MessagesResource(preparer, engine, registry))
     app.add_route("/v1/messages/count_tokens", CountTokensResource(preparer))
     app.add_error_handler(Exception, _handle_unexpected)
     app.add_error_handler(falcon.HTTPError, _handle_http_error)

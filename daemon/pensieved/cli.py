@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from pensieved import __version__
-from pensieved.config import ConfigError, load_config, with_overrides
+from pensieved.config import Config, ConfigError, load_config, with_overrides
 
 # Shared with pensievectl: both find the same file the same way.
 config_option = click.option(
@@ -61,8 +61,11 @@ def main(
     from pensieved.server import StartupError, serve
 
     try:
-        config = with_overrides(load_config(config_path), host, port, model)
-        code = asyncio.run(serve(config))
+
+        def current_config() -> Config:
+            return with_overrides(load_config(config_path), host, port, model)
+
+        code = asyncio.run(serve(current_config(), current_config))
     except (ConfigError, StartupError) as exc:
         click.echo(f"pensieved: {exc}", err=True)
         sys.exit(1)

@@ -120,10 +120,12 @@ def _nn() -> Any:
 
 def _quantized_layers(model: Any) -> list[tuple[str, Any]]:
     nn = _nn()
+    # Only affine quantization has (scales, biases) to undo; mxfp4/nvfp4 stay as they are.
     return [
         (path, layer)
         for path, layer in model.named_modules()
         if isinstance(layer, nn.QuantizedLinear | nn.QuantizedEmbedding)
+        and getattr(layer, "mode", "affine") == "affine"
     ]
 
 

@@ -46,6 +46,8 @@ class GenerationRequest:
     max_tokens: int
     sampling: Sampling = Sampling()
     stop_sequences: tuple[str, ...] = ()
+    # max_tokens was cut to fit the context: running out means the window ended.
+    context_limited: bool = False
 
 
 # Events the engine sends to a request's stream.
@@ -70,6 +72,10 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     message: str
+    error_type: str = "api_error"  # overloaded_error when the server is shutting down
+
+
+SHUTTING_DOWN = Failed("the server is shutting down", "overloaded_error")
 
 
 Event = PromptProgress | TextDelta | Finished | Failed
@@ -128,7 +134,8 @@ class LoadedModel:
     tokenizer: Any
     context_length: int
     builder: PromptBuilder
-    vocab_size: int
+    vocab_size: int  # the tokenizer's
+    logits_size: int  # the model's output width, which may be padded past it
     dequantized: bool = False
 
     @property
@@ -159,21 +166,39 @@ class Engine:
         self._models_dir = models_dir
         self._settings = settings or EngineConfig()
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._runners: dict[str, _Runner] = {}
+        # Keyed by the whole model config: a changed source is another model.
+        self._runners: dict[ModelConfig, _Runner] = {}
+        # Unloads waiting for their model's requests to finish, and loads
+        # waiting for those unloads: never two models' worth at once.
+        self._retiring: dict[ModelConfig, list[concurrent.futures.Future[None]]] = {}
+        self._deferred_loads: list[tuple[ModelConfig, concurrent.futures.Future[LoadedModel]]] = []
         self._thread = threading.Thread(target=self._run, name="pensieve-engine", daemon=True)
         self.requests_served = 0
         self._stopping = False
+        self._accepting = threading.Lock()
 
     # -- asyncio side -----------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
 
+    def configure(self, settings: EngineConfig) -> None:
+        """Settings for models loaded from now on."""
+        self._settings = settings
+
     def stop(self, timeout: float = 10.0) -> None:
-        self._stopping = True
-        if self._thread.is_alive():
+        with self._accepting:
+            self._stopping = True
             self._commands.put(("stop", None))
+        if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def _put(self, command: tuple[str, Any]) -> None:
+        """Queue a command, unless stopping: then nothing would ever read it."""
+        with self._accepting:
+            if self._stopping:
+                raise Overloaded("the server is shutting down", {"retry-after": "5"})
+            self._commands.put(command)
 
     def loaded(self) -> list[LoadedModel]:
         return [runner.loaded for runner in list(self._runners.values())]
@@ -183,21 +208,25 @@ class Engine:
 
     async def load(self, config: ModelConfig) -> LoadedModel:
         """The loaded model for `config`, loading it on the engine thread if needed."""
-        if self._stopping:
-            raise Overloaded("the server is shutting down", {"retry-after": "5"})
-        runner = self._runners.get(config.name)
-        if runner is not None:
+        runner = self._runners.get(config)
+        if runner is not None and config not in self._retiring:
             return runner.loaded
         future: concurrent.futures.Future[LoadedModel] = concurrent.futures.Future()
-        self._commands.put(("load", (config, future)))
+        self._put(("load", (config, future)))
         return await asyncio.wrap_future(future)
 
+    async def unload(self, config: ModelConfig) -> bool:
+        """Free `config`'s model once its in-flight requests finish; False if it was not loaded."""
+        if config not in self._runners:
+            return False
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._put(("unload", (config, future)))
+        await asyncio.wrap_future(future)
+        return True
+
     def submit(self, model: LoadedModel, request: GenerationRequest) -> GenerationStream:
-        if self._stopping:
-            # Nothing would read the command queue: refuse rather than hang.
-            raise Overloaded("the server is shutting down", {"retry-after": "5"})
         stream = GenerationStream(self, asyncio.get_running_loop())
-        self._commands.put(("submit", (model.name, request, stream)))
+        self._put(("submit", (model.config, request, stream)))
         return stream
 
     # -- engine thread ----------------------------------------------------
@@ -211,7 +240,7 @@ class Engine:
                 command = None
             while command is not None:
                 if command[0] == "stop":
-                    self._fail_all("the server is shutting down")
+                    self._fail_all()
                     self._refuse_pending()
                     return
                 try:
@@ -226,6 +255,26 @@ class Engine:
             for runner in list(self._runners.values()):
                 if runner.jobs:
                     self._step(runner)
+            if self._retiring:
+                self._retire_idle()
+
+    def _retire_idle(self) -> None:
+        """Drop retiring models whose requests have all finished; then run waiting loads."""
+        import gc
+
+        import mlx.core as mx
+
+        for config in [c for c in self._retiring if not self._runners[c].jobs]:
+            del self._runners[config]
+            gc.collect()
+            mx.clear_cache()
+            log.info("unloaded model %s", config.name)
+            for future in self._retiring.pop(config):
+                future.set_result(None)
+        if not self._retiring:
+            deferred, self._deferred_loads = self._deferred_loads, []
+            for load in deferred:
+                self._handle("load", load)
 
     def _refuse_pending(self) -> None:
         """Answer what was queued behind `stop`, so that nothing waits forever."""
@@ -233,24 +282,42 @@ class Engine:
             try:
                 kind, payload = self._commands.get_nowait()
             except queue.Empty:
-                return
+                break
             if kind == "submit":
-                payload[2]._deliver(Failed("the server is shutting down"))
-            elif kind == "load":
+                payload[2]._deliver(SHUTTING_DOWN)
+            elif kind in ("load", "unload"):
                 payload[1].set_exception(Overloaded("the server is shutting down"))
+        for _, future in self._deferred_loads:
+            future.set_exception(Overloaded("the server is shutting down"))
+        for futures in self._retiring.values():
+            for retired in futures:
+                retired.set_result(None)
 
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "load":
             config, future = payload
+            if self._retiring and (config not in self._runners or config in self._retiring):
+                self._deferred_loads.append((config, future))
+                return
             try:
                 future.set_result(self._load(config))
             except Exception as exc:
                 log.exception("loading model %s failed", config.name)
                 future.set_exception(exc)
+        elif kind == "unload":
+            config, future = payload
+            if config not in self._runners:
+                future.set_result(None)
+                return
+            self._retiring.setdefault(config, []).append(future)
+            self._retire_idle()
         elif kind == "submit":
-            name, request, stream = payload
+            config, request, stream = payload
             try:
-                self._insert(self._runners[name], request, stream)
+                if config not in self._runners:
+                    # Unloaded between the request's load() and this submit.
+                    self._load(config)
+                self._insert(self._runners[config], request, stream)
             except Exception as exc:
                 stream._deliver(Failed(f"generation could not start: {exc}"))
                 raise
@@ -258,8 +325,8 @@ class Engine:
             self._cancel(payload)
 
     def _load(self, config: ModelConfig) -> LoadedModel:
-        if config.name in self._runners:
-            return self._runners[config.name].loaded
+        if config in self._runners:
+            return self._runners[config].loaded
         import mlx_lm
 
         started = time.perf_counter()
@@ -277,9 +344,10 @@ class Engine:
             context,
             PromptBuilder(tokenizer, config.name),
             len(tokenizer),
+            int(getattr(getattr(model, "args", None), "vocab_size", 0) or len(tokenizer)),
             dequantized,
         )
-        self._runners[config.name] = _Runner(loaded, _new_generator(loaded))
+        self._runners[config] = _Runner(loaded, _new_generator(loaded))
         log.info(
             "loaded model %s from %s in %.1fs (context %d tokens)",
             config.name,
@@ -299,7 +367,7 @@ class Engine:
         sampling = request.sampling
         # A top_k at or past the vocabulary keeps every token: no filter at all
         # (mlx-lm refuses such values).
-        top_k = sampling.top_k if sampling.top_k < runner.loaded.vocab_size else 0
+        top_k = sampling.top_k if sampling.top_k < runner.loaded.logits_size else 0
         sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=top_k)
         (uid,) = runner.generator.insert(
             [request.prompt], max_tokens=[request.max_tokens], samplers=[sampler]
@@ -365,7 +433,12 @@ class Engine:
         if text:
             job.stream._deliver(TextDelta(text))
         if finish_reason is not None:
-            reason = "end_turn" if finish_reason == "stop" else "max_tokens"
+            if finish_reason == "stop":
+                reason = "end_turn"
+            elif job.request.context_limited:
+                reason = "model_context_window_exceeded"
+            else:
+                reason = "max_tokens"
             self._finish(runner, uid, Finished(reason, None, job.output_tokens))
 
     def _finish(self, runner: _Runner, uid: int, event: Finished | Failed) -> None:
@@ -390,10 +463,10 @@ class Engine:
         # The batch's state is unknown after a failure; start from a clean one.
         runner.generator = _new_generator(runner.loaded)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self) -> None:
         for runner in self._runners.values():
             for job in runner.jobs.values():
-                job.stream._deliver(Failed(message))
+                job.stream._deliver(SHUTTING_DOWN)
             runner.jobs.clear()
 
 

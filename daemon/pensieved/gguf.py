@@ -242,6 +242,17 @@ def _write_tokenizer(metadata: dict[str, Any], out_dir: Path, context_length: in
     control = 3
     specials = [tokens[i] for i, t in enumerate(type_list) if t == control]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if metadata.get("tokenizer.ggml.bos_token_id") is not None and bool(
+        _scalar(metadata, "tokenizer.ggml.add_bos_token", False)
+    ):
+        # transformers' generic fast tokenizer ignores `add_bos_token`; the
+        # post-processor is what makes encode() prepend it.
+        from tokenizers import processors
+
+        bos = tokens[int(_scalar(metadata, "tokenizer.ggml.bos_token_id"))]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
+        )
     tokenizer.save(str(out_dir / "tokenizer.json"))
 
     def token_at(key: str) -> str | None:

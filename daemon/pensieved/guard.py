@@ -34,7 +34,8 @@ def split_host(value: str) -> tuple[str, int | None]:
         port = rest[1:] if rest.startswith(":") else ""
     else:
         host, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
-    return host, int(port) if port.isdigit() else None
+    # isdigit() alone accepts "²", which int() refuses.
+    return host, int(port) if port.isascii() and port.isdigit() else None
 
 
 class HostOriginGuard:

@@ -11,7 +11,6 @@ import falcon
 import falcon.asgi
 
 from pensieved import protocol
-from pensieved.config import ServerConfig
 from pensieved.engine import (
     ClientGone,
     Engine,
@@ -22,7 +21,7 @@ from pensieved.engine import (
     Sampling,
     TextDelta,
 )
-from pensieved.errors import ApiError, EngineFailure, prompt_too_long
+from pensieved.errors import ApiError, EngineFailure, Overloaded, prompt_too_long
 from pensieved.http import disconnected, json_response, read_body
 from pensieved.prompt import Prompt
 from pensieved.protocol import CountTokensRequest, MessagesRequest, decode_request
@@ -70,10 +69,10 @@ class CountTokensResource:
 
 
 class MessagesResource:
-    def __init__(self, preparer: PromptPreparer, engine: Engine, server: ServerConfig) -> None:
+    def __init__(self, preparer: PromptPreparer, engine: Engine, registry: ModelRegistry) -> None:
         self._preparer = preparer
         self._engine = engine
-        self._server = server
+        self._registry = registry
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         request = decode_request(await read_body(req), MessagesRequest)
@@ -96,6 +95,7 @@ class MessagesResource:
             max_tokens=max_tokens,
             sampling=sampling,
             stop_sequences=tuple(request.stop_sequences or ()),
+            context_limited=max_tokens < request.max_tokens,
         )
         message_id = protocol.new_message_id()
         request_id: str = req.context.request_id
@@ -120,7 +120,7 @@ class MessagesResource:
                 message_id=message_id,
                 model=model.name,
                 input_tokens=input_tokens,
-                ping_interval=self._server.ping_interval,
+                ping_interval=self._registry.config.server.ping_interval,
                 request_id=request_id,
                 gone=gone,
             )
@@ -134,6 +134,8 @@ class MessagesResource:
                 elif isinstance(event, Finished):
                     break
                 elif isinstance(event, Failed):
+                    if event.error_type == Overloaded.error_type:
+                        raise Overloaded(event.message, {"retry-after": "5"})
                     raise EngineFailure(event.message)
         except ClientGone:
             log.info("%s client disconnected; generation dropped", request_id)

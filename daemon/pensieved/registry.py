@@ -23,9 +23,19 @@ BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ModelRegistry:
+    """The config in force, and model-name resolution under it. `apply` swaps both."""
+
     def __init__(self, config: Config) -> None:
+        self.apply(config)
+
+    def apply(self, config: Config) -> None:
+        self._config = config
         self._models = config.models
         self._default = config.default_model
+
+    @property
+    def config(self) -> Config:
+        return self._config
 
     @property
     def models(self) -> tuple[ModelConfig, ...]:

@@ -15,15 +15,18 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
+from typing import Any
 
 from pensieved import cpu
 from pensieved.app import create_app, health_report
-from pensieved.config import Config, ensure_token
+from pensieved.config import Config, ModelConfig, ensure_token
 from pensieved.control import AlreadyRunning, ControlServer
 from pensieved.engine import Engine
 from pensieved.guard import is_loopback
 from pensieved.http import DisconnectWatcher
 from pensieved.notify import sd_notify
+from pensieved.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,11 @@ def check_port_free(host: str, port: int) -> None:
             raise StartupError(f"cannot listen on {host}:{port}: {exc}") from exc
 
 
-async def serve(config: Config) -> int:
-    """Serve until SIGTERM/SIGINT or `pensievectl stop`; return the process exit code."""
+async def serve(config: Config, reread_config: Callable[[], Config] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT or `pensievectl stop`; return the process exit code.
+
+    `reread_config` gives the config as it is now (file and flags), for `reload`.
+    """
     token = ensure_token(config)
     started_at = time.time()
     host = config.server.host
@@ -61,27 +67,84 @@ async def serve(config: Config) -> int:
         log.warning("listening on %s: reachable from other machines (token required)", host)
     stop_requested = asyncio.Event()
     engine = Engine(config.paths.models_dir, config.engine)
+    registry = ModelRegistry(config)
 
-    async def status(_: dict[str, object]) -> dict[str, object]:
-        return health_report(config, engine, started_at)
+    async def status(_: dict[str, Any]) -> dict[str, Any]:
+        return health_report(registry.config, engine, started_at)
 
-    async def stop_command(_: dict[str, object]) -> dict[str, object]:
+    async def stop_command(_: dict[str, Any]) -> dict[str, Any]:
         stop_requested.set()
         return {"stopping": True}
 
-    control = ControlServer(config.paths.control_socket, {"status": status, "stop": stop_command})
+    async def reload(_: dict[str, Any]) -> dict[str, Any]:
+        if reread_config is None:
+            raise RuntimeError("this daemon was started without a config to re-read")
+        # A broken file raises here, and the config in force stays.
+        return await apply_config(reread_config(), registry, engine)
+
+    def named(request: dict[str, Any]) -> ModelConfig:
+        name = request.get("model") or registry.default.name
+        return registry.get(str(name))
+
+    async def unload(request: dict[str, Any]) -> dict[str, Any]:
+        model = named(request)
+        if not await engine.unload(model):
+            raise RuntimeError(f"model {model.name!r} is not loaded")
+        return {"unloaded": model.name}
+
+    async def load(request: dict[str, Any]) -> dict[str, Any]:
+        loaded = await engine.load(named(request))
+        return {"loaded": loaded.name, "context_length": loaded.context_length}
+
+    handlers = {"status": status, "stop": stop_command, "reload": reload, "unload": unload}
+    control = ControlServer(config.paths.control_socket, {**handlers, "load": load})
     try:
         await control.start()
     except AlreadyRunning as exc:
         raise StartupError(str(exc)) from exc
     try:
-        return await _serve(config, token, engine, stop_requested, started_at)
+        return await _serve(registry, token, engine, stop_requested, started_at)
     finally:
         await control.close()
 
 
+async def apply_config(new: Config, registry: ModelRegistry, engine: Engine) -> dict[str, Any]:
+    """Put `new` in force without dropping requests; report what needs a restart.
+
+    Requests arriving meanwhile resolve under the new config. A model whose
+    entry changed or went away is unloaded once its in-flight requests finish;
+    then the new default model is loaded, so there is never more than one
+    version of a model in memory.
+    """
+    old = registry.config
+    restart = [
+        f"server.{key}"
+        for key in (
+            "host",
+            "port",
+            "allow_remote",
+            "header_timeout",
+            "max_connections",
+            "auth_token",
+        )
+        if getattr(old.server, key) != getattr(new.server, key)
+    ]
+    registry.apply(new)
+    engine.configure(new.engine)
+    retired = [m.config for m in engine.loaded() if m.config not in new.models]
+    for config in retired:
+        await engine.unload(config)
+    await engine.load(new.default_model)
+    log.info("config reloaded; unloaded %s", [c.name for c in retired] or "nothing")
+    return {
+        "reloaded": True,
+        "unloaded": [c.name for c in retired],
+        "restart_needed_for": restart,
+    }
+
+
 async def _serve(
-    config: Config,
+    registry: ModelRegistry,
     token: str,
     engine: Engine,
     stop_requested: asyncio.Event,
@@ -91,6 +154,7 @@ async def _serve(
     from granian.http import HTTP1Settings
     from granian.server.embed import Server
 
+    config = registry.config
     host, port = config.server.host, config.server.port
     check_port_free(host, port)
 
@@ -106,7 +170,7 @@ async def _serve(
         raise StartupError(f"model {config.default_model.name!r} failed to load: {exc}") from exc
     log.info("model warm in %.1fs", time.perf_counter() - started)
 
-    app = create_app(config, engine, token, started_at)
+    app = create_app(registry, engine, token, started_at)
     server = Server(
         DisconnectWatcher(app),
         address=host,

@@ -46,11 +46,18 @@ async def message_events(
         yield sse_event("message_start", {"type": "message_start", "message": start})
         yield sse_event("ping", PING)
         block_open = False
+        clock = asyncio.get_running_loop().time
+        # Ping when nothing was written for a whole interval; prefill progress
+        # events write nothing, so they must not reset the clock.
+        last_write = clock()
         while True:
-            event = await stream.next_event(gone, timeout=ping_interval)
+            wait = max(0.0, last_write + ping_interval - clock())
+            event = await stream.next_event(gone, timeout=wait)
             if event is None:
                 yield sse_event("ping", PING)
+                last_write = clock()
             elif isinstance(event, TextDelta):
+                last_write = clock()
                 if not block_open:
                     block_open = True
                     yield sse_event(
@@ -97,7 +104,7 @@ async def message_events(
                 yield sse_event("message_stop", {"type": "message_stop"})
                 return
             elif isinstance(event, Failed):
-                yield sse_event("error", error_body("api_error", event.message, request_id))
+                yield sse_event("error", error_body(event.error_type, event.message, request_id))
                 return
     except ClientGone:
         log.info("%s client disconnected mid-stream", request_id)
