@@ -9,12 +9,13 @@ import socket
 import stat
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pensieved import control
 from pensieved.control import ControlServer
-from tests.daemon import Daemon, daemon_env, start_daemon
+from tests.daemon import Daemon, daemon_env, sse_events, start_daemon
 
 
 def ctl(daemon_or_home: Daemon | Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -125,3 +126,85 @@ def test_a_peer_of_another_uid_is_refused(tmp_path: Path) -> None:
 
     answer = asyncio.run(scenario())
     assert answer == {"ok": False, "error": "permission denied: another user"}
+
+
+def model_state(daemon: Daemon) -> dict[str, dict[str, Any]]:
+    report = control.call(daemon.home / "run" / "pensieve.sock", "status")
+    return {m["name"]: m for m in report["models"]}
+
+
+def test_unload_then_a_request_loads_it_again(tiny_dir: Path, tmp_path: Path) -> None:
+    config = {
+        "models": {
+            "tiny": {"source": str(tiny_dir), "default": True},
+            "spare": {"source": str(tiny_dir), "context_length": 128},
+        }
+    }
+    daemon = start_daemon(tmp_path / "home", config)
+    try:
+        assert model_state(daemon)["spare"]["loaded"] is False
+        result = ctl(daemon, "load", "--model", "spare")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "loaded spare (context 128 tokens)"
+        assert model_state(daemon)["spare"]["loaded"] is True
+
+        result = ctl(daemon, "unload")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "unloaded tiny"
+        assert model_state(daemon)["tiny"]["loaded"] is False
+        again = ctl(daemon, "unload")
+        assert again.returncode == 1 and "not loaded" in again.stderr
+
+        message = daemon.client().messages.create(
+            model="claude-opus-4-8", max_tokens=3, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert message.model == "tiny"
+        assert model_state(daemon)["tiny"]["loaded"] is True
+        missing = ctl(daemon, "load", "--model", "nope")
+        assert missing.returncode == 1 and "'nope' is not a configured model" in missing.stderr
+    finally:
+        daemon.stop()
+
+
+def test_reload_refuses_a_broken_config_and_swaps_a_model_under_a_stream(
+    tiny_dir: Path, smollm_dir: Path, tmp_path: Path
+) -> None:
+    import tomli_w
+
+    from tests.models import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", smollm_dir, seed=1)
+    daemon = start_daemon(tmp_path / "home", {"models": {"tiny": {"source": str(tiny_dir)}}})
+    try:
+        good = daemon.config_path.read_text()
+        daemon.config_path.write_text(good + "\n[server\n")
+        broken = ctl(daemon, "reload")
+        assert broken.returncode == 1
+        assert "config.toml" in broken.stderr and "Traceback" not in broken.stderr
+        assert model_state(daemon)["tiny"]["source"] == str(tiny_dir)
+
+        # Point "tiny" at another model while a long stream runs on the old one.
+        swapped = {"server": {"port": daemon.port}, "models": {"tiny": {"source": str(other)}}}
+        daemon.config_path.write_bytes(tomli_w.dumps(swapped).encode())
+        body = {
+            "model": "tiny",
+            "max_tokens": 1500,
+            "stream": True,
+            "messages": [{"role": "user", "content": "Go on."}],
+        }
+        with daemon.http() as http, http.stream("POST", "/v1/messages", json=body) as response:
+            lines = response.iter_lines()
+            for line in lines:
+                if "content_block_delta" in line:
+                    break
+            with ThreadPoolExecutor(1) as pool:
+                reload = pool.submit(ctl, daemon, "reload")
+                rest = sse_events(lines)
+                result = reload.result(timeout=120)
+        assert [name for name, _ in rest][-1] == "message_stop"  # the old model finished it
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[0] == "reloaded (unloaded: tiny)"
+        state = model_state(daemon)["tiny"]
+        assert state["source"] == str(other) and state["loaded"] is True
+    finally:
+        daemon.stop()
