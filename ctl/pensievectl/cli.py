@@ -6,18 +6,28 @@ it (`import`) import it when they run.
 
 from __future__ import annotations
 
+import collections
 import json
 import shlex
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import click
+import tomli_w
 
 from pensieved import control
 from pensieved.cli import config_option
-from pensieved.config import Config, ConfigError, ensure_token, load_config
+from pensieved.config import (
+    Config,
+    ConfigError,
+    config_as_toml,
+    ensure_token,
+    load_config,
+    parse_config,
+)
 from pensieved.service import ServiceError, ServiceManager, describe
 
 
@@ -198,6 +208,99 @@ def load(ctx: click.Context, model: str | None) -> None:
     """Load a model now, so that its first request is warm."""
     answer = _ask(_config(ctx), "load", model=model)
     click.echo(f"loaded {answer['loaded']} (context {answer['context_length']} tokens)")
+
+
+@main.command()
+@click.option("-n", "--lines", default=50, show_default=True, help="How many lines to show.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl-C stops).")
+@click.pass_context
+def logs(ctx: click.Context, lines: int, follow: bool) -> None:
+    """Show the daemon's log (LOG_DIR/pensieved.log)."""
+    path = _config(ctx).paths.log_dir / "pensieved.log"
+    if not path.exists() and not follow:
+        raise click.ClickException(f"no log yet at {path}: the daemon has not run")
+    if path.exists():
+        with path.open(errors="replace") as fh:
+            for line in collections.deque(fh, maxlen=lines):
+                click.echo(line, nl=False)
+    if follow:
+        _follow(path)
+
+
+def _follow(path: Path) -> None:
+    position = path.stat().st_size if path.exists() else 0
+    identity = path.stat().st_ino if path.exists() else None
+    try:
+        while True:
+            if path.exists():
+                info = path.stat()
+                if info.st_ino != identity or info.st_size < position:
+                    identity, position = info.st_ino, 0  # rotated: start the new file
+                if info.st_size > position:
+                    with path.open(errors="replace") as fh:
+                        fh.seek(position)
+                        click.echo(fh.read(), nl=False)
+                        position = fh.tell()
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        pass
+
+
+@main.group(name="config")
+def config_group() -> None:
+    """Read or change the config file (changes take effect with `pensievectl reload`)."""
+
+
+@config_group.command(name="path")
+@click.pass_context
+def config_path(ctx: click.Context) -> None:
+    """Print where the config file is (it may not exist yet)."""
+    click.echo(str(_config_file(ctx)))
+
+
+@config_group.command(name="show")
+@click.pass_context
+def config_show(ctx: click.Context) -> None:
+    """Print the config in force, defaults included, as TOML."""
+    config = _config(ctx)
+    click.echo(tomli_w.dumps(config_as_toml(config)), nl=False)
+
+
+@config_group.command(name="set")
+@click.argument("key")
+@click.argument("value")
+@click.pass_context
+def config_set(ctx: click.Context, key: str, value: str) -> None:
+    """Set KEY (dotted, e.g. server.port or models.NAME.source) to VALUE.
+
+    VALUE is read as TOML (9000, true, 2.5, ["claude-*"]) and otherwise as a
+    string. The result is validated before the file is written.
+    """
+    path = _config_file(ctx)
+    data = tomllib.loads(path.read_text()) if path.exists() else {}
+    parts = key.split(".")
+    table = data
+    for part in parts[:-1]:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise click.ClickException(f"{key}: {part} is not a table")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    table[parts[-1]] = parsed
+    try:
+        parse_config(data, _config(ctx).paths)
+    except ConfigError as exc:
+        raise click.ClickException(f"not written: {exc}") from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(data))
+    click.echo(f"{key} = {tomli_w.dumps({'v': parsed})[4:].strip()}  ({path})")
+
+
+def _config_file(ctx: click.Context) -> Path:
+    explicit: Path | None = ctx.find_root().params.get("config_path")
+    return explicit or _config(ctx).paths.config_file
 
 
 @main.group()

@@ -56,6 +56,8 @@ class ModelConfig:
     aliases: tuple[str, ...] = ()
     default: bool = False
     context_length: int | None = None
+    # Seconds of idleness after which the model is unloaded; None: never.
+    keep_alive: float | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,9 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
         context = _get(table, f"{key}.context_length", int, None)
         if context is not None and context < 1:
             raise ConfigError(f"{key}.context_length: must be >= 1")
+        keep_alive = _get(table, f"{key}.keep_alive", (int, float), None)
+        if keep_alive is not None and keep_alive <= 0:
+            raise ConfigError(f"{key}.keep_alive: must be > 0 seconds (leave it out for forever)")
         models.append(
             ModelConfig(
                 name=name,
@@ -155,6 +160,7 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
                 aliases=tuple(aliases),
                 default=_get(table, f"{key}.default", bool, False),
                 context_length=context,
+                keep_alive=None if keep_alive is None else float(keep_alive),
             )
         )
     if sum(m.default for m in models) > 1:
@@ -162,6 +168,23 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
     if not models:
         return Config(server=server, engine=engine, paths=paths)
     return Config(server=server, engine=engine, models=tuple(models), paths=paths)
+
+
+def config_as_toml(config: Config) -> dict[str, Any]:
+    """`config` as the TOML tables that would produce it (None values left out)."""
+
+    def table(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(obj).items()
+            if v is not None and k not in skip
+        }
+
+    return {
+        "server": table(config.server),
+        "engine": table(config.engine),
+        "models": {m.name: table(m, skip=("name",)) for m in config.models},
+    }
 
 
 def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
@@ -205,7 +228,7 @@ def with_overrides(
     models = config.models
     if model is not None:
         default = config.default_model
-        replaced = ModelConfig(default.name, model, default.aliases, True, default.context_length)
+        replaced = dataclasses.replace(default, source=model, default=True)
         models = tuple(replaced if m is default else m for m in models)
     return Config(server=server, engine=config.engine, models=models, paths=config.paths)
 

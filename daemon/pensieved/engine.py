@@ -159,6 +159,7 @@ class _Runner:
     loaded: LoadedModel
     generator: Any
     jobs: dict[int, _Job] = field(default_factory=dict)
+    last_used: float = field(default_factory=time.monotonic)
 
 
 class Engine:
@@ -202,6 +203,15 @@ class Engine:
 
     def loaded(self) -> list[LoadedModel]:
         return [runner.loaded for runner in list(self._runners.values())]
+
+    def idle_models(self) -> list[tuple[ModelConfig, float]]:
+        """Loaded models with no request in flight, and for how many seconds."""
+        now = time.monotonic()
+        return [
+            (config, now - runner.last_used)
+            for config, runner in list(self._runners.items())
+            if not runner.jobs
+        ]
 
     def active_requests(self) -> int:
         return sum(len(runner.jobs) for runner in list(self._runners.values()))
@@ -373,6 +383,7 @@ class Engine:
             [request.prompt], max_tokens=[request.max_tokens], samplers=[sampler]
         )
         tokenizer = runner.loaded.tokenizer
+        runner.last_used = time.monotonic()
         runner.jobs[uid] = _Job(
             stream, request, tokenizer.detokenizer, StopMatcher(request.stop_sequences)
         )
@@ -383,6 +394,7 @@ class Engine:
                 if job.stream is stream:
                     runner.generator.remove([uid])
                     del runner.jobs[uid]
+                    runner.last_used = time.monotonic()
                     log.info("request cancelled after %d tokens", job.output_tokens)
 
     def _step(self, runner: _Runner) -> None:
@@ -442,6 +454,7 @@ class Engine:
             self._finish(runner, uid, Finished(reason, None, job.output_tokens))
 
     def _finish(self, runner: _Runner, uid: int, event: Finished | Failed) -> None:
+        runner.last_used = time.monotonic()
         job = runner.jobs.pop(uid, None)
         if job is None:
             return

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import logging.handlers
 import os
 import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pensieved import cpu
@@ -26,9 +28,21 @@ from pensieved.engine import Engine
 from pensieved.guard import is_loopback
 from pensieved.http import DisconnectWatcher
 from pensieved.notify import sd_notify
+from pensieved.paths import private_dir
 from pensieved.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
+
+
+LOG_FILE = "pensieved.log"
+
+
+def log_to_file(path: Path) -> None:
+    """Also log to `path` (rotated), which `pensievectl logs` reads on every platform."""
+    private_dir(path.parent)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 * 1024**2, backupCount=3)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
 
 
 class StartupError(RuntimeError):
@@ -56,6 +70,7 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
     `reread_config` gives the config as it is now (file and flags), for `reload`.
     """
     token = ensure_token(config)
+    log_to_file(config.paths.log_dir / LOG_FILE)
     started_at = time.time()
     host = config.server.host
     if not is_loopback(host):
@@ -209,6 +224,17 @@ async def _serve(
         request_stop("asked to stop over the control socket")
 
     stop_watch = loop.create_task(stop_on_request())
+
+    async def unload_idle_models() -> None:
+        # `keep_alive`: free a model's memory after it sat idle that long.
+        while True:
+            await asyncio.sleep(1.0)
+            for model, idle in engine.idle_models():
+                if model.keep_alive is not None and idle > model.keep_alive:
+                    log.info("model %s idle for %.0fs (keep_alive); unloading", model.name, idle)
+                    await engine.unload(model)
+
+    idle_watch = loop.create_task(unload_idle_models())
     log.info("pensieve listening on %s", config.base_url)
 
     async def ready_when_listening() -> None:
@@ -230,6 +256,7 @@ async def _serve(
     finally:
         ready.cancel()
         stop_watch.cancel()
+        idle_watch.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         engine.stop()

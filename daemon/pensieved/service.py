@@ -46,9 +46,11 @@ class ServiceDescription:
     throttle: int = THROTTLE_S
     extra_unit_settings: dict[str, str] = field(default_factory=dict)
 
+    # The daemon writes its own pensieved.log; these catch anything else
+    # (a crash before logging starts, native libraries' output).
     @property
     def stdout_log(self) -> Path:
-        return self.log_dir / "pensieved.log"
+        return self.log_dir / "pensieved.out.log"
 
     @property
     def stderr_log(self) -> Path:
