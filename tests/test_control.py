@@ -40,6 +40,9 @@ def test_socket_is_private(tiny_daemon: Daemon) -> None:
 
 
 def test_status_reports_the_running_daemon(tiny_daemon: Daemon) -> None:
+    tiny_daemon.client().messages.create(
+        model="tiny", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
+    )
     result = ctl(tiny_daemon, "status")
     assert result.returncode == 0, result.stderr
     assert f"running (pid {tiny_daemon.process.pid}" in result.stdout
@@ -48,7 +51,11 @@ def test_status_reports_the_running_daemon(tiny_daemon: Daemon) -> None:
     report = json.loads(ctl(tiny_daemon, "status", "--json").stdout)
     assert report["pid"] == tiny_daemon.process.pid
     assert report["listen"] == tiny_daemon.base_url
-    assert next(m["name"] for m in report["models"] if m["loaded"]) == "tiny"
+    tiny = next(m for m in report["models"] if m["name"] == "tiny")
+    assert tiny["loaded"] and tiny["memory_gb"] > 0
+    assert report["requests"]["tokens_per_s_last_minute"] > 0
+    assert report["memory"]["kv_cache_gb"] >= 0
+    assert "tok/s over the last minute" in result.stdout
 
 
 def test_status_when_nothing_runs(tmp_path: Path) -> None:

@@ -217,3 +217,43 @@ def test_daemon_tells_systemd_when_ready_and_stopping(tiny_dir: Path, tmp_path: 
     finally:
         process.kill()
         listener.close()
+
+
+def test_pensievectl_service_install_and_uninstall_end_to_end(tmp_path: Path) -> None:
+    """The CLI through the real subprocess runner; `systemctl` is a recorder on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "systemctl.calls"
+    fake = bin_dir / "systemctl"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {record}\n')
+    fake.chmod(0o755)
+    env = {
+        **daemon_env(tmp_path / "pensieve-home"),
+        "HOME": str(tmp_path / "user"),
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+    }
+
+    def pensievectl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pensievectl", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    installed = pensievectl("service", "install")
+    assert installed.returncode == 0, installed.stderr
+    unit = tmp_path / "user" / ".config" / "systemd" / "user" / SYSTEMD_UNIT
+    assert installed.stdout.strip() == f"installed {unit}"
+    assert f"ExecStart={Path(sys.executable).with_name('pensieved')}" in unit.read_text()
+    removed = pensievectl("service", "uninstall")
+    assert removed.returncode == 0, removed.stderr
+    assert not unit.exists()
+    assert record.read_text().splitlines() == [
+        "--user daemon-reload",
+        f"--user enable --now {SYSTEMD_UNIT}",
+        f"--user restart {SYSTEMD_UNIT}",
+        f"--user disable --now {SYSTEMD_UNIT}",
+        "--user daemon-reload",
+    ]

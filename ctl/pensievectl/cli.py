@@ -133,17 +133,22 @@ def status(ctx: click.Context, as_json: bool) -> None:
         ("version", report["version"]),
         ("listening", report["listen"]),
         ("backend", ", ".join(f"{k} {v}" for k, v in report["backend"].items())),
-        ("requests", f"{requests['active']} active, {requests['served']} served"),
+        (
+            "requests",
+            f"{requests['active']} active, {requests['served']} served, "
+            f"{requests['tokens_per_s_last_minute']:.1f} tok/s over the last minute",
+        ),
         (
             "memory",
             f"{memory['rss_gb']:.2f} GB resident, {memory['mlx_active_gb']:.2f} GB MLX, "
-            f"{memory['available_gb']:.1f} GB of {memory['total_gb']:.1f} GB available",
+            f"{memory['available_gb']:.1f} GB of {memory['total_gb']:.1f} GB available, "
+            f"KV cache {memory['kv_cache_gb'] * 1024:.1f} MB",
         ),
     ]
     for model in report["models"]:
         state = "loaded" if model["loaded"] else "not loaded"
         if model["loaded"]:
-            state += f", context {model['context_length']}"
+            state += f", {model['memory_gb']:.2f} GB, context {model['context_length']}"
         default = " (default)" if model["name"] == report["model"] else ""
         rows.append((f"model {model['name']}{default}", f"{state} — {model['source']}"))
     width = max(len(name) for name, _ in rows)

@@ -95,7 +95,11 @@ def health_report(config: Config, engine: Engine, started: float) -> dict[str, A
             "device": str(mx.default_device().type).rsplit(".", 1)[-1],
             "openblas": cpu.openblas_active(),
         },
-        "requests": {"active": engine.active_requests(), "served": engine.requests_served},
+        "requests": {
+            "active": engine.active_requests(),
+            "served": engine.requests_served,
+            "tokens_per_s_last_minute": round(engine.tokens_per_second(), 2),
+        },
         "memory": {
             "available_gb": round(vm.available / GB, 3),
             "total_gb": round(vm.total / GB, 3),
@@ -103,6 +107,7 @@ def health_report(config: Config, engine: Engine, started: float) -> dict[str, A
             "mlx_active_gb": round(mx.get_active_memory() / GB, 3),
             "mlx_cache_gb": round(mx.get_cache_memory() / GB, 3),
             "mlx_peak_gb": round(mx.get_peak_memory() / GB, 3),
+            "kv_cache_gb": round(engine.kv_cache_bytes / GB, 4),
         },
     }
 
@@ -124,6 +129,7 @@ def _model_health(model: ModelConfig, loaded: LoadedModel | None) -> dict[str, A
         "loaded": loaded is not None,
         "context_length": loaded.context_length if loaded else None,
         "dequantized": loaded.dequantized if loaded else None,
+        "memory_gb": round(loaded.weight_bytes / GB, 3) if loaded else None,
     }
 
 

@@ -10,6 +10,7 @@ requests join and leave the running batch between decode steps.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -18,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pensieved import cpu
 from pensieved.config import EngineConfig, ModelConfig
@@ -137,6 +138,7 @@ class LoadedModel:
     vocab_size: int  # the tokenizer's
     logits_size: int  # the model's output width, which may be padded past it
     dequantized: bool = False
+    weight_bytes: int = 0
 
     @property
     def name(self) -> str:
@@ -175,6 +177,10 @@ class Engine:
         self._deferred_loads: list[tuple[ModelConfig, concurrent.futures.Future[LoadedModel]]] = []
         self._thread = threading.Thread(target=self._run, name="pensieve-engine", daemon=True)
         self.requests_served = 0
+        # (time, tokens) per decode step over the last minute, and the KV
+        # bytes in flight: written by the engine thread, read by status.
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self.kv_cache_bytes = 0
         self._stopping = False
         self._accepting = threading.Lock()
 
@@ -212,6 +218,15 @@ class Engine:
             for config, runner in list(self._runners.items())
             if not runner.jobs
         ]
+
+    def tokens_per_second(self, window: float = 60.0) -> float:
+        """Generated tokens per second over the last `window` seconds."""
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._recent) if t > now - window]
+        if not recent:
+            return 0.0
+        span = max(now - recent[0][0], 1.0)
+        return sum(n for _, n in recent) / span
 
     def active_requests(self) -> int:
         return sum(len(runner.jobs) for runner in list(self._runners.values()))
@@ -347,6 +362,10 @@ class Engine:
             cpu.dequantize(model)
             log.info("dequantized %s to float32 (faster on the CPU backend)", config.name)
         context = config.context_length or _context_length(model, tokenizer)
+        from mlx.utils import tree_flatten
+
+        parameters = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
+        weight_bytes = sum(int(v.nbytes) for _, v in parameters)
         loaded = LoadedModel(
             config,
             model,
@@ -356,6 +375,7 @@ class Engine:
             len(tokenizer),
             int(getattr(getattr(model, "args", None), "vocab_size", 0) or len(tokenizer)),
             dequantized,
+            weight_bytes,
         )
         self._runners[config] = _Runner(loaded, _new_generator(loaded))
         log.info(
@@ -409,6 +429,12 @@ class Engine:
             if job is not None:
                 processed, total = response.progress[0], response.progress[1]
                 job.stream._deliver(PromptProgress(processed, total))
+        now = time.monotonic()
+        if generation_responses:
+            self._recent.append((now, len(generation_responses)))
+        while self._recent and self._recent[0][0] < now - 60.0:
+            self._recent.popleft()
+        self.kv_cache_bytes = sum(r.generator.prompt_cache_nbytes for r in self._runners.values())
         for response in generation_responses:
             job = runner.jobs.get(response.uid)
             if job is None:
