@@ -92,6 +92,22 @@ def test_systemd_unit_verifies(pensieve_home: Path, tmp_path: Path) -> None:
     assert f"{unit}:6: Failed to parse service type" in broken.stderr
 
 
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_memory_limits_from_config_reach_the_unit(pensieve_home: Path, tmp_path: Path) -> None:
+    from pensieved.config import parse_config
+    from pensieved.paths import default_paths
+
+    config = parse_config({"service": {"memory_high": "12G", "memory_max": "14G"}}, default_paths())
+    unit = tmp_path / SYSTEMD_UNIT
+    unit.write_text(render_systemd_unit(describe(config)))
+    assert "MemoryHigh=12G\nMemoryMax=14G\n" in unit.read_text()
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and str(unit) not in result.stderr, result.stderr
+    assert "Memory" not in render_systemd_unit(describe(Config()))
+
+
 def manager(platform: str, home: Path, runner: RecordingRunner) -> ServiceManager:
     return ServiceManager(
         describe(Config()),

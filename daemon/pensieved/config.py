@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import secrets
 import tomllib
 from dataclasses import dataclass, field
@@ -50,6 +51,13 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    # systemd's cgroup limits for the Linux unit, e.g. "12G"; None: no limit.
+    memory_high: str | None = None
+    memory_max: str | None = None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     source: str
@@ -64,6 +72,7 @@ class ModelConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     models: tuple[ModelConfig, ...] = (
         ModelConfig(DEFAULT_MODEL_NAME, BUILTIN_SOURCE, ("claude-*",), True),
     )
@@ -136,6 +145,16 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
     if engine.dequantize not in DEQUANTIZE_MODES:
         raise ConfigError(f"engine.dequantize: expected one of {', '.join(DEQUANTIZE_MODES)}")
 
+    service_table = _table(data, "service")
+    service = ServiceConfig(
+        memory_high=_get(service_table, "service.memory_high", str, None),
+        memory_max=_get(service_table, "service.memory_max", str, None),
+    )
+    for key in ("memory_high", "memory_max"):
+        value = getattr(service, key)
+        if value is not None and not re.fullmatch(r"\d+(\.\d+)?[KMGT]?|\d+%|infinity", value):
+            raise ConfigError(f"service.{key}: expected bytes like 12G, a percentage or infinity")
+
     models: list[ModelConfig] = []
     for name, table in _table(data, "models").items():
         key = f"models.{name}"
@@ -166,8 +185,8 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
     if sum(m.default for m in models) > 1:
         raise ConfigError("models: more than one model has default = true")
     if not models:
-        return Config(server=server, engine=engine, paths=paths)
-    return Config(server=server, engine=engine, models=tuple(models), paths=paths)
+        return Config(server=server, engine=engine, service=service, paths=paths)
+    return Config(server=server, engine=engine, service=service, models=tuple(models), paths=paths)
 
 
 def config_as_toml(config: Config) -> dict[str, Any]:
@@ -183,6 +202,7 @@ def config_as_toml(config: Config) -> dict[str, Any]:
     return {
         "server": table(config.server),
         "engine": table(config.engine),
+        "service": table(config.service),
         "models": {m.name: table(m, skip=("name",)) for m in config.models},
     }
 
@@ -230,7 +250,7 @@ def with_overrides(
         default = config.default_model
         replaced = dataclasses.replace(default, source=model, default=True)
         models = tuple(replaced if m is default else m for m in models)
-    return Config(server=server, engine=config.engine, models=models, paths=config.paths)
+    return dataclasses.replace(config, server=server, models=models)
 
 
 def ensure_token(config: Config) -> str:

@@ -69,12 +69,17 @@ def describe(config: Config, executable: Path | None = None) -> ServiceDescripti
     }
     if home := os.environ.get("PENSIEVE_HOME"):
         environment["PENSIEVE_HOME"] = str(Path(home).absolute())
+    limits = {
+        "MemoryHigh": config.service.memory_high,
+        "MemoryMax": config.service.memory_max,
+    }
     return ServiceDescription(
         label=LABEL,
         program=tuple(program),
         environment=environment,
         log_dir=config.paths.log_dir.absolute(),
         working_dir=config.paths.data_dir.absolute(),
+        extra_unit_settings={k: v for k, v in limits.items() if v is not None},
     )
 
 
