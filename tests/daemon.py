@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -104,6 +105,31 @@ def running_daemon(home: Path, config: dict[str, Any]) -> Iterator[Daemon]:
         yield daemon
     finally:
         daemon.stop()
+
+
+def run_pensieved(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `pensieved ARGS` to completion (for the ways it refuses to start)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pensieved", *args],
+        env=daemon_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@contextlib.contextmanager
+def stream_started(daemon: Daemon, body: dict[str, Any]) -> Iterator[Iterator[str]]:
+    """Open a streamed request and read up to its first text delta; yield the rest of its lines."""
+    with (
+        daemon.http() as http,
+        http.stream("POST", "/v1/messages", json={**body, "stream": True}) as response,
+    ):
+        lines = response.iter_lines()
+        for line in lines:
+            if "content_block_delta" in line:
+                break
+        yield lines
 
 
 def sse_events(body: httpx.Response | Iterator[str]) -> list[tuple[str, str]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pensieved import control
 from pensieved.control import ControlServer
-from tests.daemon import Daemon, daemon_env, sse_events, start_daemon
+from tests.daemon import Daemon, daemon_env, sse_events, start_daemon, stream_started
 
 
 def ctl(daemon_or_home: Daemon | Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -196,18 +196,12 @@ def test_reload_refuses_a_broken_config_and_swaps_a_model_under_a_stream(
         body = {
             "model": "tiny",
             "max_tokens": 1500,
-            "stream": True,
             "messages": [{"role": "user", "content": "Go on."}],
         }
-        with daemon.http() as http, http.stream("POST", "/v1/messages", json=body) as response:
-            lines = response.iter_lines()
-            for line in lines:
-                if "content_block_delta" in line:
-                    break
-            with ThreadPoolExecutor(1) as pool:
-                reload = pool.submit(ctl, daemon, "reload")
-                rest = sse_events(lines)
-                result = reload.result(timeout=120)
+        with stream_started(daemon, body) as lines, ThreadPoolExecutor(1) as pool:
+            reload = pool.submit(ctl, daemon, "reload")
+            rest = sse_events(lines)
+            result = reload.result(timeout=120)
         assert [name for name, _ in rest][-1] == "message_stop"  # the old model finished it
         assert result.returncode == 0, result.stderr
         assert result.stdout.splitlines()[0] == "reloaded (unloaded: tiny)"

@@ -13,7 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.daemon import Daemon, daemon_env, running_daemon, sse_events, start_daemon
+from tests.daemon import (
+    Daemon,
+    daemon_env,
+    run_pensieved,
+    running_daemon,
+    sse_events,
+    start_daemon,
+    stream_started,
+)
 
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = {"temperature": 0.0}
@@ -110,13 +118,7 @@ def test_pensievectl_bad_config_is_one_line(pensieve_home: Path) -> None:
 def test_second_daemon_on_the_same_port_exits_1_with_a_message(
     tiny_daemon: Daemon, tmp_path: Path
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "pensieved", "--config", str(tiny_daemon.config_path)],
-        env=daemon_env(tmp_path / "other-home"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_pensieved(tmp_path / "other-home", "--config", str(tiny_daemon.config_path))
     assert result.returncode == 1
     assert "already in use" in result.stderr
     assert "Traceback" not in result.stderr
@@ -125,13 +127,7 @@ def test_second_daemon_on_the_same_port_exits_1_with_a_message(
 def test_bad_config_exits_1_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('[models.a]\nsource = "/a"\ncontext_length = -1\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "pensieved", "--config", str(config)],
-        env=daemon_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_pensieved(tmp_path, "--config", str(config))
     assert result.returncode == 1
     assert "models.a.context_length" in result.stderr
 
@@ -144,14 +140,9 @@ def test_sigterm_ends_streams_with_an_error_event_and_exits_0(
         body = {
             "model": "long-x",
             "max_tokens": 3000,
-            "stream": True,
             "messages": [{"role": "user", "content": "Go on."}],
         }
-        with daemon.http() as http, http.stream("POST", "/v1/messages", json=body) as response:
-            lines = response.iter_lines()
-            for line in lines:
-                if "content_block_delta" in line:
-                    break
+        with stream_started(daemon, body) as lines:
             os.kill(daemon.process.pid, signal.SIGTERM)
             events = sse_events(lines)
         names = [name for name, _ in events]

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import TINY_CONTEXT
-from tests.daemon import Daemon, sse_events
+from tests.daemon import Daemon, sse_events, stream_started
 
 QUESTION = [{"role": "user", "content": "Tell me about the sea."}]
 # anthropic 2.x passes sampling settings through extra_body.
@@ -304,10 +304,8 @@ def test_disconnect_frees_the_slot_at_once(tiny_daemon: Daemon) -> None:
         "stream": True,
         "messages": QUESTION,
     }
-    with tiny_daemon.http() as http, http.stream("POST", "/v1/messages", json=body) as response:
-        for line in response.iter_lines():
-            if "content_block_delta" in line:
-                break
+    with stream_started(tiny_daemon, body):
+        pass
     # The connection is closed: the engine must drop the request promptly.
     assert wait_until_idle(tiny_daemon) == 0
     assert "client disconnected mid-stream" in tiny_daemon.log()

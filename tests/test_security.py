@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.daemon import Daemon, daemon_env, start_daemon
+from tests.daemon import Daemon, run_pensieved, start_daemon
 from tests.test_errors import VALID, assert_error
 
 PROTECTED = [
@@ -163,24 +161,12 @@ def test_group_readable_token_file_stops_the_daemon(tmp_path: Path) -> None:
     token = home / "token"
     token.write_text("pensieve-sekrit\n")
     os.chmod(token, 0o644)
-    result = subprocess.run(
-        [sys.executable, "-m", "pensieved", "--port", "1"],
-        env=daemon_env(home),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_pensieved(home, "--port", "1")
     assert result.returncode == 1
     assert "chmod 600" in result.stderr and str(token) in result.stderr
 
 
 def test_non_loopback_bind_needs_allow_remote(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "pensieved", "--host", "0.0.0.0", "--port", "1"],
-        env=daemon_env(tmp_path / "home"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_pensieved(tmp_path / "home", "--host", "0.0.0.0", "--port", "1")
     assert result.returncode == 1
     assert "server.allow_remote" in result.stderr

@@ -41,6 +41,7 @@ async def message_events(
     gone: asyncio.Event,
 ) -> AsyncIterator[SSEvent]:
     """Translate engine events into Anthropic SSE events for one message."""
+    completed = False
     try:
         start = protocol.message(message_id, model, [], None, None, protocol.usage(input_tokens, 0))
         yield sse_event("message_start", {"type": "message_start", "message": start})
@@ -102,12 +103,16 @@ async def message_events(
                     },
                 )
                 yield sse_event("message_stop", {"type": "message_stop"})
+                completed = True
                 return
             elif isinstance(event, Failed):
                 yield sse_event("error", error_body(event.error_type, event.message, request_id))
+                completed = True
                 return
     except ClientGone:
-        log.info("%s client disconnected mid-stream", request_id)
+        pass  # noticed by our watcher; Falcon may notice first (GeneratorExit)
     finally:
+        if not completed:
+            log.info("%s client disconnected mid-stream", request_id)
         # Runs however the stream ends: a gone client frees its slot at once.
         stream.cancel()
