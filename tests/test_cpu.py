@@ -39,6 +39,14 @@ def test_auto_follows_the_backend(smollm_dir: Path) -> None:
     assert cpu.should_dequantize("auto", model) == (on_cpu and cpu.openblas_active())
 
 
+def test_numpys_bundled_openblas_does_not_count() -> None:
+    import numpy  # maps libscipy_openblas64_, whose symbols MLX never calls
+
+    assert numpy.__version__
+    preloaded = "libopenblas" in os.environ.get("LD_PRELOAD", "")
+    assert cpu.openblas_active() == preloaded
+
+
 def test_daemon_preloads_the_system_openblas(tiny_daemon: Daemon) -> None:
     backend = httpx.get(f"{tiny_daemon.base_url}/health").json()["backend"]
     if cpu.openblas_library() is None or os.environ.get("PENSIEVE_OPENBLAS") == "0":

@@ -64,10 +64,20 @@ def reexec_with_openblas(command: list[str]) -> None:
 
 
 def openblas_active() -> bool:
+    """Whether a system OpenBLAS is mapped, and so serves MLX's cblas calls.
+
+    numpy's bundled `libscipy_openblas64_` does not count: its symbols are
+    prefixed, so MLX still calls the reference BLAS beside it.
+    """
     try:
-        return "openblas" in Path("/proc/self/maps").read_text()
+        maps = Path("/proc/self/maps").read_text()
     except OSError:
         return False
+    return any(
+        line.rsplit("/", 1)[-1].startswith("libopenblas")
+        for line in maps.splitlines()
+        if "/" in line
+    )
 
 
 def should_dequantize(mode: str, model: Any) -> bool:
