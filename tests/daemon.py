@@ -107,15 +107,26 @@ def running_daemon(home: Path, config: dict[str, Any]) -> Iterator[Daemon]:
         daemon.stop()
 
 
-def run_pensieved(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run `pensieved ARGS` to completion (for the ways it refuses to start)."""
+def _run_module(module: str, home: Path, args: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pensieved", *args],
+        [sys.executable, "-m", module, *args],
         env=daemon_env(home),
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def run_pensieved(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `pensieved ARGS` to completion (for the ways it refuses to start)."""
+    return _run_module("pensieved", home, args)
+
+
+def run_pensievectl(target: Daemon | Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `pensievectl ARGS` for a running daemon, or for a PENSIEVE_HOME."""
+    if isinstance(target, Daemon):
+        return _run_module("pensievectl", target.home, ("--config", str(target.config_path), *args))
+    return _run_module("pensievectl", target, args)
 
 
 @contextlib.contextmanager

@@ -7,29 +7,20 @@ import json
 import os
 import socket
 import stat
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pensieved import control
 from pensieved.control import ControlServer
-from tests.daemon import Daemon, daemon_env, sse_events, start_daemon, stream_started
-
-
-def ctl(daemon_or_home: Daemon | Path, *args: str) -> subprocess.CompletedProcess[str]:
-    home = daemon_or_home.home if isinstance(daemon_or_home, Daemon) else daemon_or_home
-    extra = (
-        ["--config", str(daemon_or_home.config_path)] if isinstance(daemon_or_home, Daemon) else []
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "pensievectl", *extra, *args],
-        env=daemon_env(home),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from tests.daemon import (
+    Daemon,
+    run_pensievectl,
+    run_pensieved,
+    sse_events,
+    start_daemon,
+    stream_started,
+)
 
 
 def test_socket_is_private(tiny_daemon: Daemon) -> None:
@@ -43,12 +34,12 @@ def test_status_reports_the_running_daemon(tiny_daemon: Daemon) -> None:
     tiny_daemon.client().messages.create(
         model="tiny", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
     )
-    result = ctl(tiny_daemon, "status")
+    result = run_pensievectl(tiny_daemon, "status")
     assert result.returncode == 0, result.stderr
     assert f"running (pid {tiny_daemon.process.pid}" in result.stdout
     assert tiny_daemon.base_url in result.stdout
     assert "model tiny (default)" in result.stdout
-    report = json.loads(ctl(tiny_daemon, "status", "--json").stdout)
+    report = json.loads(run_pensievectl(tiny_daemon, "status", "--json").stdout)
     assert report["pid"] == tiny_daemon.process.pid
     assert report["listen"] == tiny_daemon.base_url
     tiny = next(m for m in report["models"] if m["name"] == "tiny")
@@ -59,11 +50,11 @@ def test_status_reports_the_running_daemon(tiny_daemon: Daemon) -> None:
 
 
 def test_status_when_nothing_runs(tmp_path: Path) -> None:
-    result = ctl(tmp_path / "home", "status")
+    result = run_pensievectl(tmp_path / "home", "status")
     assert result.returncode == 3
     assert "pensieve is not running" in result.stderr
     assert "Traceback" not in result.stderr
-    stop = ctl(tmp_path / "home", "stop")
+    stop = run_pensievectl(tmp_path / "home", "stop")
     assert stop.returncode == 3 and "not running" in stop.stderr
 
 
@@ -79,20 +70,8 @@ def test_bad_commands_get_an_error_answer(tiny_daemon: Daemon) -> None:
 
 
 def test_second_daemon_with_the_same_socket_refuses(tiny_daemon: Daemon) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pensieved",
-            "--config",
-            str(tiny_daemon.config_path),
-            "--port",
-            "1",
-        ],
-        env=daemon_env(tiny_daemon.home),
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_pensieved(
+        tiny_daemon.home, "--config", str(tiny_daemon.config_path), "--port", "1"
     )
     assert result.returncode == 1
     assert "already running" in result.stderr
@@ -108,8 +87,8 @@ def test_stale_socket_is_replaced_and_stop_works(tiny_config: dict, tmp_path: Pa
     stale.close()  # as after a crash: the file stays, nobody listens
     daemon = start_daemon(tmp_path / "home", tiny_config)
     try:
-        assert ctl(daemon, "status").returncode == 0
-        result = ctl(daemon, "stop")
+        assert run_pensievectl(daemon, "status").returncode == 0
+        result = run_pensievectl(daemon, "stop")
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "stopped"
         assert daemon.process.wait(30) == 0
@@ -150,16 +129,16 @@ def test_unload_then_a_request_loads_it_again(tiny_dir: Path, tmp_path: Path) ->
     daemon = start_daemon(tmp_path / "home", config)
     try:
         assert model_state(daemon)["spare"]["loaded"] is False
-        result = ctl(daemon, "load", "--model", "spare")
+        result = run_pensievectl(daemon, "load", "--model", "spare")
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "loaded spare (context 128 tokens)"
         assert model_state(daemon)["spare"]["loaded"] is True
 
-        result = ctl(daemon, "unload")
+        result = run_pensievectl(daemon, "unload")
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "unloaded tiny"
         assert model_state(daemon)["tiny"]["loaded"] is False
-        again = ctl(daemon, "unload")
+        again = run_pensievectl(daemon, "unload")
         assert again.returncode == 1 and "not loaded" in again.stderr
 
         message = daemon.client().messages.create(
@@ -167,7 +146,7 @@ def test_unload_then_a_request_loads_it_again(tiny_dir: Path, tmp_path: Path) ->
         )
         assert message.model == "tiny"
         assert model_state(daemon)["tiny"]["loaded"] is True
-        missing = ctl(daemon, "load", "--model", "nope")
+        missing = run_pensievectl(daemon, "load", "--model", "nope")
         assert missing.returncode == 1 and "'nope' is not a configured model" in missing.stderr
     finally:
         daemon.stop()
@@ -185,7 +164,7 @@ def test_reload_refuses_a_broken_config_and_swaps_a_model_under_a_stream(
     try:
         good = daemon.config_path.read_text()
         daemon.config_path.write_text(good + "\n[server\n")
-        broken = ctl(daemon, "reload")
+        broken = run_pensievectl(daemon, "reload")
         assert broken.returncode == 1
         assert "config.toml" in broken.stderr and "Traceback" not in broken.stderr
         assert model_state(daemon)["tiny"]["source"] == str(tiny_dir)
@@ -199,7 +178,7 @@ def test_reload_refuses_a_broken_config_and_swaps_a_model_under_a_stream(
             "messages": [{"role": "user", "content": "Go on."}],
         }
         with stream_started(daemon, body) as lines, ThreadPoolExecutor(1) as pool:
-            reload = pool.submit(ctl, daemon, "reload")
+            reload = pool.submit(run_pensievectl, daemon, "reload")
             rest = sse_events(lines)
             result = reload.result(timeout=120)
         assert [name for name, _ in rest][-1] == "message_stop"  # the old model finished it

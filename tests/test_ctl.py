@@ -10,15 +10,15 @@ import time
 import tomllib
 from pathlib import Path
 
-from tests.daemon import Daemon, daemon_env, start_daemon
-from tests.test_control import ctl, model_state
+from tests.daemon import Daemon, daemon_env, run_pensievectl, start_daemon
+from tests.test_control import model_state
 
 
 def test_logs_show_the_daemons_log(tiny_daemon: Daemon) -> None:
-    result = ctl(tiny_daemon, "logs", "-n", "200")
+    result = run_pensievectl(tiny_daemon, "logs", "-n", "200")
     assert result.returncode == 0, result.stderr
     assert "pensieve listening on" in result.stdout
-    assert len(ctl(tiny_daemon, "logs", "-n", "1").stdout.splitlines()) == 1
+    assert len(run_pensievectl(tiny_daemon, "logs", "-n", "1").stdout.splitlines()) == 1
 
 
 def test_logs_follow_prints_new_lines(tiny_daemon: Daemon) -> None:
@@ -56,33 +56,35 @@ def test_logs_follow_prints_new_lines(tiny_daemon: Daemon) -> None:
 
 
 def test_logs_before_any_run(tmp_path: Path) -> None:
-    result = ctl(tmp_path / "home", "logs")
+    result = run_pensievectl(tmp_path / "home", "logs")
     assert result.returncode == 1 and "has not run" in result.stderr
 
 
 def test_config_path_show_and_set(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    path = ctl(home, "config", "path").stdout.strip()
+    path = run_pensievectl(home, "config", "path").stdout.strip()
     assert path == str(home / "config.toml")
-    assert "port = 7777" in ctl(home, "config", "show").stdout
+    assert "port = 7777" in run_pensievectl(home, "config", "show").stdout
 
-    result = ctl(home, "config", "set", "server.port", "8123")
+    result = run_pensievectl(home, "config", "set", "server.port", "8123")
     assert result.returncode == 0, result.stderr
-    result = ctl(home, "config", "set", "models.big.source", "mlx-community/Some-Model-4bit")
+    result = run_pensievectl(
+        home, "config", "set", "models.big.source", "mlx-community/Some-Model-4bit"
+    )
     assert result.returncode == 0, result.stderr
-    ctl(home, "config", "set", "models.big.aliases", '["claude-*opus*"]')
+    run_pensievectl(home, "config", "set", "models.big.aliases", '["claude-*opus*"]')
     written = tomllib.loads((home / "config.toml").read_text())
     assert written["server"]["port"] == 8123
     assert written["models"]["big"] == {
         "source": "mlx-community/Some-Model-4bit",
         "aliases": ["claude-*opus*"],
     }
-    shown = tomllib.loads(ctl(home, "config", "show").stdout)
+    shown = tomllib.loads(run_pensievectl(home, "config", "show").stdout)
     assert shown["server"]["port"] == 8123 and shown["models"]["big"]["default"] is False
 
     before = (home / "config.toml").read_text()
     for key, value in (("server.port", '"eighty"'), ("models.big.context_length", "0")):
-        refused = ctl(home, "config", "set", key, value)
+        refused = run_pensievectl(home, "config", "set", key, value)
         assert refused.returncode == 1 and "not written" in refused.stderr
     assert (home / "config.toml").read_text() == before
 

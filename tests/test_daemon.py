@@ -16,6 +16,7 @@ import pytest
 from tests.daemon import (
     Daemon,
     daemon_env,
+    run_pensievectl,
     run_pensieved,
     running_daemon,
     sse_events,
@@ -55,18 +56,8 @@ def test_embedded_model_is_imported_under_pensieve_home(smollm_daemon: Daemon) -
     assert health["models"][0]["context_length"] == 8192
 
 
-def ctl(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pensievectl", *args],
-        env=daemon_env(home),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_pensievectl_env_points_the_sdk_at_the_daemon(tiny_daemon: Daemon) -> None:
-    result = ctl(tiny_daemon.home, "--config", str(tiny_daemon.config_path), "env")
+    result = run_pensievectl(tiny_daemon, "env")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         f"export ANTHROPIC_BASE_URL={tiny_daemon.base_url}",
@@ -89,7 +80,7 @@ def test_pensievectl_env_points_the_sdk_at_the_daemon(tiny_daemon: Daemon) -> No
 
 
 def test_pensievectl_env_for_fish(pensieve_home: Path) -> None:
-    result = ctl(pensieve_home, "env", "--shell", "fish")
+    result = run_pensievectl(pensieve_home, "env", "--shell", "fish")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "set -gx ANTHROPIC_BASE_URL http://127.0.0.1:7777"
@@ -110,7 +101,7 @@ def test_pensievectl_does_not_import_mlx() -> None:
 def test_pensievectl_bad_config_is_one_line(pensieve_home: Path) -> None:
     pensieve_home.mkdir()
     (pensieve_home / "config.toml").write_text("[server]\nport = 'x'\n")
-    result = ctl(pensieve_home, "env")
+    result = run_pensievectl(pensieve_home, "env")
     assert result.returncode == 1
     assert "server.port" in result.stderr and "Traceback" not in result.stderr
 

@@ -72,13 +72,17 @@ def test_program_names_the_config_file_when_there_is_one(pensieve_home: Path) ->
     assert desc.program[1:] == ("--config", str(pensieve_home / "config.toml"))
 
 
+def verify(unit: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
+    )
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 def test_systemd_unit_verifies(pensieve_home: Path, tmp_path: Path) -> None:
     unit = tmp_path / SYSTEMD_UNIT
     unit.write_text(render_systemd_unit(describe(Config())))
-    result = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
-    )
+    result = verify(unit)
     # verify exits 0 on parse warnings too; they show on stderr, naming the file.
     assert result.returncode == 0, result.stderr
     assert str(unit) not in result.stderr, result.stderr
@@ -86,9 +90,7 @@ def test_systemd_unit_verifies(pensieve_home: Path, tmp_path: Path) -> None:
     assert "Type=notify" in text and "Restart=on-failure" in text and "TimeoutStopSec=30" in text
     # The check can fail: a broken unit is refused.
     unit.write_text(text.replace("Type=notify", "Type=sometimes"))
-    broken = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
-    )
+    broken = verify(unit)
     assert f"{unit}:6: Failed to parse service type" in broken.stderr
 
 
@@ -101,9 +103,7 @@ def test_memory_limits_from_config_reach_the_unit(pensieve_home: Path, tmp_path:
     unit = tmp_path / SYSTEMD_UNIT
     unit.write_text(render_systemd_unit(describe(config)))
     assert "MemoryHigh=12G\nMemoryMax=14G\n" in unit.read_text()
-    result = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
-    )
+    result = verify(unit)
     assert result.returncode == 0 and str(unit) not in result.stderr, result.stderr
     assert "Memory" not in render_systemd_unit(describe(Config()))
 
