@@ -65,7 +65,10 @@ def test_bad_commands_get_an_error_answer(tiny_daemon: Daemon) -> None:
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(str(path))
         sock.sendall(b"not json\n[1]\n")
-        lines = sock.makefile().readline(), sock.makefile().readline()
+        sock.settimeout(30)
+        # One reader: a second makefile() would miss what the first buffered.
+        reader = sock.makefile()
+        lines = reader.readline(), reader.readline()
     assert all(json.loads(line)["ok"] is False for line in lines)
 
 

@@ -81,7 +81,9 @@ def test_stream_event_sequence_is_exact(tiny_daemon: Daemon) -> None:
 
 def test_pings_keep_coming_while_prefill_progresses(tmp_path) -> None:
     """Progress events from a long prefill write nothing, so they must not delay pings."""
+    from pensieved.content import ContentAssembler
     from pensieved.engine import Engine, Finished, GenerationStream, PromptProgress
+    from pensieved.reply import Reply
     from pensieved.sse import message_events
 
     async def scenario() -> list[str]:
@@ -95,7 +97,7 @@ def test_pings_keep_coming_while_prefill_progresses(tmp_path) -> None:
 
         feeder = asyncio.ensure_future(engine_side())
         events = message_events(
-            stream,
+            Reply(stream, ContentAssembler(tool_format=None, tools=[])),
             message_id="msg_1",
             model="tiny",
             input_tokens=20480,

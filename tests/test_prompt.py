@@ -48,37 +48,72 @@ def test_inline_system_turns_stay_in_place() -> None:
     assert [t["role"] for t in turns] == ["user", "system", "user"]
 
 
-def test_tool_history_is_kept_as_text_and_thinking_is_dropped() -> None:
-    turns = to_chat_messages(
-        request(
-            messages=[
-                {"role": "user", "content": "list files"},
-                {
-                    "role": "assistant",
-                    "content": [
-                        {"type": "thinking", "thinking": "hmm", "signature": "s"},
-                        {"type": "text", "text": "Let me look."},
-                        {"type": "tool_use", "id": "toolu_1", "name": "ls", "input": {"path": "."}},
-                    ],
-                },
-                {
-                    "role": "user",
-                    "content": [
-                        {
-                            "type": "tool_result",
-                            "tool_use_id": "toolu_1",
-                            "content": [{"type": "text", "text": "a.py"}],
-                        }
-                    ],
-                },
-            ]
-        ),
-        "m",
-    )
-    assert "hmm" not in turns[1]["content"]
+TOOL_ROUND_TRIP = [
+    {"role": "user", "content": "list files"},
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "thinking", "thinking": "hmm", "signature": "s"},
+            {"type": "text", "text": "Let me look."},
+            {
+                "type": "tool_use",
+                "id": "toolu_1",
+                "name": "ls",
+                "input": {"path": ".", "all": True},
+            },
+            {"type": "tool_use", "id": "toolu_2", "name": "pwd", "input": {}},
+        ],
+    },
+    {
+        "role": "user",
+        "content": [
+            {
+                "type": "tool_result",
+                "tool_use_id": "toolu_1",
+                "content": [
+                    {"type": "text", "text": "a.py"},
+                    {"type": "image", "source": {"type": "base64", "data": "AA=="}},
+                ],
+            },
+            {"type": "tool_result", "tool_use_id": "toolu_2", "content": "/x", "is_error": True},
+            {"type": "text", "text": "and now?"},
+        ],
+    },
+]
+
+
+def test_tool_history_in_the_generic_text_format() -> None:
+    turns = to_chat_messages(request(messages=TOOL_ROUND_TRIP), "m")
+    assert [t["role"] for t in turns] == ["user", "assistant", "user"]
+    assert "hmm" not in turns[1]["content"]  # earlier thinking is dropped
     assert turns[1]["content"].startswith("Let me look.")
-    assert '"path": "."' in turns[1]["content"]
-    assert "a.py" in turns[2]["content"] and "toolu_1" in turns[2]["content"]
+    # Inputs are re-serialised with their keys in the order received.
+    assert '{"name": "ls", "arguments": {"path": ".", "all": true}}' in turns[1]["content"]
+    assert '<tool_response name="ls">\na.py\n[image omitted' in turns[2]["content"]
+    assert '<tool_response name="pwd" is_error="true">\n/x\n' in turns[2]["content"]
+    assert turns[2]["content"].endswith("and now?")
+
+
+def test_tool_history_for_templates_with_tool_support() -> None:
+    turns = to_chat_messages(request(messages=TOOL_ROUND_TRIP), "m", native_tools=True)
+    assert [t["role"] for t in turns] == ["user", "assistant", "tool", "tool", "user"]
+    assert turns[1]["content"] == "Let me look."
+    assert turns[1]["tool_calls"] == [
+        {
+            "id": "toolu_1",
+            "type": "function",
+            "function": {"name": "ls", "arguments": {"path": ".", "all": True}},
+        },
+        {"id": "toolu_2", "type": "function", "function": {"name": "pwd", "arguments": {}}},
+    ]
+    assert turns[2] == {
+        "role": "tool",
+        "tool_call_id": "toolu_1",
+        "name": "ls",
+        "content": "a.py\n[image omitted: this model is text-only]",
+    }
+    assert turns[3]["content"] == "Error: /x"
+    assert turns[4] == {"role": "user", "content": "and now?"}
 
 
 def test_images_are_refused_naming_the_block() -> None:

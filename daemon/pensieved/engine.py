@@ -23,6 +23,7 @@ from typing import Any, cast
 
 from pensieved import cpu
 from pensieved.config import EngineConfig, ModelConfig
+from pensieved.constraints import GrammarCompiler, ThinkingBudget, ToolGrammar, thinking_processor
 from pensieved.errors import Overloaded
 from pensieved.prompt import PromptBuilder
 from pensieved.registry import materialize
@@ -49,6 +50,8 @@ class GenerationRequest:
     stop_sequences: tuple[str, ...] = ()
     # max_tokens was cut to fit the context: running out means the window ended.
     context_limited: bool = False
+    grammar: ToolGrammar | None = None
+    thinking: ThinkingBudget | None = None
 
 
 # Events the engine sends to a request's stream.
@@ -61,6 +64,7 @@ class PromptProgress:
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    output_tokens: int  # generated so far, this delta's included
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,10 @@ class LoadedModel:
     logits_size: int  # the model's output width, which may be padded past it
     dequantized: bool = False
     weight_bytes: int = 0
+    grammars: GrammarCompiler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.grammars = GrammarCompiler(self.tokenizer, self.logits_size)
 
     @property
     def name(self) -> str:
@@ -399,8 +407,18 @@ class Engine:
         # (mlx-lm refuses such values).
         top_k = sampling.top_k if sampling.top_k < runner.loaded.logits_size else 0
         sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=top_k)
+        processors = []
+        if request.thinking is not None:
+            budget = thinking_processor(request.thinking, runner.loaded.tokenizer)
+            if budget is not None:
+                processors.append(budget)
+        if request.grammar is not None:
+            processors.append(runner.loaded.grammars.processor(request.grammar))
         (uid,) = runner.generator.insert(
-            [request.prompt], max_tokens=[request.max_tokens], samplers=[sampler]
+            [request.prompt],
+            max_tokens=[request.max_tokens],
+            samplers=[sampler],
+            logits_processors=[processors],
         )
         tokenizer = runner.loaded.tokenizer
         runner.last_used = time.monotonic()
@@ -463,13 +481,13 @@ class Engine:
         text, matched = job.stops.feed(detokenizer.last_segment)
         if matched is not None:
             if text:
-                job.stream._deliver(TextDelta(text))
+                job.stream._deliver(TextDelta(text, job.output_tokens))
             self._finish(runner, uid, Finished("stop_sequence", matched, job.output_tokens))
             return
         if finish_reason is not None:
             text += job.stops.flush()
         if text:
-            job.stream._deliver(TextDelta(text))
+            job.stream._deliver(TextDelta(text, job.output_tokens))
         if finish_reason is not None:
             if finish_reason == "stop":
                 reason = "end_turn"

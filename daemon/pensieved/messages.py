@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import falcon
 import falcon.asgi
 
 from pensieved import protocol
+from pensieved.constraints import ThinkingBudget, ToolGrammar
+from pensieved.content import ContentAssembler, ThinkingMarkers
 from pensieved.engine import (
     ClientGone,
     Engine,
@@ -19,14 +23,22 @@ from pensieved.engine import (
     GenerationRequest,
     LoadedModel,
     Sampling,
-    TextDelta,
 )
 from pensieved.errors import ApiError, EngineFailure, Overloaded, prompt_too_long
 from pensieved.http import disconnected, json_response, read_body
 from pensieved.prompt import Prompt
-from pensieved.protocol import CountTokensRequest, MessagesRequest, decode_request
+from pensieved.protocol import (
+    CountTokensRequest,
+    MessagesRequest,
+    ThinkingEnabled,
+    ToolChoiceAny,
+    ToolChoiceTool,
+    decode_request,
+)
 from pensieved.registry import ModelRegistry
+from pensieved.reply import Reply, sign_thinking
 from pensieved.sse import message_events
+from pensieved.toolcalls import GENERIC, ToolFormat
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +102,20 @@ class MessagesResource:
             top_p=1.0 if request.top_p is None else request.top_p,
             top_k=request.top_k or 0,
         )
+        plan = await asyncio.to_thread(plan_output, request, prepared)
         generation = GenerationRequest(
             prompt=prepared.prompt.tokens,
             max_tokens=max_tokens,
             sampling=sampling,
             stop_sequences=tuple(request.stop_sequences or ()),
             context_limited=max_tokens < request.max_tokens,
+            grammar=plan.grammar,
+            thinking=plan.thinking,
         )
         message_id = protocol.new_message_id()
         request_id: str = req.context.request_id
         log.info(
-            "%s %s model=%s→%s prompt=%d max_tokens=%d%s",
+            "%s %s model=%s→%s prompt=%d max_tokens=%d%s%s",
             request_id,
             "stream" if request.stream else "create",
             request.model,
@@ -108,15 +123,16 @@ class MessagesResource:
             input_tokens,
             max_tokens,
             f" (asked {request.max_tokens})" if max_tokens != request.max_tokens else "",
+            f" tools={len(plan.tools)}" + (" forced" if plan.forced else "") if plan.tools else "",
         )
         started = time.perf_counter()
         gone = disconnected(req)
-        stream = self._engine.submit(model, generation)
+        reply = Reply(self._engine.submit(model, generation), plan.assembler())
         if request.stream:
             resp.content_type = "text/event-stream"
             resp.set_header("Cache-Control", "no-cache")
             resp.sse = message_events(
-                stream,
+                reply,
                 message_id=message_id,
                 model=model.name,
                 input_tokens=input_tokens,
@@ -126,14 +142,10 @@ class MessagesResource:
             )
             return
         try:
-            parts: list[str] = []
-            while True:
-                event = await stream.next_event(gone)
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
-                elif isinstance(event, Finished):
+            async for event in reply.events(gone):
+                if isinstance(event, Finished):
                     break
-                elif isinstance(event, Failed):
+                if isinstance(event, Failed):
                     if event.error_type == Overloaded.error_type:
                         raise Overloaded(event.message, {"retry-after": "5"})
                     raise EngineFailure(event.message)
@@ -141,8 +153,8 @@ class MessagesResource:
             log.info("%s client disconnected; generation dropped", request_id)
             return
         finally:
-            stream.cancel()
-        text = "".join(parts)
+            reply.stream.cancel()
+        assert isinstance(event, Finished)
         log.info(
             "%s done: %s out=%d in %.2fs",
             request_id,
@@ -150,15 +162,111 @@ class MessagesResource:
             event.output_tokens,
             time.perf_counter() - started,
         )
-        content = [protocol.text_block(text)] if text else []
         json_response(
             resp,
             protocol.message(
                 message_id,
                 model.name,
-                content,
+                reply.assembler.blocks,
                 event.stop_reason,
                 event.stop_sequence,
                 protocol.usage(input_tokens, event.output_tokens),
             ),
         )
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """How a request's output is constrained and read back."""
+
+    tools: list[dict[str, Any]]
+    tool_format: ToolFormat | None
+    forced: bool
+    grammar: ToolGrammar | None
+    thinking: ThinkingBudget | None
+    thinking_markers: ThinkingMarkers | None
+    thinking_open: bool
+    single_call: bool
+
+    def assembler(self) -> ContentAssembler:
+        return ContentAssembler(
+            tool_format=self.tool_format,
+            tools=self.tools,
+            thinking=self.thinking_markers,
+            thinking_open=self.thinking_open,
+            constrained=self.grammar is not None,
+            single_call=self.single_call,
+            signer=sign_thinking,
+        )
+
+
+def _checked_grammar(loaded: LoadedModel, grammar: ToolGrammar) -> ToolGrammar | None:
+    """`grammar` if llguidance can enforce it; else a lenient one; else None (unconstrained)."""
+    try:
+        loaded.grammars.compile(grammar)
+        return grammar
+    except ValueError as exc:
+        if not grammar.lenient:
+            log.info("tool schemas enforced leniently: %s", exc)
+            return _checked_grammar(loaded, replace(grammar, lenient=True))
+        log.warning("tool calls left unconstrained: %s", exc)
+        return None
+
+
+def plan_output(request: MessagesRequest, prepared: PreparedPrompt) -> OutputPlan:
+    """Which tools the output may call, in what format, under which grammar."""
+    prompt = prepared.prompt
+    loaded = prepared.model
+    choice = request.tool_choice
+    tools = prompt.tools
+    forced = isinstance(choice, ToolChoiceAny | ToolChoiceTool)
+    if isinstance(choice, ToolChoiceTool):
+        tools = [t for t in tools if t["function"]["name"] == choice.name]
+    single = bool(getattr(choice, "disable_parallel_tool_use", False))
+    tool_format = prompt.tool_format
+    grammar = None
+    # Text before a lazily constrained call must be free, but llguidance
+    # never lets special tokens through free text, and reasoning models'
+    # markers often are special tokens: those models' optional calls stay
+    # unconstrained (and are parsed whole).
+    lazy = (
+        tool_format is not None
+        and tool_format.json_body
+        and not tool_format.start_in_body
+        and not loaded.builder.has_thinking
+    )
+    if tools and tool_format is not None and (forced or lazy):
+        if forced:
+            # Forced calls are written in the generic format, whatever the
+            # template's own: the grammar guarantees it, so it parses.
+            tool_format = GENERIC
+        grammar = _checked_grammar(
+            loaded,
+            ToolGrammar(
+                tools=tuple(
+                    (t["function"]["name"], json.dumps(t["function"]["parameters"])) for t in tools
+                ),
+                forced=forced,
+                parallel=not single,
+                start=tool_format.start,
+                end=tool_format.end,
+                lenient=not forced,
+            ),
+        )
+    tokenizer = loaded.tokenizer
+    markers = None
+    budget = None
+    if loaded.builder.has_thinking:
+        markers = ThinkingMarkers(tokenizer.think_start, tokenizer.think_end)
+        if isinstance(request.thinking, ThinkingEnabled):
+            budget = ThinkingBudget(request.thinking.budget_tokens, prompt.thinking_open)
+    return OutputPlan(
+        tools=tools,
+        tool_format=tool_format,
+        forced=forced,
+        grammar=grammar,
+        thinking=budget,
+        thinking_markers=markers,
+        thinking_open=prompt.thinking_open,
+        single_call=single and grammar is None,
+    )

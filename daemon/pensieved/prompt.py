@@ -7,57 +7,122 @@ own conventions live.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from pensieved.errors import InvalidRequest
 from pensieved.protocol import (
-    ContentBlock,
     CountTokensRequest,
     DocumentBlock,
     ImageBlock,
-    RedactedThinkingBlock,
     TextBlock,
-    ThinkingBlock,
+    ThinkingAdaptive,
+    ThinkingEnabled,
+    ToolChoiceNone,
     ToolResultBlock,
     ToolUseBlock,
 )
+from pensieved.toolcalls import (
+    GENERIC,
+    ToolFormat,
+    detect_format,
+    generic_call_text,
+    generic_instructions,
+    generic_result_text,
+    openai_tools,
+)
 
-ChatMessage = dict[str, str]
+ChatMessage = dict[str, Any]
+
+IMAGE_PLACEHOLDER = "[image omitted: this model is text-only]"
 
 
-def to_chat_messages(request: CountTokensRequest, model_name: str) -> list[ChatMessage]:
-    """Flatten an Anthropic request into `{"role", "content"}` turns.
+def to_chat_messages(
+    request: CountTokensRequest, model_name: str, *, native_tools: bool = False
+) -> list[ChatMessage]:
+    """Flatten an Anthropic request into chat-template turns.
 
     - `system` (string or text blocks) becomes the leading system turn.
     - consecutive turns of the same role merge, as the API treats them as one.
     - `role: "system"` turns inside `messages` (Claude Code sends them) stay
       where they are, so earlier turns render the same as before.
+    - with `native_tools`, `tool_use` blocks become the assistant turn's
+      `tool_calls` and each `tool_result` a `tool` turn, as chat templates
+      expect; without, both are written in the generic text format.
+    - thinking blocks from earlier turns are dropped: templates that keep
+      reasoning keep only the current turn's.
     """
     turns: list[ChatMessage] = []
     system = _system_text(request.system)
     if system:
         turns.append({"role": "system", "content": system})
+    names = {
+        block.id: block.name
+        for msg in request.messages
+        if isinstance(msg.content, list)
+        for block in msg.content
+        if isinstance(block, ToolUseBlock)
+    }
     for index, msg in enumerate(request.messages):
-        content = msg.content
-        if isinstance(content, str):
-            text = content
-        else:
-            text = "\n".join(
-                part
-                for block_index, block in enumerate(content)
-                if (
-                    part := _block_text(
-                        block, model_name, f"messages.{index}.content.{block_index}"
-                    )
+        blocks = [TextBlock(msg.content)] if isinstance(msg.content, str) else msg.content
+        texts: list[str] = []
+        calls: list[dict[str, Any]] = []
+        for block_index, block in enumerate(blocks):
+            where = f"messages.{index}.content.{block_index}"
+            if isinstance(block, TextBlock):
+                texts.append(block.text)
+            elif isinstance(block, ImageBlock | DocumentBlock):
+                kind = "image" if isinstance(block, ImageBlock) else "document"
+                raise InvalidRequest(
+                    f"{where}: model {model_name!r} is text-only and does not accept {kind} input"
                 )
-            )
-        if turns and turns[-1]["role"] == msg.role:
-            turns[-1]["content"] = _join(turns[-1]["content"], text)
-        else:
-            turns.append({"role": msg.role, "content": text})
+            elif isinstance(block, ToolUseBlock):
+                if native_tools:
+                    calls.append(
+                        {
+                            "id": block.id,
+                            "type": "function",
+                            "function": {"name": block.name, "arguments": block.input},
+                        }
+                    )
+                else:
+                    texts.append(generic_call_text(block.name, block.input))
+            elif isinstance(block, ToolResultBlock):
+                body = _tool_result_body(block)
+                name = names.get(block.tool_use_id, "")
+                if not native_tools:
+                    texts.append(generic_result_text(name, body, block.is_error))
+                    continue
+                if texts:  # text before a result stays before it
+                    _append(turns, {"role": msg.role, "content": "\n".join(texts)})
+                    texts = []
+                content = f"Error: {body}" if block.is_error else body
+                turns.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": block.tool_use_id,
+                        "name": name,
+                        "content": content,
+                    }
+                )
+            # thinking and redacted_thinking: dropped (see above)
+        turn: ChatMessage = {"role": msg.role, "content": "\n".join(t for t in texts if t)}
+        if calls:
+            turn["tool_calls"] = calls
+        if turn["content"] or calls or not turns or turns[-1]["role"] != "tool":
+            _append(turns, turn)
     return turns
+
+
+def _append(turns: list[ChatMessage], turn: ChatMessage) -> None:
+    """Add `turn`, merging it into the previous turn of the same role."""
+    last = turns[-1] if turns else None
+    if last is None or last["role"] != turn["role"] or turn["role"] == "tool":
+        turns.append(turn)
+        return
+    last["content"] = _join(last["content"], turn["content"])
+    if "tool_calls" in turn:
+        last["tool_calls"] = [*last.get("tool_calls", []), *turn["tool_calls"]]
 
 
 def _join(first: str, second: str) -> str:
@@ -72,38 +137,12 @@ def _system_text(system: str | list[TextBlock] | None) -> str:
     return "\n".join(block.text for block in system if block.text)
 
 
-def _block_text(block: ContentBlock, model_name: str, where: str) -> str:
-    if isinstance(block, TextBlock):
-        return block.text
-    if isinstance(block, ImageBlock | DocumentBlock):
-        kind = "image" if isinstance(block, ImageBlock) else "document"
-        raise InvalidRequest(
-            f"{where}: model {model_name!r} is text-only and does not accept {kind} input"
-        )
-    if isinstance(block, ToolUseBlock):
-        # Rendered through the template's tool support by the tool-use layer;
-        # until then, as readable text so the history is not lost.
-        return f"[tool call {block.name} {json.dumps(block.input, ensure_ascii=False)}]"
-    if isinstance(block, ToolResultBlock):
-        return _tool_result_text(block, model_name, where)
-    if isinstance(block, ThinkingBlock | RedactedThinkingBlock):
-        return ""  # earlier reasoning is not replayed to the model
-    raise InvalidRequest(f"{where}: unsupported content block")
-
-
-def _tool_result_text(block: ToolResultBlock, model_name: str, where: str) -> str:
+def _tool_result_body(block: ToolResultBlock) -> str:
     if isinstance(block.content, str):
-        body = block.content
-    else:
-        parts = []
-        for part in block.content:
-            if isinstance(part, TextBlock):
-                parts.append(part.text)
-            else:
-                parts.append("[image omitted: this model is text-only]")
-        body = "\n".join(parts)
-    status = "error" if block.is_error else "result"
-    return f"[tool {status} {block.tool_use_id}]\n{body}"
+        return block.content
+    return "\n".join(
+        part.text if isinstance(part, TextBlock) else IMAGE_PLACEHOLDER for part in block.content
+    )
 
 
 @dataclass(frozen=True)
@@ -111,50 +150,78 @@ class Prompt:
     tokens: list[int]
     # The request ends with an assistant turn: generation continues it.
     continues_assistant: bool
+    # The tools the model was shown (none when tool_choice is "none"), in the
+    # shape the format's parser takes, and the format it writes calls in.
+    tools: list[dict[str, Any]]
+    tool_format: ToolFormat | None
+    # The prompt ends inside an open reasoning section (`<think>`): the
+    # output starts with thinking.
+    thinking_open: bool = False
 
 
 class PromptBuilder:
-    """Renders chat turns with one model's tokenizer and chat template."""
+    """Renders requests with one model's tokenizer and chat template."""
 
     def __init__(self, tokenizer: Any, model_name: str) -> None:
         self._tokenizer = tokenizer
         self._model_name = model_name
+        self.native_format = detect_format(tokenizer)
+        self.has_thinking = bool(getattr(tokenizer, "has_thinking", False))
+
+    def tool_format(self) -> ToolFormat:
+        """How this model writes calls: its template's format, or the generic one."""
+        return self.native_format or GENERIC
 
     def build(self, request: CountTokensRequest) -> Prompt:
-        turns = to_chat_messages(request, self._model_name)
+        native = self.native_format is not None
+        turns = to_chat_messages(request, self._model_name, native_tools=native)
+        shown = [] if isinstance(request.tool_choice, ToolChoiceNone) else (request.tools or [])
+        tools = openai_tools(shown)
+        if shown and not native:
+            instructions = generic_instructions(shown)
+            if turns and turns[0]["role"] == "system":
+                turns[0] = {**turns[0], "content": _join(turns[0]["content"], instructions)}
+            else:
+                turns.insert(0, {"role": "system", "content": instructions})
         continues = turns[-1]["role"] == "assistant"
         if not getattr(self._tokenizer, "has_chat_template", True):
             text = "".join(f"{t['role']}: {t['content']}\n" for t in turns)
             if not continues:
                 text += "assistant: "
             tokens = list(self._tokenizer.encode(text))
-            return Prompt(tokens, continues)
-        tokens = self._render(turns, continues)
-        return Prompt(tokens, continues)
-
-    def _render(self, turns: list[ChatMessage], continues: bool) -> list[int]:
+            return Prompt(tokens, continues, tools, self.tool_format())
         kwargs: dict[str, Any] = {
             "add_generation_prompt": not continues,
             "continue_final_message": continues,
         }
+        if tools and native:
+            kwargs["tools"] = tools
+        if self.has_thinking:
+            thinking = isinstance(request.thinking, ThinkingEnabled | ThinkingAdaptive)
+            kwargs["enable_thinking"] = thinking
+        tokens = self._render(turns, kwargs)
+        return Prompt(tokens, continues, tools, self.tool_format(), self._ends_in_thinking(tokens))
+
+    def _ends_in_thinking(self, tokens: list[int]) -> bool:
+        if not self.has_thinking:
+            return False
+        start = self._tokenizer.rfind_think_start(tokens)
+        # Only a section the generation prompt opened (the last few tokens).
+        return bool(
+            start >= max(0, len(tokens) - 8) and self._tokenizer.rfind_think_end(tokens) < start
+        )
+
+    def _render(self, turns: list[ChatMessage], kwargs: dict[str, Any]) -> list[int]:
         try:
             return list(self._tokenizer.apply_chat_template(turns, **kwargs))
         except Exception:
             # Some templates refuse a system turn anywhere but first; keep the
             # leading one and present later ones as user turns.
-            rewritten = [
-                {"role": "user", "content": t["content"]} if t["role"] == "system" and i > 0 else t
-                for i, t in enumerate(turns)
-            ]
             merged: list[ChatMessage] = []
-            for turn in rewritten:
-                if merged and merged[-1]["role"] == turn["role"]:
-                    merged[-1] = {
-                        "role": turn["role"],
-                        "content": _join(merged[-1]["content"], turn["content"]),
-                    }
-                else:
-                    merged.append(turn)
+            for i, turn in enumerate(turns):
+                if turn["role"] == "system" and i > 0:
+                    turn = {"role": "user", "content": turn["content"]}
+                _append(merged, dict(turn))
             try:
                 return list(self._tokenizer.apply_chat_template(merged, **kwargs))
             except Exception as exc:

@@ -79,6 +79,48 @@ class Tool(msgspec.Struct):
     name: str
     description: str = ""
     input_schema: Any = None
+    # Client tools have no type or "custom"; Anthropic's server tools
+    # (web_search_..., code_execution_...) name theirs and run remotely.
+    type: str | None = None
+    cache_control: Any = None
+
+
+class ToolChoiceAuto(msgspec.Struct, tag="auto", tag_field="type"):
+    disable_parallel_tool_use: bool = False
+
+
+class ToolChoiceAny(msgspec.Struct, tag="any", tag_field="type"):
+    disable_parallel_tool_use: bool = False
+
+
+class ToolChoiceTool(msgspec.Struct, tag="tool", tag_field="type"):
+    name: str
+    disable_parallel_tool_use: bool = False
+
+
+class ToolChoiceNone(msgspec.Struct, tag="none", tag_field="type"):
+    pass
+
+
+ToolChoice = ToolChoiceAuto | ToolChoiceAny | ToolChoiceTool | ToolChoiceNone
+
+
+class ThinkingEnabled(msgspec.Struct, tag="enabled", tag_field="type"):
+    budget_tokens: Annotated[int, msgspec.Meta(ge=1024)]
+
+
+class ThinkingAdaptive(msgspec.Struct, tag="adaptive", tag_field="type"):
+    pass
+
+
+class ThinkingDisabled(msgspec.Struct, tag="disabled", tag_field="type"):
+    pass
+
+
+Thinking = ThinkingEnabled | ThinkingAdaptive | ThinkingDisabled
+
+# Anthropic's rule for client tool names.
+TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
 
 
 class CountTokensRequest(msgspec.Struct):
@@ -86,8 +128,8 @@ class CountTokensRequest(msgspec.Struct):
     messages: list[InputMessage]
     system: str | list[TextBlock] | None = None
     tools: list[Tool] | None = None
-    tool_choice: Any = None
-    thinking: Any = None
+    tool_choice: ToolChoice | None = None
+    thinking: Thinking | None = None
 
 
 class MessagesRequest(CountTokensRequest, kw_only=True):
@@ -123,7 +165,74 @@ def decode_request(body: bytes, kind: type[RequestT]) -> RequestT:
     for i, stop in enumerate(getattr(request, "stop_sequences", None) or []):
         if not stop:
             raise InvalidRequest(f"stop_sequences.{i}: must not be empty")
+    _check_tools(request)
+    _check_tool_results(request)
+    thinking = request.thinking
+    if (
+        isinstance(request, MessagesRequest)
+        and isinstance(thinking, ThinkingEnabled)
+        and thinking.budget_tokens >= request.max_tokens
+    ):
+        raise InvalidRequest(
+            "thinking.budget_tokens: must be less than max_tokens "
+            f"({thinking.budget_tokens} >= {request.max_tokens})"
+        )
     return request
+
+
+def _check_tools(request: CountTokensRequest) -> None:
+    seen: set[str] = set()
+    for i, tool in enumerate(request.tools or []):
+        where = f"tools.{i}"
+        if tool.type not in (None, "custom"):
+            raise InvalidRequest(
+                f"{where}: tool {tool.name!r} has type {tool.type!r}, a server tool that "
+                "runs on Anthropic's side; this server runs client tools only"
+            )
+        if not TOOL_NAME.match(tool.name):
+            raise InvalidRequest(
+                f"{where}.name: tool name {tool.name!r} must match ^[a-zA-Z0-9_-]{{1,128}}$"
+            )
+        if tool.name in seen:
+            raise InvalidRequest(f"{where}.name: tool names must be unique: {tool.name!r}")
+        seen.add(tool.name)
+        schema = tool.input_schema
+        if not isinstance(schema, dict) or schema.get("type") != "object":
+            raise InvalidRequest(
+                f"{where}.input_schema: tool {tool.name!r} needs a JSON schema object "
+                'with "type": "object"'
+            )
+    choice = request.tool_choice
+    if isinstance(choice, ToolChoiceAny | ToolChoiceTool):
+        if not request.tools:
+            raise InvalidRequest(
+                f"tool_choice: type {'any' if isinstance(choice, ToolChoiceAny) else 'tool'!r} "
+                "needs tools"
+            )
+        if isinstance(choice, ToolChoiceTool) and choice.name not in seen:
+            raise InvalidRequest(f"tool_choice.name: no tool named {choice.name!r} in tools")
+        if isinstance(request.thinking, ThinkingEnabled | ThinkingAdaptive):
+            raise InvalidRequest(
+                "tool_choice: thinking may not be enabled when tool_choice forces tool use"
+            )
+
+
+def _check_tool_results(request: CountTokensRequest) -> None:
+    """Each `tool_result` answers a `tool_use` of the assistant turn just before it."""
+    previous_calls: set[str] = set()
+    for index, msg in enumerate(request.messages):
+        blocks = msg.content if isinstance(msg.content, list) else []
+        if msg.role == "user":
+            for block_index, block in enumerate(blocks):
+                if isinstance(block, ToolResultBlock) and block.tool_use_id not in previous_calls:
+                    raise InvalidRequest(
+                        f"messages.{index}.content.{block_index}: unexpected `tool_use_id` "
+                        f"found in `tool_result` blocks: {block.tool_use_id}. Each "
+                        "`tool_result` block must have a corresponding `tool_use` block "
+                        "in the previous message."
+                    )
+        if msg.role != "system":
+            previous_calls = {b.id for b in blocks if isinstance(b, ToolUseBlock)}
 
 
 def _field_message(error: str) -> str:
@@ -181,3 +290,15 @@ def message(
 
 def text_block(text: str) -> dict[str, Any]:
     return {"type": "text", "text": text, "citations": None}
+
+
+def new_tool_use_id() -> str:
+    return f"toolu_{secrets.token_hex(12)}"
+
+
+def tool_use_block(block_id: str, name: str, input_: Any) -> dict[str, Any]:
+    return {"type": "tool_use", "id": block_id, "name": name, "input": input_, "caller": None}
+
+
+def thinking_block(thinking: str, signature: str) -> dict[str, Any]:
+    return {"type": "thinking", "thinking": thinking, "signature": signature}

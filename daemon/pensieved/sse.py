@@ -17,8 +17,9 @@ import msgspec
 from falcon.asgi import SSEvent
 
 from pensieved import protocol
-from pensieved.engine import ClientGone, Failed, Finished, GenerationStream, TextDelta
+from pensieved.engine import ClientGone, Finished
 from pensieved.errors import error_body
+from pensieved.reply import Reply
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ PING = {"type": "ping"}
 
 
 async def message_events(
-    stream: GenerationStream,
+    reply: Reply,
     *,
     message_id: str,
     model: str,
@@ -40,49 +41,21 @@ async def message_events(
     request_id: str,
     gone: asyncio.Event,
 ) -> AsyncIterator[SSEvent]:
-    """Translate engine events into Anthropic SSE events for one message."""
+    """Translate a reply's events into Anthropic SSE events for one message."""
     completed = False
     try:
         start = protocol.message(message_id, model, [], None, None, protocol.usage(input_tokens, 0))
         yield sse_event("message_start", {"type": "message_start", "message": start})
         yield sse_event("ping", PING)
-        block_open = False
-        clock = asyncio.get_running_loop().time
-        # Ping when nothing was written for a whole interval; prefill progress
-        # events write nothing, so they must not reset the clock.
-        last_write = clock()
-        while True:
-            wait = max(0.0, last_write + ping_interval - clock())
-            event = await stream.next_event(gone, timeout=wait)
+        # A ping goes out when nothing was written for a whole interval;
+        # prefill progress writes nothing, so it does not count.
+        async for event in reply.events(gone, idle=ping_interval):
             if event is None:
                 yield sse_event("ping", PING)
-                last_write = clock()
-            elif isinstance(event, TextDelta):
-                last_write = clock()
-                if not block_open:
-                    block_open = True
-                    yield sse_event(
-                        "content_block_start",
-                        {
-                            "type": "content_block_start",
-                            "index": 0,
-                            "content_block": protocol.text_block(""),
-                        },
-                    )
-                yield sse_event(
-                    "content_block_delta",
-                    {
-                        "type": "content_block_delta",
-                        "index": 0,
-                        "delta": {"type": "text_delta", "text": event.text},
-                    },
-                )
+            elif isinstance(event, tuple):
+                yield sse_event(*event)
             elif isinstance(event, Finished):
                 log.info("%s done: %s out=%d", request_id, event.stop_reason, event.output_tokens)
-                if block_open:
-                    yield sse_event(
-                        "content_block_stop", {"type": "content_block_stop", "index": 0}
-                    )
                 yield sse_event(
                     "message_delta",
                     {
@@ -104,15 +77,13 @@ async def message_events(
                 )
                 yield sse_event("message_stop", {"type": "message_stop"})
                 completed = True
-                return
-            elif isinstance(event, Failed):
+            else:
                 yield sse_event("error", error_body(event.error_type, event.message, request_id))
                 completed = True
-                return
     except ClientGone:
         pass  # noticed by our watcher; Falcon may notice first (GeneratorExit)
     finally:
         if not completed:
             log.info("%s client disconnected mid-stream", request_id)
         # Runs however the stream ends: a gone client frees its slot at once.
-        stream.cancel()
+        reply.stream.cancel()

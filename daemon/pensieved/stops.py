@@ -30,7 +30,7 @@ class StopMatcher:
         if first is not None:
             self._pending = ""
             return pending[: first[0]], first[1]
-        hold = self._held_suffix(pending)
+        hold = held_suffix(pending, self._stops)
         self._pending = pending[len(pending) - hold :] if hold else ""
         return pending[: len(pending) - hold], None
 
@@ -39,12 +39,13 @@ class StopMatcher:
         pending, self._pending = self._pending, ""
         return pending
 
-    def _held_suffix(self, text: str) -> int:
-        """Length of the longest suffix of `text` that begins some stop sequence."""
-        longest = 0
-        for stop in self._stops:
-            for size in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest
+
+def held_suffix(text: str, markers: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that begins one of `markers`."""
+    longest = 0
+    for marker in markers:
+        for size in range(min(len(marker) - 1, len(text)), longest, -1):
+            if text.endswith(marker[:size]):
+                longest = size
+                break
+    return longest

@@ -1,0 +1,102 @@
+"""Per-token cost of grammar-constrained tool calls vs free decoding, through the engine.
+
+Same model, same prompt, same greedy settings, one run, Pensieve's own engine
+thread and logits processors. Three ways to decode:
+- free: no grammar (tool_choice absent);
+- lazy: tool_choice `auto` with tools: text is free until a call starts;
+- forced: tool_choice `any`: every token is masked by the tool's JSON schema
+  (a long required string keeps the call going for the whole budget).
+Run: `.venv/bin/python bench/tool_grammar.py [--model builtin:smollm2-135m-instruct]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pensieved import cpu  # noqa: E402
+from pensieved.config import ModelConfig  # noqa: E402
+from pensieved.constraints import ToolGrammar  # noqa: E402
+from pensieved.engine import Engine, Finished, GenerationRequest, Sampling, TextDelta  # noqa: E402
+from pensieved.toolcalls import GENERIC  # noqa: E402
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"command": {"type": "string", "minLength": 2000}},
+    "required": ["command"],
+}
+PROMPT = "Write a shell command that prints a long story about a lighthouse keeper."
+
+
+async def decode_ms(
+    engine: Engine, config: ModelConfig, grammar: ToolGrammar | None, n: int
+) -> float:
+    loaded = await engine.load(config)
+    tokens = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True
+    )
+    request = GenerationRequest(
+        prompt=list(tokens), max_tokens=n, sampling=Sampling(temperature=0.0), grammar=grammar
+    )
+    stream = engine.submit(loaded, request)
+    gone = asyncio.Event()
+    first = last = 0.0
+    count = 0
+    while True:
+        event = await stream.next_event(gone)
+        if isinstance(event, TextDelta):
+            last = time.perf_counter()
+            first = first or last
+            count = event.output_tokens
+        elif isinstance(event, Finished):
+            break
+    if count < 2:
+        raise RuntimeError("too few tokens to time")
+    return (last - first) / (count - 1) * 1000
+
+
+async def run(source: str, n: int, runs: int) -> None:
+    engine = Engine(Path(tempfile.mkdtemp()))
+    engine.start()
+    config = ModelConfig("bench", source)
+    tools = (("Bash", json.dumps(SCHEMA)),)
+    modes = {
+        "free": None,
+        "lazy (auto)": ToolGrammar(tools, False, True, GENERIC.start, GENERIC.end),
+        "forced (any)": ToolGrammar(tools, True, False, GENERIC.start, GENERIC.end),
+    }
+    results: dict[str, list[float]] = {mode: [] for mode in modes}
+    await decode_ms(engine, config, None, 8)  # load and warm up
+    for _ in range(runs):
+        for mode, grammar in modes.items():
+            results[mode].append(await decode_ms(engine, config, grammar, n))
+    engine.stop()
+    base = statistics.median(results["free"])
+    print(f"model {source}, {n} tokens, median of {runs}, OpenBLAS {cpu.openblas_active()}")
+    print(f"{'decoding':<14} {'ms/token':>9} {'vs free':>8}")
+    for mode, times in results.items():
+        ms = statistics.median(times)
+        print(f"{mode:<14} {ms:>9.2f} {ms / base:>7.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    cpu.use_openblas()
+    asyncio.run(run(args.model, args.tokens, args.runs))
+
+
+if __name__ == "__main__":
+    main()
