@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    cpu.use_openblas()
+    cpu.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
     asyncio.run(run(args.model, args.tokens, args.runs))
 
 
