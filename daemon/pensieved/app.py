@@ -21,6 +21,7 @@ from pensieved.errors import ApiError, AuthenticationFailed, error_body, error_t
 from pensieved.guard import HostOriginGuard
 from pensieved.http import json_response
 from pensieved.messages import CountTokensResource, MessagesResource, PromptPreparer
+from pensieved.metrics import Metrics, MetricsMiddleware, MetricsResource
 from pensieved.openapi import DOCUMENT
 from pensieved.registry import ModelRegistry
 
@@ -38,7 +39,7 @@ class RequestIdMiddleware:
 class AuthMiddleware:
     """Token on every route but the connectivity probe and health check."""
 
-    OPEN = frozenset({("HEAD", "/"), ("GET", "/health")})
+    OPEN = frozenset({("HEAD", "/"), ("GET", "/health"), ("GET", "/metrics")})
 
     def __init__(self, token: str) -> None:
         self._token = token.encode()
@@ -99,6 +100,12 @@ def health_report(config: Config, engine: Engine, started: float) -> dict[str, A
             "active": engine.active_requests(),
             "served": engine.requests_served,
             "tokens_per_s_last_minute": round(engine.tokens_per_second(), 2),
+        },
+        "prompt_cache": {
+            "bytes": engine.prefix_cache.nbytes,
+            "budget_bytes": engine.prefix_cache.max_bytes,
+            "entries": len(engine.prefix_cache),
+            "hit_tokens": engine.prefix_cache.hit_tokens,
         },
         "memory": {
             "available_gb": round(vm.available / GB, 3),
@@ -237,8 +244,10 @@ def create_app(
     started = started or time.time()
     config = registry.config
     preparer = PromptPreparer(registry, engine)
+    metrics = Metrics(engine, registry)
     middleware: list[Any] = [
         RequestIdMiddleware(),
+        MetricsMiddleware(metrics),
         HostOriginGuard(config.server.port, config.server.allow_remote),
         AuthMiddleware(token),
     ]
@@ -250,10 +259,11 @@ def create_app(
     models = ModelsResource(registry, engine, started)
     app.add_route("/", RootResource())
     app.add_route("/health", HealthResource(registry, engine, started))
+    app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenApiResource())
     app.add_route("/v1/models", models)
     app.add_route("/v1/models/{model_id}", models, suffix="one")
-    app.add_route("/v1/messages", MessagesResource(preparer, engine, registry))
+    app.add_route("/v1/messages", MessagesResource(preparer, engine, registry, metrics))
     app.add_route("/v1/messages/count_tokens", CountTokensResource(preparer))
     app.add_error_handler(Exception, _handle_unexpected)
     app.add_error_handler(falcon.HTTPError, _handle_http_error)

@@ -48,6 +48,19 @@ class EngineConfig:
     # Quantized models on MLX's CPU backend: "auto" dequantizes to float32
     # when OpenBLAS is active (much faster there), "always", or "never".
     dequantize: str = "auto"
+    # KV caches of earlier requests kept for reuse by prompt prefix, in GB
+    # (0 turns the prefix cache off). Counted on top of the models' weights.
+    prompt_cache_gb: float = 2.0
+    # Sequences decoded together in one batch; more requests wait their turn.
+    max_sequences: int = 8
+    # Requests that may wait for a place in the batch; beyond that, 529.
+    max_queue: int = 32
+    # Prompt tokens prefilled per step: a long prompt's prefill pauses the
+    # other streams' decoding for at most one chunk at a time.
+    prefill_chunk: int = 256
+    # Save each model's most recent prefix-cache entry when the daemon stops
+    # and load it back at start, so the first turn after a restart is warm.
+    persist_prompt_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,9 +154,30 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
     engine_table = _table(data, "engine")
     engine = EngineConfig(
         dequantize=_get(engine_table, "engine.dequantize", str, EngineConfig.dequantize),
+        prompt_cache_gb=float(
+            _get(
+                engine_table,
+                "engine.prompt_cache_gb",
+                (int, float),
+                EngineConfig.prompt_cache_gb,
+            )
+        ),
+        max_sequences=_get(engine_table, "engine.max_sequences", int, EngineConfig.max_sequences),
+        max_queue=_get(engine_table, "engine.max_queue", int, EngineConfig.max_queue),
+        prefill_chunk=_get(engine_table, "engine.prefill_chunk", int, EngineConfig.prefill_chunk),
+        persist_prompt_cache=_get(
+            engine_table, "engine.persist_prompt_cache", bool, EngineConfig.persist_prompt_cache
+        ),
     )
     if engine.dequantize not in DEQUANTIZE_MODES:
         raise ConfigError(f"engine.dequantize: expected one of {', '.join(DEQUANTIZE_MODES)}")
+    if engine.prompt_cache_gb < 0:
+        raise ConfigError("engine.prompt_cache_gb: must be >= 0")
+    for key in ("max_sequences", "prefill_chunk"):
+        if getattr(engine, key) < 1:
+            raise ConfigError(f"engine.{key}: must be >= 1")
+    if engine.max_queue < 0:
+        raise ConfigError("engine.max_queue: must be >= 0")
 
     service_table = _table(data, "service")
     service = ServiceConfig(

@@ -25,14 +25,12 @@ from pensieved import cpu
 from pensieved.config import EngineConfig, ModelConfig
 from pensieved.constraints import GrammarCompiler, ThinkingBudget, ToolGrammar, thinking_processor
 from pensieved.errors import Overloaded
+from pensieved.prefix_cache import PrefixCache
 from pensieved.prompt import PromptBuilder
 from pensieved.registry import materialize
 from pensieved.stops import StopMatcher
 
 log = logging.getLogger(__name__)
-
-# Tokens per prefill chunk: a cancelled request stops within one chunk.
-PREFILL_STEP = 512
 
 
 @dataclass(frozen=True)
@@ -56,6 +54,13 @@ class GenerationRequest:
 
 # Events the engine sends to a request's stream.
 @dataclass(frozen=True)
+class Admitted:
+    """The request joined the batch; this much of its prompt came from the prefix cache."""
+
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
 class PromptProgress:
     processed: int
     total: int
@@ -72,6 +77,8 @@ class Finished:
     stop_reason: str  # end_turn | max_tokens | stop_sequence
     stop_sequence: str | None
     output_tokens: int
+    # Prompt tokens that came from the prefix cache instead of prefill.
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,7 @@ class Failed:
 SHUTTING_DOWN = Failed("the server is shutting down", "overloaded_error")
 
 
-Event = PromptProgress | TextDelta | Finished | Failed
+Event = Admitted | PromptProgress | TextDelta | Finished | Failed
 
 
 class ClientGone(Exception):
@@ -160,6 +167,7 @@ class _Job:
     detokenizer: Any
     stops: StopMatcher
     output_tokens: int = 0
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -189,6 +197,7 @@ class Engine:
         # bytes in flight: written by the engine thread, read by status.
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self.kv_cache_bytes = 0
+        self.prefix_cache = PrefixCache(_gb(self._settings.prompt_cache_gb))
         self._stopping = False
         self._accepting = threading.Lock()
 
@@ -198,8 +207,14 @@ class Engine:
         self._thread.start()
 
     def configure(self, settings: EngineConfig) -> None:
-        """Settings for models loaded from now on."""
+        """Settings for models loaded from now on (the prefix cache's budget at once)."""
         self._settings = settings
+        self.prefix_cache.max_bytes = _gb(settings.prompt_cache_gb)
+        self._put(("call", lambda: self.prefix_cache.shrink(self.prefix_cache.max_bytes)))
+
+    def cached_length(self, model: LoadedModel, tokens: list[int]) -> int:
+        """How many of `tokens` the prefix cache would serve now (for `usage` up front)."""
+        return self.prefix_cache.cached_length(model.config, tokens)
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._accepting:
@@ -274,6 +289,7 @@ class Engine:
             while command is not None:
                 if command[0] == "stop":
                     self._fail_all()
+                    self._save_prefix_caches()
                     self._refuse_pending()
                     return
                 try:
@@ -299,6 +315,7 @@ class Engine:
 
         for config in [c for c in self._retiring if not self._runners[c].jobs]:
             del self._runners[config]
+            self.prefix_cache.drop(config)
             gc.collect()
             mx.clear_cache()
             log.info("unloaded model %s", config.name)
@@ -356,6 +373,8 @@ class Engine:
                 raise
         elif kind == "cancel":
             self._cancel(payload)
+        elif kind == "call":
+            payload()
 
     def _load(self, config: ModelConfig) -> LoadedModel:
         if config in self._runners:
@@ -385,7 +404,11 @@ class Engine:
             dequantized,
             weight_bytes,
         )
-        self._runners[config] = _Runner(loaded, _new_generator(loaded))
+        self._runners[config] = _Runner(loaded, _new_generator(loaded, self._settings))
+        if self._settings.persist_prompt_cache:
+            warm = self.prefix_cache.load(config, self._persisted(config), _identity(loaded, path))
+            if warm:
+                log.info("prefix cache: %d tokens of %s warm from disk", warm, config.name)
         log.info(
             "loaded model %s from %s in %.1fs (context %d tokens)",
             config.name,
@@ -414,23 +437,31 @@ class Engine:
                 processors.append(budget)
         if request.grammar is not None:
             processors.append(runner.loaded.grammars.processor(request.grammar))
+        cache, cached = self.prefix_cache.fetch(runner.loaded.config, request.prompt)
         (uid,) = runner.generator.insert(
-            [request.prompt],
+            [request.prompt[cached:]],
             max_tokens=[request.max_tokens],
+            caches=[cache],
+            all_tokens=[request.prompt[:cached]],
             samplers=[sampler],
             logits_processors=[processors],
         )
         tokenizer = runner.loaded.tokenizer
         runner.last_used = time.monotonic()
         runner.jobs[uid] = _Job(
-            stream, request, tokenizer.detokenizer, StopMatcher(request.stop_sequences)
+            stream,
+            request,
+            tokenizer.detokenizer,
+            StopMatcher(request.stop_sequences),
+            cached_tokens=cached,
         )
+        stream._deliver(Admitted(cached))
 
     def _cancel(self, stream: GenerationStream) -> None:
         for runner in self._runners.values():
             for uid, job in list(runner.jobs.items()):
                 if job.stream is stream:
-                    runner.generator.remove([uid])
+                    self._remove(runner, uid)
                     del runner.jobs[uid]
                     runner.last_used = time.monotonic()
                     log.info("request cancelled after %d tokens", job.output_tokens)
@@ -454,6 +485,11 @@ class Engine:
             self._recent.popleft()
         self.kv_cache_bytes = sum(r.generator.prompt_cache_nbytes for r in self._runners.values())
         for response in generation_responses:
+            if response.prompt_cache is not None:
+                # A finished sequence leaves its prompt and reply for the next turn.
+                self.prefix_cache.store(
+                    runner.loaded.config, list(response.all_tokens), response.prompt_cache
+                )
             job = runner.jobs.get(response.uid)
             if job is None:
                 continue
@@ -482,7 +518,11 @@ class Engine:
         if matched is not None:
             if text:
                 job.stream._deliver(TextDelta(text, job.output_tokens))
-            self._finish(runner, uid, Finished("stop_sequence", matched, job.output_tokens))
+            self._finish(
+                runner,
+                uid,
+                Finished("stop_sequence", matched, job.output_tokens, job.cached_tokens),
+            )
             return
         if finish_reason is not None:
             text += job.stops.flush()
@@ -495,7 +535,7 @@ class Engine:
                 reason = "model_context_window_exceeded"
             else:
                 reason = "max_tokens"
-            self._finish(runner, uid, Finished(reason, None, job.output_tokens))
+            self._finish(runner, uid, Finished(reason, None, job.output_tokens, job.cached_tokens))
 
     def _finish(self, runner: _Runner, uid: int, event: Finished | Failed) -> None:
         runner.last_used = time.monotonic()
@@ -503,9 +543,28 @@ class Engine:
         if job is None:
             return
         # A request that ended by stop sequence or failure is still in the batch.
-        runner.generator.remove([uid])
+        self._remove(runner, uid)
         self.requests_served += 1
         job.stream._deliver(event)
+
+    def _persisted(self, config: ModelConfig) -> Path:
+        return self._models_dir / ".prompt-cache" / f"{config.name}.safetensors"
+
+    def _save_prefix_caches(self) -> None:
+        if not self._settings.persist_prompt_cache:
+            return
+        for config, runner in self._runners.items():
+            try:
+                path = materialize(config, self._models_dir)
+                identity = _identity(runner.loaded, path)
+                self.prefix_cache.save(config, self._persisted(config), identity)
+            except Exception:
+                log.exception("prefix cache: saving %s failed", config.name)
+
+    def _remove(self, runner: _Runner, uid: int) -> None:
+        """Take `uid` out of the batch, keeping what it prefilled in the prefix cache."""
+        for cache, tokens in runner.generator.remove([uid], return_prompt_caches=True).values():
+            self.prefix_cache.store(runner.loaded.config, list(tokens), cache)
 
     def _fail_runner(self, runner: _Runner, message: str) -> None:
         import mlx.core as mx
@@ -518,7 +577,7 @@ class Engine:
             job.stream._deliver(Failed(message))
         runner.jobs.clear()
         # The batch's state is unknown after a failure; start from a clean one.
-        runner.generator = _new_generator(runner.loaded)
+        runner.generator = _new_generator(runner.loaded, self._settings)
 
     def _fail_all(self) -> None:
         for runner in self._runners.values():
@@ -527,13 +586,29 @@ class Engine:
             runner.jobs.clear()
 
 
-def _new_generator(loaded: LoadedModel) -> Any:
+def _identity(loaded: LoadedModel, path: str | Path) -> dict[str, str]:
+    """What a saved KV cache must match to be loaded into a model."""
+    return {
+        "model_path": str(path),
+        "weight_bytes": str(loaded.weight_bytes),
+        "dequantized": str(loaded.dequantized),
+    }
+
+
+def _gb(value: float) -> int:
+    return int(value * 1024**3)
+
+
+def _new_generator(loaded: LoadedModel, settings: EngineConfig) -> Any:
     from mlx_lm.generate import BatchGenerator
 
     return BatchGenerator(
         loaded.model,
         stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)],
-        prefill_step_size=PREFILL_STEP,
+        prefill_step_size=settings.prefill_chunk,
+        # Past these, requests wait in the generator's own queue.
+        completion_batch_size=settings.max_sequences,
+        prefill_batch_size=min(settings.max_sequences, 8),
     )
 
 

@@ -57,6 +57,12 @@ class Overloaded(ApiError):
     error_type = "overloaded_error"
 
 
+class Busy(Overloaded):
+    """Every place in the batch and the queue is taken (Anthropic's 529)."""
+
+    status = 529
+
+
 # Falcon raises its own HTTPErrors for routing problems; map them by status.
 _TYPES_BY_STATUS = {
     cls.status: cls.error_type

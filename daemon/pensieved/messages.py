@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,8 +23,9 @@ from pensieved.engine import (
     LoadedModel,
     Sampling,
 )
-from pensieved.errors import ApiError, EngineFailure, Overloaded, prompt_too_long
+from pensieved.errors import ApiError, Busy, EngineFailure, Overloaded, prompt_too_long
 from pensieved.http import disconnected, json_response, read_body
+from pensieved.metrics import Metrics
 from pensieved.prompt import Prompt
 from pensieved.protocol import (
     CountTokensRequest,
@@ -81,9 +81,16 @@ class CountTokensResource:
 
 
 class MessagesResource:
-    def __init__(self, preparer: PromptPreparer, engine: Engine, registry: ModelRegistry) -> None:
+    def __init__(
+        self,
+        preparer: PromptPreparer,
+        engine: Engine,
+        registry: ModelRegistry,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._preparer = preparer
         self._engine = engine
+        self._metrics = metrics
         self._registry = registry
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
@@ -125,9 +132,24 @@ class MessagesResource:
             f" (asked {request.max_tokens})" if max_tokens != request.max_tokens else "",
             f" tools={len(plan.tools)}" + (" forced" if plan.forced else "") if plan.tools else "",
         )
-        started = time.perf_counter()
+        settings = self._registry.config.engine
+        if self._engine.active_requests() >= settings.max_sequences + settings.max_queue:
+            raise Busy(
+                f"{settings.max_sequences} requests are generating and {settings.max_queue} "
+                "more are waiting; try again shortly",
+                {"retry-after": "2"},
+            )
+        # Known for sure only once the engine takes the request; message_start
+        # carries this estimate, message_delta the real figure.
+        cached = self._engine.cached_length(model, prepared.prompt.tokens)
         gone = disconnected(req)
-        reply = Reply(self._engine.submit(model, generation), plan.assembler())
+        reply = Reply(
+            self._engine.submit(model, generation),
+            plan.assembler(),
+            request_id=request_id,
+            prompt_tokens=input_tokens,
+            metrics=self._metrics,
+        )
         if request.stream:
             resp.content_type = "text/event-stream"
             resp.set_header("Cache-Control", "no-cache")
@@ -136,6 +158,7 @@ class MessagesResource:
                 message_id=message_id,
                 model=model.name,
                 input_tokens=input_tokens,
+                cached_estimate=cached,
                 ping_interval=self._registry.config.server.ping_interval,
                 request_id=request_id,
                 gone=gone,
@@ -155,13 +178,6 @@ class MessagesResource:
         finally:
             reply.stream.cancel()
         assert isinstance(event, Finished)
-        log.info(
-            "%s done: %s out=%d in %.2fs",
-            request_id,
-            event.stop_reason,
-            event.output_tokens,
-            time.perf_counter() - started,
-        )
         json_response(
             resp,
             protocol.message(
@@ -170,7 +186,9 @@ class MessagesResource:
                 reply.assembler.blocks,
                 event.stop_reason,
                 event.stop_sequence,
-                protocol.usage(input_tokens, event.output_tokens),
+                protocol.usage(
+                    input_tokens - event.cached_tokens, event.output_tokens, event.cached_tokens
+                ),
             ),
         )
 

@@ -137,6 +137,18 @@ def build_openapi() -> dict[str, Any]:
                     "responses": {"200": _json("Health", "Status, models and memory")},
                 }
             },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "security": open_route,
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "operationId": "openapi",
@@ -186,7 +198,8 @@ def build_openapi() -> dict[str, Any]:
                                 "text/event-stream": {"schema": {"type": "string"}},
                             },
                         },
-                        **_errors(*PROTECTED_ERRORS),
+                        # 529: every place in the batch and its queue is taken.
+                        **_errors(*PROTECTED_ERRORS, 529),
                     },
                 }
             },

@@ -129,12 +129,22 @@ def _join(first: str, second: str) -> str:
     return f"{first}\n\n{second}" if first and second else first or second
 
 
+# Claude Code's first system block is a billing line whose `cch=` value
+# changes on every request. At the very front of the prompt it would make
+# every turn miss the prefix cache, and it means nothing to a local model.
+BILLING_HEADER = "x-anthropic-billing-header:"
+
+
 def _system_text(system: str | list[TextBlock] | None) -> str:
     if system is None:
         return ""
     if isinstance(system, str):
         return system
-    return "\n".join(block.text for block in system if block.text)
+    return "\n".join(
+        block.text
+        for block in system
+        if block.text and not block.text.lstrip().startswith(BILLING_HEADER)
+    )
 
 
 def _tool_result_body(block: ToolResultBlock) -> str:

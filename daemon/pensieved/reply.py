@@ -13,12 +13,17 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from pensieved.content import BlockEvent, ContentAssembler
-from pensieved.engine import Failed, Finished, GenerationStream, TextDelta
+from pensieved.engine import Admitted, Failed, Finished, GenerationStream, TextDelta
+from pensieved.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 # Thinking signatures let us tell our own reasoning from edited text; the key
 # lives as long as the process, as the reasoning is not replayed anyway.
@@ -31,9 +36,46 @@ def sign_thinking(thinking: str) -> str:
 
 
 class Reply:
-    def __init__(self, stream: GenerationStream, assembler: ContentAssembler) -> None:
+    def __init__(
+        self,
+        stream: GenerationStream,
+        assembler: ContentAssembler,
+        *,
+        request_id: str = "-",
+        prompt_tokens: int = 0,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.stream = stream
         self.assembler = assembler
+        self._request_id = request_id
+        self._prompt_tokens = prompt_tokens
+        self._metrics = metrics
+        self._started = time.perf_counter()
+        self._first_token: float | None = None
+        self._cached = 0
+
+    def _finished(self, event: Finished) -> None:
+        """One log line and the metrics for a finished message."""
+        now = time.perf_counter()
+        ttft = None if self._first_token is None else self._first_token - self._started
+        rate = None
+        if self._first_token is not None and event.output_tokens > 1 and now > self._first_token:
+            rate = (event.output_tokens - 1) / (now - self._first_token)
+        prefilled = self._prompt_tokens - event.cached_tokens
+        log.info(
+            "%s done: %s in=%d cached=%d out=%d ttft=%s rate=%s",
+            self._request_id,
+            event.stop_reason,
+            prefilled,
+            event.cached_tokens,
+            event.output_tokens,
+            "-" if ttft is None else f"{ttft * 1000:.0f}ms",
+            "-" if rate is None else f"{rate:.1f}tok/s",
+        )
+        if self._metrics is not None:
+            self._metrics.observe_reply(
+                prefilled, event.cached_tokens, event.output_tokens, ttft, rate
+            )
 
     async def events(
         self, gone: asyncio.Event, idle: float | None = None
@@ -53,7 +95,11 @@ class Reply:
             if event is None:
                 last = clock()
                 yield None
+            elif isinstance(event, Admitted):
+                self._cached = event.cached_tokens
             elif isinstance(event, TextDelta):
+                if self._first_token is None:
+                    self._first_token = time.perf_counter()
                 for block_event in assembler.feed(event.text):
                     last = clock()
                     yield block_event
@@ -62,7 +108,9 @@ class Reply:
                     self.stream.cancel()
                     for block_event in assembler.finish():
                         yield block_event
-                    yield Finished("tool_use", None, event.output_tokens)
+                    finished = Finished("tool_use", None, event.output_tokens, self._cached)
+                    self._finished(finished)
+                    yield finished
                     return
             elif isinstance(event, Finished):
                 for block_event in assembler.finish():
@@ -70,6 +118,7 @@ class Reply:
                 ended = event.stop_reason == "end_turn"
                 if assembler.calls and ended and not assembler.cut_short:
                     event = replace(event, stop_reason="tool_use")
+                self._finished(event)
                 yield event
                 return
             elif isinstance(event, Failed):

@@ -37,6 +37,7 @@ async def message_events(
     message_id: str,
     model: str,
     input_tokens: int,
+    cached_estimate: int = 0,
     ping_interval: float,
     request_id: str,
     gone: asyncio.Event,
@@ -44,7 +45,8 @@ async def message_events(
     """Translate a reply's events into Anthropic SSE events for one message."""
     completed = False
     try:
-        start = protocol.message(message_id, model, [], None, None, protocol.usage(input_tokens, 0))
+        usage = protocol.usage(input_tokens - cached_estimate, 0, cached_estimate)
+        start = protocol.message(message_id, model, [], None, None, usage)
         yield sse_event("message_start", {"type": "message_start", "message": start})
         yield sse_event("ping", PING)
         # A ping goes out when nothing was written for a whole interval;
@@ -55,7 +57,6 @@ async def message_events(
             elif isinstance(event, tuple):
                 yield sse_event(*event)
             elif isinstance(event, Finished):
-                log.info("%s done: %s out=%d", request_id, event.stop_reason, event.output_tokens)
                 yield sse_event(
                     "message_delta",
                     {
@@ -67,10 +68,10 @@ async def message_events(
                             "container": None,
                         },
                         "usage": {
-                            "input_tokens": input_tokens,
+                            "input_tokens": input_tokens - event.cached_tokens,
                             "output_tokens": event.output_tokens,
                             "cache_creation_input_tokens": 0,
-                            "cache_read_input_tokens": 0,
+                            "cache_read_input_tokens": event.cached_tokens,
                             "server_tool_use": None,
                         },
                     },
