@@ -17,6 +17,7 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -183,6 +184,11 @@ class Engine:
         self.kv_cache_bytes = 0
         self._stopping = False
         self._accepting = threading.Lock()
+        # Called with each request before it is queued; raises to refuse it
+        # (the memory guard's admission by estimate, admission.py).
+        self.admission: (
+            Callable[[LoadedModel, GenerationRequest, GenerationStream], None] | None
+        ) = None
 
     # -- asyncio side -----------------------------------------------------
 
@@ -251,8 +257,14 @@ class Engine:
 
     def submit(self, model: LoadedModel, request: GenerationRequest) -> GenerationStream:
         stream = GenerationStream(self, asyncio.get_running_loop())
+        if self.admission is not None:
+            self.admission(model, request, stream)
         self._put(("submit", (model.config, request, stream)))
         return stream
+
+    def call_soon(self, function: Callable[[], None]) -> None:
+        """Run `function` on the engine thread between steps (MLX calls belong there)."""
+        self._put(("call", function))
 
     # -- engine thread ----------------------------------------------------
 
@@ -267,6 +279,7 @@ class Engine:
                 if command[0] == "stop":
                     self._fail_all()
                     self._refuse_pending()
+                    self._free_models()
                     return
                 try:
                     self._handle(*command)
@@ -348,6 +361,8 @@ class Engine:
                 raise
         elif kind == "cancel":
             self._cancel(payload)
+        elif kind == "call":
+            payload()
 
     def _load(self, config: ModelConfig) -> LoadedModel:
         if config in self._runners:
@@ -501,6 +516,17 @@ class Engine:
         runner.jobs.clear()
         # The batch's state is unknown after a failure; start from a clean one.
         runner.generator = _new_generator(runner.loaded)
+
+    def _free_models(self) -> None:
+        import gc
+
+        import mlx.core as mx
+
+        if self._runners:
+            self._runners.clear()
+            gc.collect()
+            mx.clear_cache()
+            log.info("models freed")
 
     def _fail_all(self) -> None:
         for runner in self._runners.values():
