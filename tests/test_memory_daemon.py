@@ -26,7 +26,15 @@ import tomli_w
 
 from pensieved import control
 from pensieved.memory import GB, Level
-from tests.daemon import Daemon, run_pensievectl, running_daemon, sse_events, start_daemon
+from tests.daemon import (
+    Daemon,
+    free_port,
+    run_pensievectl,
+    run_pensieved,
+    running_daemon,
+    sse_events,
+    start_daemon,
+)
 from tests.test_errors import assert_error
 from tests.test_memory import available_gb, lines
 
@@ -236,13 +244,11 @@ def test_a_daemon_started_below_the_shutdown_line_exits_0_without_loading(
 ) -> None:
     settings = dataclasses.asdict(lines(Level.SHUTDOWN))
     memory = {k: v for k, v in settings.items() if k.endswith("_below_gb")}
-    config = with_memory(tiny_config, tiny_dir, **memory)
+    config = {**with_memory(tiny_config, tiny_dir, **memory), "server": {"port": free_port()}}
     home = tmp_path / "home"
     home.mkdir()
     config_path = home / "config.toml"
     config_path.write_bytes(tomli_w.dumps(config).encode())
-    from tests.daemon import run_pensieved
-
     result = run_pensieved(home, "--config", str(config_path))
     assert result.returncode == 0, result.stderr
     assert "not starting: memory is critically low" in result.stderr
