@@ -63,12 +63,12 @@ def test_bad_commands_get_an_error_answer(tiny_daemon: Daemon) -> None:
     answer = control.call(path, "dance")
     assert answer["ok"] is False and "unknown command 'dance'" in answer["error"]
     with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
         sock.connect(str(path))
         sock.sendall(b"not json\n[1]\n")
-        sock.settimeout(30)
-        # One reader: a second makefile() would miss what the first buffered.
-        reader = sock.makefile()
-        lines = reader.readline(), reader.readline()
+        # One reader: a second makefile() would miss a line the first one buffered.
+        answers = sock.makefile()
+        lines = answers.readline(), answers.readline()
     assert all(json.loads(line)["ok"] is False for line in lines)
 
 

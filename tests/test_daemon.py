@@ -126,7 +126,8 @@ def test_bad_config_exits_1_naming_the_key(tmp_path: Path) -> None:
 def test_sigterm_ends_streams_with_an_error_event_and_exits_0(
     tiny_config: dict, tmp_path: Path
 ) -> None:
-    daemon = start_daemon(tmp_path / "home", tiny_config)
+    # A short drain: the stream outlasts it (test_memory_daemon.py covers the drain).
+    daemon = start_daemon(tmp_path / "home", {**tiny_config, "server": {"drain_seconds": 0.5}})
     try:
         body = {
             "model": "long-x",

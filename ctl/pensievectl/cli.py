@@ -144,6 +144,14 @@ def status(ctx: click.Context, as_json: bool) -> None:
             f"{memory['available_gb']:.1f} GB of {memory['total_gb']:.1f} GB available, "
             f"KV cache {memory['kv_cache_gb'] * 1024:.1f} MB",
         ),
+        (
+            "memory level",
+            f"{memory['level']} ("
+            f"{'accepting' if memory['accepting_requests'] else 'refusing'} requests; "
+            f"warn below {memory['warn_below_gb']:g} GB, reject below "
+            f"{memory['reject_below_gb']:g} GB, shutdown below {memory['shutdown_below_gb']:g} GB"
+            f"; kernel pressure {memory['pressure'] or 'unknown'})",
+        ),
     ]
     for model in report["models"]:
         state = "loaded" if model["loaded"] else "not loaded"

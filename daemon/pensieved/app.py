@@ -15,11 +15,13 @@ import falcon.asgi
 import psutil
 
 from pensieved import __version__, cpu
+from pensieved.admission import AdmissionMiddleware
 from pensieved.config import Config, ModelConfig
 from pensieved.engine import Engine, LoadedModel
 from pensieved.errors import ApiError, AuthenticationFailed, error_body, error_type_for_status
 from pensieved.guard import HostOriginGuard
 from pensieved.http import json_response
+from pensieved.memory import Level, MemoryGuard
 from pensieved.messages import CountTokensResource, MessagesResource, PromptPreparer
 from pensieved.metrics import Metrics, MetricsMiddleware, MetricsResource
 from pensieved.openapi import DOCUMENT
@@ -78,14 +80,21 @@ class OpenApiResource:
         resp.data = self._document
 
 
-def health_report(config: Config, engine: Engine, started: float) -> dict[str, Any]:
+def health_report(
+    config: Config, engine: Engine, started: float, guard: MemoryGuard
+) -> dict[str, Any]:
     """What `/health` and `pensievectl status` show."""
     import mlx.core as mx  # reading allocator counters is not array work
 
     loaded = {m.config: m for m in engine.loaded()}
-    vm = psutil.virtual_memory()
+    if guard.accepting:
+        status = "ok"
+    elif guard.level is Level.REJECT and not guard.draining:
+        status = "overloaded"
+    else:
+        status = "stopping"
     return {
-        "status": "ok",
+        "status": status,
         "version": __version__,
         "pid": os.getpid(),
         "listen": config.base_url,
@@ -108,8 +117,9 @@ def health_report(config: Config, engine: Engine, started: float) -> dict[str, A
             "hit_tokens": engine.prefix_cache.hit_tokens,
         },
         "memory": {
-            "available_gb": round(vm.available / GB, 3),
-            "total_gb": round(vm.total / GB, 3),
+            # level, available_gb, total_gb, pressure, accepting_requests, the lines
+            **guard.report(),
+            "model_gb": round(sum(m.weight_bytes for m in loaded.values()) / GB, 3),
             "rss_gb": round(psutil.Process().memory_info().rss / GB, 3),
             "mlx_active_gb": round(mx.get_active_memory() / GB, 3),
             "mlx_cache_gb": round(mx.get_cache_memory() / GB, 3),
@@ -120,13 +130,17 @@ def health_report(config: Config, engine: Engine, started: float) -> dict[str, A
 
 
 class HealthResource:
-    def __init__(self, registry: ModelRegistry, engine: Engine, started: float) -> None:
+    def __init__(
+        self, registry: ModelRegistry, engine: Engine, started: float, guard: MemoryGuard
+    ) -> None:
         self._registry = registry
         self._engine = engine
         self._started = started
+        self._guard = guard
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        json_response(resp, health_report(self._registry.config, self._engine, self._started))
+        report = health_report(self._registry.config, self._engine, self._started, self._guard)
+        json_response(resp, report)
 
 
 def _model_health(model: ModelConfig, loaded: LoadedModel | None) -> dict[str, Any]:
@@ -239,10 +253,15 @@ async def _handle_unexpected(
 
 
 def create_app(
-    registry: ModelRegistry, engine: Engine, token: str, started: float | None = None
+    registry: ModelRegistry,
+    engine: Engine,
+    token: str,
+    started: float | None = None,
+    guard: MemoryGuard | None = None,
 ) -> falcon.asgi.App[Any, Any]:
     started = started or time.time()
     config = registry.config
+    guard = guard or MemoryGuard(config.memory, engine=engine)
     preparer = PromptPreparer(registry, engine)
     metrics = Metrics(engine, registry)
     middleware: list[Any] = [
@@ -250,6 +269,7 @@ def create_app(
         MetricsMiddleware(metrics),
         HostOriginGuard(config.server.port, config.server.allow_remote),
         AuthMiddleware(token),
+        AdmissionMiddleware(guard),
     ]
     app: falcon.asgi.App[Any, Any] = falcon.asgi.App(
         middleware=middleware,
@@ -258,7 +278,7 @@ def create_app(
     app.req_options.strip_url_path_trailing_slash = True
     models = ModelsResource(registry, engine, started)
     app.add_route("/", RootResource())
-    app.add_route("/health", HealthResource(registry, engine, started))
+    app.add_route("/health", HealthResource(registry, engine, started, guard))
     app.add_route("/metrics", MetricsResource(metrics))
     app.add_route("/openapi.json", OpenApiResource())
     app.add_route("/v1/models", models)

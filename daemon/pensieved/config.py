@@ -38,6 +38,10 @@ class ServerConfig:
     header_timeout: float = 10.0
     # Requests served at once; more wait in the kernel's accept queue.
     max_connections: int = 64
+    # On SIGTERM/SIGINT or `pensievectl stop`: seconds in-flight requests get
+    # to finish before the rest end with an `error` event. Well below the 30 s
+    # launchd (ExitTimeOut) and systemd (TimeoutStopSec) wait before SIGKILL.
+    drain_seconds: float = 10.0
 
 
 DEQUANTIZE_MODES = ("auto", "always", "never")
@@ -64,6 +68,28 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    """The memory guard's lines, in GB of memory the system can still hand out."""
+
+    warn_below_gb: float = 2.0
+    reject_below_gb: float = 1.0
+    shutdown_below_gb: float = 0.5
+    # A level is left only once available memory is this far above its line.
+    hysteresis_gb: float = 0.25
+    # Seconds between memory samples.
+    sample_interval: float = 1.0
+    # Whether the kernel's own pressure level (macOS sysctl, Linux PSI) counts.
+    kernel_pressure: bool = True
+    # The most the daemon itself may hold (resident, MLX included); 0: no budget.
+    budget_gb: float = 0.0
+    # MLX's buffer cache of freed memory kept for reuse (mx.set_cache_limit).
+    cache_limit_gb: float = 1.0
+    # Metal only: the share of the GPU's recommended working set MLX may
+    # keep wired (resident); 0 leaves MLX's default of nothing wired.
+    wired_limit_percent: float = 50.0
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     # systemd's cgroup limits for the Linux unit, e.g. "12G"; None: no limit.
     memory_high: str | None = None
@@ -85,6 +111,7 @@ class ModelConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     models: tuple[ModelConfig, ...] = (
         ModelConfig(DEFAULT_MODEL_NAME, BUILTIN_SOURCE, ("claude-*",), True),
@@ -141,6 +168,9 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
         max_connections=_get(
             server_table, "server.max_connections", int, ServerConfig.max_connections
         ),
+        drain_seconds=float(
+            _get(server_table, "server.drain_seconds", (int, float), ServerConfig.drain_seconds)
+        ),
     )
     if server.header_timeout <= 0:
         raise ConfigError("server.header_timeout: must be > 0")
@@ -150,6 +180,8 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
         raise ConfigError(f"server.port: {server.port} is not a TCP port")
     if server.ping_interval <= 0:
         raise ConfigError("server.ping_interval: must be > 0")
+    if server.drain_seconds < 0:
+        raise ConfigError("server.drain_seconds: must be >= 0")
 
     engine_table = _table(data, "engine")
     engine = EngineConfig(
@@ -178,6 +210,8 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
             raise ConfigError(f"engine.{key}: must be >= 1")
     if engine.max_queue < 0:
         raise ConfigError("engine.max_queue: must be >= 0")
+
+    memory = _memory_config(_table(data, "memory"))
 
     service_table = _table(data, "service")
     service = ServiceConfig(
@@ -218,9 +252,30 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
         )
     if sum(m.default for m in models) > 1:
         raise ConfigError("models: more than one model has default = true")
-    if not models:
-        return Config(server=server, engine=engine, service=service, paths=paths)
-    return Config(server=server, engine=engine, service=service, models=tuple(models), paths=paths)
+    config = Config(server=server, engine=engine, memory=memory, service=service, paths=paths)
+    return dataclasses.replace(config, models=tuple(models)) if models else config
+
+
+def _memory_config(table: dict[str, Any]) -> MemoryConfig:
+    numbers = {
+        f.name: float(_get(table, f"memory.{f.name}", (int, float), f.default))
+        for f in dataclasses.fields(MemoryConfig)
+        if f.type == "float"
+    }
+    memory = MemoryConfig(
+        **numbers,
+        kernel_pressure=_get(table, "memory.kernel_pressure", bool, MemoryConfig.kernel_pressure),
+    )
+    for key, value in numbers.items():
+        if value < 0:
+            raise ConfigError(f"memory.{key}: must be >= 0")
+    if not memory.shutdown_below_gb <= memory.reject_below_gb <= memory.warn_below_gb:
+        raise ConfigError("memory: expected shutdown_below_gb <= reject_below_gb <= warn_below_gb")
+    if memory.sample_interval <= 0:
+        raise ConfigError("memory.sample_interval: must be > 0")
+    if memory.wired_limit_percent > 100:
+        raise ConfigError("memory.wired_limit_percent: must be at most 100")
+    return memory
 
 
 def config_as_toml(config: Config) -> dict[str, Any]:
@@ -236,6 +291,7 @@ def config_as_toml(config: Config) -> dict[str, Any]:
     return {
         "server": table(config.server),
         "engine": table(config.engine),
+        "memory": table(config.memory),
         "service": table(config.service),
         "models": {m.name: table(m, skip=("name",)) for m in config.models},
     }

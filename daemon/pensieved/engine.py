@@ -17,6 +17,7 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -200,6 +201,11 @@ class Engine:
         self.prefix_cache = PrefixCache(_gb(self._settings.prompt_cache_gb))
         self._stopping = False
         self._accepting = threading.Lock()
+        # Called with each request before it is queued; raises to refuse it
+        # (the memory guard's admission by estimate, admission.py).
+        self.admission: (
+            Callable[[LoadedModel, GenerationRequest, GenerationStream], None] | None
+        ) = None
 
     # -- asyncio side -----------------------------------------------------
 
@@ -274,8 +280,14 @@ class Engine:
 
     def submit(self, model: LoadedModel, request: GenerationRequest) -> GenerationStream:
         stream = GenerationStream(self, asyncio.get_running_loop())
+        if self.admission is not None:
+            self.admission(model, request, stream)
         self._put(("submit", (model.config, request, stream)))
         return stream
+
+    def call_soon(self, function: Callable[[], None]) -> None:
+        """Run `function` on the engine thread between steps (MLX calls belong there)."""
+        self._put(("call", function))
 
     # -- engine thread ----------------------------------------------------
 
@@ -291,6 +303,7 @@ class Engine:
                     self._fail_all()
                     self._save_prefix_caches()
                     self._refuse_pending()
+                    self._free_models()
                     return
                 try:
                     self._handle(*command)
@@ -578,6 +591,17 @@ class Engine:
         runner.jobs.clear()
         # The batch's state is unknown after a failure; start from a clean one.
         runner.generator = _new_generator(runner.loaded, self._settings)
+
+    def _free_models(self) -> None:
+        import gc
+
+        import mlx.core as mx
+
+        if self._runners:
+            self._runners.clear()
+            gc.collect()
+            mx.clear_cache()
+            log.info("models freed")
 
     def _fail_all(self) -> None:
         for runner in self._runners.values():

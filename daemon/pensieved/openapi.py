@@ -98,7 +98,39 @@ RESPONSE_SCHEMAS: dict[str, Any] = {
     "Health": {
         "type": "object",
         "required": ["status", "model", "models", "memory"],
-        "properties": {"status": {"type": "string"}, "model": {"type": "string"}},
+        "properties": {
+            "status": {"enum": ["ok", "overloaded", "stopping"]},
+            "model": {"type": "string"},
+            "memory": {"$ref": REF.format(name="Memory")},
+        },
+    },
+    "Memory": {
+        "type": "object",
+        "required": [
+            "level",
+            "available_gb",
+            "pressure",
+            "model_gb",
+            "kv_cache_gb",
+            "accepting_requests",
+        ],
+        "properties": {
+            "level": {"enum": ["normal", "warn", "reject", "shutdown"]},
+            "available_gb": {"type": "number"},
+            "total_gb": {"type": "number"},
+            "pressure": {"enum": ["normal", "warn", "critical", None]},
+            "model_gb": {"type": "number"},
+            "kv_cache_gb": {"type": "number"},
+            "accepting_requests": {"type": "boolean"},
+            "warn_below_gb": {"type": "number"},
+            "reject_below_gb": {"type": "number"},
+            "shutdown_below_gb": {"type": "number"},
+            "budget_gb": {"type": ["number", "null"]},
+            "rss_gb": {"type": "number"},
+            "mlx_active_gb": {"type": "number"},
+            "mlx_cache_gb": {"type": "number"},
+            "mlx_peak_gb": {"type": "number"},
+        },
     },
 }
 

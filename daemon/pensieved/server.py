@@ -9,6 +9,7 @@ engine ends them first: each gets an `error` event instead of a silent cut.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import logging.handlers
@@ -21,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from pensieved import cpu
+from pensieved.admission import Admission
 from pensieved.app import create_app, health_report
 from pensieved.config import Config, ModelConfig, ensure_token
 from pensieved.control import AlreadyRunning, ControlServer
 from pensieved.engine import Engine
 from pensieved.guard import is_loopback
 from pensieved.http import DisconnectWatcher
+from pensieved.memory import Level, MemoryGuard, describe
 from pensieved.notify import sd_notify
 from pensieved.paths import private_dir
 from pensieved.registry import ModelRegistry
@@ -83,9 +86,15 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
     stop_requested = asyncio.Event()
     engine = Engine(config.paths.models_dir, config.engine)
     registry = ModelRegistry(config)
+    guard = MemoryGuard(config.memory, engine=engine)
+    engine.admission = Admission(guard).admit
+    # Under memory pressure the prefix cache gives back half of what it holds.
+    guard.shrink_callbacks.append(
+        lambda: engine.prefix_cache.shrink(engine.prefix_cache.nbytes // 2)
+    )
 
     async def status(_: dict[str, Any]) -> dict[str, Any]:
-        return health_report(registry.config, engine, started_at)
+        return health_report(registry.config, engine, started_at, guard)
 
     async def stop_command(_: dict[str, Any]) -> dict[str, Any]:
         stop_requested.set()
@@ -95,7 +104,7 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
         if reread_config is None:
             raise RuntimeError("this daemon was started without a config to re-read")
         # A broken file raises here, and the config in force stays.
-        return await apply_config(reread_config(), registry, engine)
+        return await apply_config(reread_config(), registry, engine, guard)
 
     def named(request: dict[str, Any]) -> ModelConfig:
         name = request.get("model") or registry.default.name
@@ -118,12 +127,14 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
     except AlreadyRunning as exc:
         raise StartupError(str(exc)) from exc
     try:
-        return await _serve(registry, token, engine, stop_requested, started_at)
+        return await _serve(registry, token, engine, guard, stop_requested, started_at)
     finally:
         await control.close()
 
 
-async def apply_config(new: Config, registry: ModelRegistry, engine: Engine) -> dict[str, Any]:
+async def apply_config(
+    new: Config, registry: ModelRegistry, engine: Engine, guard: MemoryGuard
+) -> dict[str, Any]:
     """Put `new` in force without dropping requests; report what needs a restart.
 
     Requests arriving meanwhile resolve under the new config. A model whose
@@ -146,6 +157,7 @@ async def apply_config(new: Config, registry: ModelRegistry, engine: Engine) -> 
     ]
     registry.apply(new)
     engine.configure(new.engine)
+    guard.configure(new.memory)
     retired = [m.config for m in engine.loaded() if m.config not in new.models]
     for config in retired:
         await engine.unload(config)
@@ -158,10 +170,32 @@ async def apply_config(new: Config, registry: ModelRegistry, engine: Engine) -> 
     }
 
 
+async def drain(engine: Engine, seconds: float, cut: asyncio.Event) -> None:
+    """Give in-flight requests up to `seconds` to finish (less once `cut` is set)."""
+    active = engine.active_requests()
+    if not active or cut.is_set():
+        return
+    log.info("draining: %d request(s) in flight get %gs to finish", active, seconds)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while engine.active_requests() and not cut.is_set():
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(cut.wait(), min(0.05, remaining))
+    left = engine.active_requests()
+    if left:
+        log.info("%d request(s) still running; ending them with an error event", left)
+    else:
+        log.info("drained")
+
+
 async def _serve(
     registry: ModelRegistry,
     token: str,
     engine: Engine,
+    guard: MemoryGuard,
     stop_requested: asyncio.Event,
     started_at: float,
 ) -> int:
@@ -176,16 +210,32 @@ async def _serve(
     if cpu.openblas_active():
         log.info("CPU backend: using the system OpenBLAS")
     engine.start()
-    started = time.perf_counter()
-    # Warm before the first request: load the default model now.
-    try:
-        await engine.load(config.default_model)
-    except Exception as exc:
+    guard.apply_mlx_limits()
+    # Read memory before the model takes its share.
+    level = guard.sample()
+    if level is Level.SHUTDOWN:
         engine.stop()
-        raise StartupError(f"model {config.default_model.name!r} failed to load: {exc}") from exc
-    log.info("model warm in %.1fs", time.perf_counter() - started)
+        # Exit 0: launchd and systemd would restart a failure straight back into it.
+        assert guard.reading is not None
+        log.warning(
+            "not starting: memory is critically low: %s", describe(guard.reading, guard.settings)
+        )
+        return 0
+    if level is Level.REJECT:
+        log.warning("memory is low; the model loads with the first request memory allows")
+    else:
+        started = time.perf_counter()
+        # Warm before the first request: load the default model now.
+        try:
+            await engine.load(config.default_model)
+        except Exception as exc:
+            engine.stop()
+            raise StartupError(
+                f"model {config.default_model.name!r} failed to load: {exc}"
+            ) from exc
+        log.info("model warm in %.1fs", time.perf_counter() - started)
 
-    app = create_app(registry, engine, token, started_at)
+    app = create_app(registry, engine, token, started_at, guard)
     server = Server(
         DisconnectWatcher(app),
         address=host,
@@ -199,17 +249,25 @@ async def _serve(
     )
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
+    cut_drain = asyncio.Event()
     stop_tasks: set[asyncio.Task[None]] = set()
 
-    def request_stop(reason: str) -> None:
+    def request_stop(reason: str, drain_first: bool = True) -> None:
         if stopping.is_set():
+            # A second signal, or memory running out while draining: end now.
+            log.info("%s; ending in-flight requests now", reason)
+            cut_drain.set()
             return
-        log.info("%s; stopping", reason)
+        log.log(logging.INFO if drain_first else logging.WARNING, "%s; stopping", reason)
         stopping.set()
+        guard.draining = True  # new requests get 503 from here on
         sd_notify("STOPPING=1")
+        if not drain_first:
+            cut_drain.set()
 
         async def stop() -> None:
-            # End in-flight streams with an error event, then stop listening.
+            await drain(engine, registry.config.server.drain_seconds, cut_drain)
+            # End in-flight streams with an error event, free the model, stop listening.
             await asyncio.to_thread(engine.stop)
             await asyncio.sleep(0.2)
             server.stop()  # type: ignore[no-untyped-call]
@@ -218,6 +276,8 @@ async def _serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, request_stop, f"received {signum.name}")
+    guard.on_shutdown = lambda reason: request_stop(reason, drain_first=False)
+    guard.start()
 
     async def stop_on_request() -> None:
         await stop_requested.wait()
@@ -257,6 +317,7 @@ async def _serve(
         ready.cancel()
         stop_watch.cancel()
         idle_watch.cancel()
+        await guard.stop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         engine.stop()

@@ -1,0 +1,259 @@
+"""Admission: refuse work before it starts, instead of finding out halfway.
+
+Two checks, both cheap enough for every request (`bench/admission.py`):
+
+- `AdmissionMiddleware`: at the reject or shutdown level (or while
+  draining), new `/v1/messages` requests get 503 before their body is read or
+  a model loaded.
+- `Admission.admit`: just before prefill, the request's peak memory is
+  estimated (KV cache for prompt + allowed output, plus activations) and it is
+  refused with 503 if it would take available memory below the reject line,
+  or the daemon past `[memory] budget_gb`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, cast
+
+import falcon
+import falcon.asgi
+
+from pensieved.config import EngineConfig, ModelConfig
+from pensieved.engine import GenerationRequest, GenerationStream, LoadedModel
+from pensieved.errors import Overloaded
+from pensieved.memory import GB, RETRY_AFTER_LOW_MEMORY, MemoryGuard
+
+log = logging.getLogger(__name__)
+
+# mlx-lm's KV caches grow in steps of this many tokens.
+KV_STEP = 256
+# For a model whose config does not say how big its KV cache is: more per
+# token than any common model needs (a 70B llama in float16 needs 320 KB).
+FALLBACK_KV_BYTES_PER_TOKEN = 1024 * 1024
+# Activations are computed in float32 at worst.
+ACTIVATION_BYTES = 4
+# Decoding keeps the logits, the log-probabilities and the sampler's
+# working copies of one row of vocabulary-sized floats per sequence.
+LOGIT_COPIES = 8
+
+ROUTES = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about a model."""
+
+    kv_bytes_per_token: int
+    attention_heads: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    exact: bool = True  # False when the config lacked fields and fallbacks were used
+
+
+def _first(args: dict[str, Any], *names: str) -> int | None:
+    for name in names:
+        value = args.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def model_shape(model: Any) -> ModelShape:
+    """The shape of an mlx-lm model, from its config (`model.args`) and weights.
+
+    KV bytes per token = layers × KV heads × head dim × 2 (keys and values) ×
+    bytes per activation. A missing KV head count means every attention head
+    keeps its own (the larger figure); a config without layers, heads or head
+    size gets `FALLBACK_KV_BYTES_PER_TOKEN`.
+    """
+    from mlx.utils import tree_flatten
+
+    raw = getattr(model, "args", None)
+    args: dict[str, Any] = dict(vars(raw)) if raw is not None else {}
+    if isinstance(args.get("text_config"), dict):  # multimodal wrappers
+        args = {**args["text_config"], **args}
+    layers = _first(args, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    if layers is None and isinstance(getattr(model, "layers", None), list):
+        layers = len(model.layers) or None
+    hidden = _first(args, "hidden_size", "n_embd", "d_model", "dim")
+    heads = _first(args, "num_attention_heads", "n_head", "n_heads")
+    kv_heads = _first(args, "num_key_value_heads", "n_kv_heads", "num_kv_heads") or heads
+    head_dim = _first(args, "head_dim") or (hidden // heads if hidden and heads else None)
+    # Keys and values come out in the activations' dtype: the widest float weight.
+    parameters = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
+    widths = [int(v.itemsize) for _, v in parameters if "float" in str(v.dtype)]
+    dtype_bytes = max(widths, default=ACTIVATION_BYTES)
+    exact = None not in (layers, kv_heads, head_dim)
+    if layers and kv_heads and head_dim:
+        per_token = layers * kv_heads * head_dim * 2 * dtype_bytes
+    else:
+        per_token = FALLBACK_KV_BYTES_PER_TOKEN
+    hidden = hidden or 8192
+    return ModelShape(
+        kv_bytes_per_token=per_token,
+        attention_heads=heads or 64,
+        hidden_size=hidden,
+        intermediate_size=_first(args, "intermediate_size", "ffn_dim", "n_inner") or 4 * hidden,
+        vocab_size=_first(args, "vocab_size") or 256_000,
+        exact=exact,
+    )
+
+
+def kv_bytes(shape: ModelShape, sequences: int, tokens: int) -> int:
+    """Peak KV bytes of a batch of `sequences` padded to `tokens` each.
+
+    mlx-lm grows a cache by concatenating a new step onto the old one, and
+    the old copy lives until the new one exists: twice the final size at peak.
+    """
+    steps = -(-tokens // KV_STEP)
+    return 2 * sequences * steps * KV_STEP * shape.kv_bytes_per_token
+
+
+def activation_bytes(
+    shape: ModelShape, prompt_tokens: int, prefill_chunk: int = EngineConfig.prefill_chunk
+) -> int:
+    """Peak activations: the last prefill chunk, then one decode step.
+
+    Attention scores of a chunk against the whole prompt (the CPU backend
+    materializes them; Metal's fused kernel needs less, so this errs high),
+    the chunk's hidden and MLP states, and the logits of a decode step.
+    """
+    chunk = min(max(prompt_tokens, 1), prefill_chunk)
+    scores = shape.attention_heads * chunk * (prompt_tokens + 1)
+    states = chunk * (4 * shape.hidden_size + 3 * shape.intermediate_size)
+    logits = LOGIT_COPIES * shape.vocab_size
+    return (scores + states + logits) * ACTIVATION_BYTES
+
+
+def estimate_bytes(shape: ModelShape, prompt_tokens: int, max_tokens: int) -> int:
+    """The peak memory one request alone needs."""
+    return kv_bytes(shape, 1, prompt_tokens + max_tokens) + activation_bytes(shape, prompt_tokens)
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    stream: GenerationStream
+    model: ModelConfig
+    shape: ModelShape
+    tokens: int  # prompt + allowed output
+    activations: int
+
+
+class Admission:
+    """The estimate check before prefill, with a ledger of what admitted requests will need."""
+
+    def __init__(self, guard: MemoryGuard, prefill_chunk: int = EngineConfig.prefill_chunk) -> None:
+        self._guard = guard
+        # The engine's prefill chunk (`[engine] prefill_chunk`; reload updates it).
+        self.prefill_chunk = prefill_chunk
+        self._shapes: dict[ModelConfig, ModelShape] = {}
+        self._admitted: list[_Admitted] = []
+
+    def admit(
+        self, model: LoadedModel, request: GenerationRequest, stream: GenerationStream
+    ) -> None:
+        """Let `request` start, or raise `Overloaded` (503). The engine calls this."""
+        shape = self._shapes.get(model.config)
+        if shape is None:
+            shape = self._shapes[model.config] = model_shape(model.model)
+            if not shape.exact:
+                log.warning(
+                    "model %s: its config does not say how big its KV cache is; "
+                    "assuming %d KB per token",
+                    model.name,
+                    shape.kv_bytes_per_token // 1024,
+                )
+        self.check(model.config, shape, len(request.prompt), request.max_tokens, stream)
+
+    def in_flight(self) -> int:
+        self._forget_finished()
+        return len(self._admitted)
+
+    def check(
+        self,
+        model: ModelConfig,
+        shape: ModelShape,
+        prompt_tokens: int,
+        max_tokens: int,
+        stream: GenerationStream,
+    ) -> None:
+        guard = self._guard
+        if guard.reading is None:
+            guard.sample()  # a guard that was never started (the app alone, in tests)
+        refusal = guard.refusal()
+        if refusal is not None:
+            raise refusal
+        reading = guard.reading
+        assert reading is not None
+        self._forget_finished()
+        new = _Admitted(
+            stream,
+            model,
+            shape,
+            prompt_tokens + max_tokens,
+            activation_bytes(shape, prompt_tokens, self.prefill_chunk),
+        )
+        before = self._projected(self._admitted)
+        after = self._projected([*self._admitted, new])
+        # The engine's KV at the time of the reading is already out of
+        # `available`; what admitted requests have yet to grow is not.
+        still_to_come = max(0, after - guard.kv_at_reading)
+        settings = guard.settings
+        left = reading.available - still_to_come
+        own = after - before
+        if left < settings.reject_below_gb * GB:
+            raise Overloaded(
+                f"not enough memory for this request: it needs about {own / GB:.2f} GB "
+                f"({prompt_tokens} prompt + {max_tokens} output tokens), which would leave "
+                f"{max(left, 0) / GB:.2f} GB available, below the "
+                f"{settings.reject_below_gb:g} GB reject line; retry later or ask for "
+                "fewer max_tokens",
+                {"retry-after": RETRY_AFTER_LOW_MEMORY},
+            )
+        if (
+            settings.budget_gb > 0
+            and reading.daemon_bytes + still_to_come > settings.budget_gb * GB
+        ):
+            raise Overloaded(
+                f"not enough memory for this request: it needs about {own / GB:.2f} GB "
+                f"({prompt_tokens} prompt + {max_tokens} output tokens), which would take "
+                f"the daemon to {(reading.daemon_bytes + still_to_come) / GB:.2f} GB, past "
+                f"its {settings.budget_gb:g} GB budget; retry later or ask for fewer "
+                "max_tokens",
+                {"retry-after": RETRY_AFTER_LOW_MEMORY},
+            )
+        self._admitted.append(new)
+
+    def _forget_finished(self) -> None:
+        self._admitted = [
+            a for a in self._admitted if not (a.stream.done or a.stream.cancelled.is_set())
+        ]
+
+    @staticmethod
+    def _projected(admitted: list[_Admitted]) -> int:
+        """Peak bytes of these requests together: each model's batch pads to its longest."""
+        by_model: dict[ModelConfig, list[_Admitted]] = {}
+        for a in admitted:
+            by_model.setdefault(a.model, []).append(a)
+        total = 0
+        for batch in by_model.values():
+            longest = max(a.tokens for a in batch)
+            total += kv_bytes(batch[0].shape, len(batch), longest)
+            total += sum(a.activations for a in batch)
+        return total
+
+
+class AdmissionMiddleware:
+    """New work is refused at the reject and shutdown levels and while draining."""
+
+    def __init__(self, guard: MemoryGuard) -> None:
+        self._guard = guard
+
+    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        if req.method == "POST" and req.path.rstrip("/") in ROUTES:
+            refusal = self._guard.refusal()
+            if refusal is not None:
+                raise refusal

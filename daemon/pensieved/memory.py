@@ -1,0 +1,375 @@
+"""The memory guard: how much memory is left, which level that is, and what each level does.
+
+A background task samples a `MemoryProbe` every `[memory] sample_interval`
+seconds; the request path only reads the level it left behind. Levels:
+
+- normal: serve.
+- warn: log once, shrink caches (`shrink_callbacks`, then MLX's buffer
+  cache), keep serving.
+- reject: new requests get 503 `overloaded_error`; in-flight ones go on.
+- shutdown: stop accepting, end in-flight streams with an `error` event,
+  free the model, exit 0 (launchd does not restart a clean exit straight
+  back into the same pressure).
+
+Levels are entered as soon as available memory falls below a line and left
+only once it is `hysteresis_gb` above it, so a reading that hovers at a line
+does not flap. The kernel's own pressure verdict (macOS
+`kern.memorystatus_vm_pressure_level`, Linux PSI) raises the level too:
+critical counts as reject, warn as warn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import psutil
+
+from pensieved.config import MemoryConfig
+from pensieved.errors import Overloaded
+
+if TYPE_CHECKING:
+    from pensieved.engine import Engine
+
+log = logging.getLogger(__name__)
+
+GB = 1024**3
+
+# Seconds a refused client is told to wait (`retry-after`).
+RETRY_AFTER_LOW_MEMORY = "10"
+RETRY_AFTER_SHUTTING_DOWN = "5"
+
+
+class Level(enum.IntEnum):
+    NORMAL = 0
+    WARN = 1
+    REJECT = 2
+    SHUTDOWN = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    available: int  # bytes the system can still hand out without swapping
+    total: int
+    pressure: str | None  # the kernel's verdict: normal | warn | critical; None: no signal
+    resident: int  # this process
+    mlx_active: int
+    mlx_cache: int
+    mlx_peak: int
+
+    @property
+    def daemon_bytes(self) -> int:
+        """What the daemon holds. Metal buffers may not show in RSS, so take the larger."""
+        return max(self.resident, self.mlx_active + self.mlx_cache)
+
+
+class Probe(Protocol):
+    """Where readings come from: the seam tests use to script pressure and hysteresis."""
+
+    def read(self) -> MemoryReading: ...
+
+
+Runner = Callable[[Sequence[str]], str]
+
+
+def run_command(argv: Sequence[str]) -> str:
+    return subprocess.run(
+        list(argv), capture_output=True, text=True, timeout=2.0, check=True
+    ).stdout
+
+
+# kern.memorystatus_vm_pressure_level, from xnu's kern_memorystatus.h.
+MACOS_PRESSURE = {1: "normal", 2: "warn", 4: "critical"}
+PSI_PATH = Path("/proc/pressure/memory")
+# Linux PSI, as a percentage of the last 10 s: "some" is time in which at
+# least one task stalled on memory (reclaim, swap-in), "full" time in which
+# all of them did. Thrashing shows as sustained "full" stalls.
+PSI_WARN_SOME_AVG10 = 10.0
+PSI_CRITICAL_FULL_AVG10 = 10.0
+
+
+def parse_psi(text: str) -> str:
+    """The pressure verdict for the contents of /proc/pressure/memory."""
+    avg10: dict[str, float] = {}
+    for line in text.splitlines():
+        kind, _, fields = line.partition(" ")
+        for field in fields.split():
+            name, _, value = field.partition("=")
+            if name == "avg10":
+                avg10[kind] = float(value)
+    if avg10.get("full", 0.0) >= PSI_CRITICAL_FULL_AVG10:
+        return "critical"
+    if avg10.get("some", 0.0) >= PSI_WARN_SOME_AVG10:
+        return "warn"
+    return "normal"
+
+
+class MemoryProbe:
+    """Real readings: psutil, the kernel's pressure level, and MLX's allocator counters."""
+
+    def __init__(
+        self,
+        *,
+        platform: str = sys.platform,
+        runner: Runner = run_command,
+        psi_path: Path = PSI_PATH,
+    ) -> None:
+        self._platform = platform
+        self._runner = runner
+        self._psi_path = psi_path
+        self._process = psutil.Process()
+        self._pressure_failed = False
+
+    def read(self) -> MemoryReading:
+        import mlx.core as mx  # allocator counters only: no array work
+
+        vm = psutil.virtual_memory()
+        return MemoryReading(
+            available=int(vm.available),
+            total=int(vm.total),
+            pressure=self.pressure(),
+            resident=int(self._process.memory_info().rss),
+            mlx_active=int(mx.get_active_memory()),
+            mlx_cache=int(mx.get_cache_memory()),
+            mlx_peak=int(mx.get_peak_memory()),
+        )
+
+    def pressure(self) -> str | None:
+        try:
+            if self._platform == "darwin":
+                # psutil's `available` (free + inactive) overstates what macOS
+                # can give; its pressure level is the better first signal.
+                value = int(self._runner(["sysctl", "-n", "kern.memorystatus_vm_pressure_level"]))
+                return MACOS_PRESSURE.get(value, "critical" if value > 4 else "normal")
+            if self._platform == "linux" and self._psi_path.exists():
+                return parse_psi(self._psi_path.read_text())
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            if not self._pressure_failed:
+                log.warning("cannot read the kernel's memory pressure: %s", exc)
+                self._pressure_failed = True
+        return None
+
+
+def classify(reading: MemoryReading, current: Level, settings: MemoryConfig) -> Level:
+    """The level for `reading`, given the level in force (for hysteresis)."""
+    by_memory = Level.NORMAL
+    for level, line_gb in (
+        (Level.SHUTDOWN, settings.shutdown_below_gb),
+        (Level.REJECT, settings.reject_below_gb),
+        (Level.WARN, settings.warn_below_gb),
+    ):
+        # Staying at a level (or above it) takes climbing past line + margin.
+        margin = settings.hysteresis_gb if current >= level else 0.0
+        if line_gb > 0 and reading.available < (line_gb + margin) * GB:
+            by_memory = level
+            break
+    by_kernel = Level.NORMAL
+    if settings.kernel_pressure:
+        by_kernel = {"critical": Level.REJECT, "warn": Level.WARN}.get(
+            reading.pressure or "", Level.NORMAL
+        )
+    return max(by_memory, by_kernel)
+
+
+def describe(reading: MemoryReading, settings: MemoryConfig) -> str:
+    """The figures every level change is logged with."""
+    return (
+        f"{reading.available / GB:.2f} GB of {reading.total / GB:.2f} GB available "
+        f"(warn below {settings.warn_below_gb:g}, reject below {settings.reject_below_gb:g}, "
+        f"shutdown below {settings.shutdown_below_gb:g}), "
+        f"kernel pressure {reading.pressure or 'unknown'}, "
+        f"daemon {reading.resident / GB:.2f} GB resident, "
+        f"MLX {reading.mlx_active / GB:.2f} GB active + {reading.mlx_cache / GB:.2f} GB cache"
+    )
+
+
+def _run_here(function: Callable[[], None]) -> None:
+    function()
+
+
+class MemoryGuard:
+    """Holds the memory level; refuses new work at reject, and calls for shutdown below that.
+
+    With an `engine`, MLX calls (clearing its cache, setting limits) run on the
+    engine thread, where MLX work belongs. `on_shutdown` is called once, with
+    the reason, when the shutdown level is reached.
+    """
+
+    def __init__(
+        self,
+        settings: MemoryConfig,
+        probe: Probe | None = None,
+        *,
+        engine: Engine | None = None,
+        on_shutdown: Callable[[str], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._probe: Probe = probe or MemoryProbe()
+        self._engine = engine
+        self._run_on_engine: Callable[[Callable[[], None]], None] = (
+            engine.call_soon if engine is not None else _run_here
+        )
+        self.on_shutdown = on_shutdown
+        self.level = Level.NORMAL
+        self.reading: MemoryReading | None = None
+        # KV bytes the engine held when `reading` was taken (admission's ledger).
+        self.kv_at_reading = 0
+        self.draining = False
+        # The "shrink caches" hook: each runs on the engine thread whenever the
+        # level gets worse, before MLX's buffer cache is cleared. The prompt
+        # cache registers its trim here.
+        self.shrink_callbacks: list[Callable[[], None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._read_failed = False
+
+    @property
+    def settings(self) -> MemoryConfig:
+        return self._settings
+
+    @property
+    def accepting(self) -> bool:
+        return self.level < Level.REJECT and not self.draining
+
+    # -- sampling -----------------------------------------------------------
+
+    def sample(self) -> Level:
+        """Take one reading now and act on it."""
+        return self.observe(self._probe.read())
+
+    def observe(self, reading: MemoryReading) -> Level:
+        """Act on `reading`: change level, log it, release memory, or call for shutdown."""
+        self.reading = reading
+        self.kv_at_reading = self._engine.kv_cache_bytes if self._engine is not None else 0
+        if self.level is Level.SHUTDOWN:
+            return self.level  # the way down is one way
+        new = classify(reading, self.level, self._settings)
+        if new == self.level:
+            return new
+        old, self.level = self.level, new
+        figures = describe(reading, self._settings)
+        if new > old:
+            log.warning("memory level %s → %s: %s", old.label, new.label, figures)
+            self.release_memory()
+        else:
+            log.info("memory level %s → %s: %s", old.label, new.label, figures)
+        if new is Level.SHUTDOWN:
+            reason = f"memory is critically low ({reading.available / GB:.2f} GB available)"
+            if self.on_shutdown is not None:
+                self.on_shutdown(reason)
+        return new
+
+    def release_memory(self) -> None:
+        """Shrink caches, then hand MLX's buffer cache back to the system."""
+
+        def clear_mlx_cache() -> None:
+            import mlx.core as mx
+
+            mx.clear_cache()
+
+        for function in [*self.shrink_callbacks, clear_mlx_cache]:
+            try:
+                self._run_on_engine(function)
+            except Overloaded:
+                return  # the engine is stopping: everything is being freed anyway
+
+    def configure(self, settings: MemoryConfig) -> None:
+        """New lines (from `reload`): applied to the last reading at once."""
+        self._settings = settings
+        self.apply_mlx_limits()
+        if self.reading is not None:
+            self.observe(self.reading)
+
+    def apply_mlx_limits(self) -> None:
+        settings = self._settings
+
+        def apply() -> None:
+            import mlx.core as mx
+
+            mx.set_cache_limit(int(settings.cache_limit_gb * GB))
+            if mx.metal.is_available() and settings.wired_limit_percent > 0:
+                info: dict[str, Any] = mx.device_info()
+                working_set = int(info.get("max_recommended_working_set_size", 0))
+                if working_set:
+                    mx.set_wired_limit(int(working_set * settings.wired_limit_percent / 100))
+
+        with contextlib.suppress(Overloaded):  # stopping: nothing left to limit
+            self._run_on_engine(apply)
+
+    def start(self) -> Level:
+        """Take the first reading, then keep sampling in the background."""
+        level = self.sample()
+        assert self.reading is not None
+        log.info("memory level %s: %s", level.label, describe(self.reading, self._settings))
+        self._task = asyncio.get_running_loop().create_task(self._sample_forever())
+        return level
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _sample_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.sample_interval)
+            try:
+                # sysctl is a subprocess on macOS: keep it off the event loop.
+                reading = await asyncio.to_thread(self._probe.read)
+            except Exception:
+                if not self._read_failed:
+                    log.exception("reading memory failed; keeping the last level")
+                    self._read_failed = True
+                continue
+            self.observe(reading)
+
+    # -- the request path ---------------------------------------------------
+
+    def refusal(self) -> Overloaded | None:
+        """Why a new request must be refused now, or None. Reads state only."""
+        if self.draining or self.level is Level.SHUTDOWN:
+            return Overloaded(
+                "the server is shutting down", {"retry-after": RETRY_AFTER_SHUTTING_DOWN}
+            )
+        if self.level is Level.REJECT:
+            reading = self.reading
+            assert reading is not None  # no level but normal without one
+            settings = self._settings
+            if settings.kernel_pressure and reading.pressure == "critical":
+                why = "the kernel reports critical memory pressure"
+            else:
+                why = (
+                    f"{reading.available / GB:.2f} GB available; new requests are accepted "
+                    f"again above {settings.reject_below_gb + settings.hysteresis_gb:g} GB"
+                )
+            return Overloaded(
+                f"the server is low on memory ({why}); retry later",
+                {"retry-after": RETRY_AFTER_LOW_MEMORY},
+            )
+        return None
+
+    def report(self) -> dict[str, Any]:
+        """The level and figures for /health and `pensievectl status`."""
+        reading = self.reading or self._probe.read()
+        settings = self._settings
+        return {
+            "level": self.level.label,
+            "available_gb": round(reading.available / GB, 3),
+            "total_gb": round(reading.total / GB, 3),
+            "pressure": reading.pressure,
+            "accepting_requests": self.accepting,
+            "warn_below_gb": settings.warn_below_gb,
+            "reject_below_gb": settings.reject_below_gb,
+            "shutdown_below_gb": settings.shutdown_below_gb,
+            "budget_gb": settings.budget_gb or None,
+        }
