@@ -28,6 +28,7 @@ def build_tiny_model(
     out_of_vocab_head: bool = False,
     chat_template: str | None = None,
     thinking: bool = False,
+    hidden_size: int = 64,
 ) -> Path:
     """Write a 2-layer random llama to `dest`.
 
@@ -44,9 +45,9 @@ def build_tiny_model(
     dest.mkdir(parents=True, exist_ok=True)
     config = {
         "model_type": "llama",
-        "hidden_size": 64,
+        "hidden_size": hidden_size,
         "num_hidden_layers": 2,
-        "intermediate_size": 128,
+        "intermediate_size": 2 * hidden_size,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "rms_norm_eps": 1e-5,

@@ -65,6 +65,10 @@ class EngineConfig:
     # Save each model's most recent prefix-cache entry when the daemon stops
     # and load it back at start, so the first turn after a restart is warm.
     persist_prompt_cache: bool = False
+    # The most all loaded models' weights may take, in GB; loading another
+    # unloads the least recently used idle ones first. 0: no budget (the
+    # memory guard's reject line still applies).
+    models_budget_gb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -200,11 +204,20 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
         persist_prompt_cache=_get(
             engine_table, "engine.persist_prompt_cache", bool, EngineConfig.persist_prompt_cache
         ),
+        models_budget_gb=float(
+            _get(
+                engine_table,
+                "engine.models_budget_gb",
+                (int, float),
+                EngineConfig.models_budget_gb,
+            )
+        ),
     )
     if engine.dequantize not in DEQUANTIZE_MODES:
         raise ConfigError(f"engine.dequantize: expected one of {', '.join(DEQUANTIZE_MODES)}")
-    if engine.prompt_cache_gb < 0:
-        raise ConfigError("engine.prompt_cache_gb: must be >= 0")
+    for key in ("prompt_cache_gb", "models_budget_gb"):
+        if getattr(engine, key) < 0:
+            raise ConfigError(f"engine.{key}: must be >= 0")
     for key in ("max_sequences", "prefill_chunk"):
         if getattr(engine, key) < 1:
             raise ConfigError(f"engine.{key}: must be >= 1")

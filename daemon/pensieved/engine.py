@@ -29,6 +29,7 @@ from pensieved.errors import Overloaded
 from pensieved.prefix_cache import PrefixCache
 from pensieved.prompt import PromptBuilder
 from pensieved.registry import materialize
+from pensieved.residency import Resident, expected_weight_bytes, plan_room
 from pensieved.stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,8 @@ class Engine:
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self.kv_cache_bytes = 0
         self.prefix_cache = PrefixCache(_gb(self._settings.prompt_cache_gb))
+        # Free memory to keep when loading a model: the memory guard's reject line.
+        self.memory_floor_bytes = 0
         self._stopping = False
         self._accepting = threading.Lock()
         # Called with each request before it is queued; raises to refuse it
@@ -235,6 +238,9 @@ class Engine:
             if self._stopping:
                 raise Overloaded("the server is shutting down", {"retry-after": "5"})
             self._commands.put(command)
+
+    def is_loaded(self, config: ModelConfig) -> bool:
+        return config in self._runners and config not in self._retiring
 
     def loaded(self) -> list[LoadedModel]:
         return [runner.loaded for runner in list(self._runners.values())]
@@ -396,6 +402,7 @@ class Engine:
 
         started = time.perf_counter()
         path = materialize(config, self._models_dir)
+        self._make_room(config, Path(path))
         model, tokenizer = mlx_lm.load(path)[:2]
         dequantized = cpu.should_dequantize(self._settings.dequantize, model)
         if dequantized:
@@ -430,6 +437,41 @@ class Engine:
             context,
         )
         return loaded
+
+    def _make_room(self, config: ModelConfig, path: Path) -> None:
+        """Unload least recently used idle models until `config`'s weights fit (or refuse)."""
+        import gc
+
+        import mlx.core as mx
+        import psutil
+
+        mode = self._settings.dequantize
+        dequantizes = mode == "always" or (
+            (mode == "auto" and mx.default_device().type == mx.DeviceType.cpu)
+            and cpu.openblas_active()
+        )
+        need = expected_weight_bytes(path, dequantizes)
+        resident = [
+            Resident(
+                c.name,
+                runner.loaded.weight_bytes,
+                None if runner.jobs or c in self._retiring else runner.last_used,
+            )
+            for c, runner in self._runners.items()
+        ]
+        budget = _gb(self._settings.models_budget_gb) or None
+        available = psutil.virtual_memory().available if self.memory_floor_bytes else None
+        evict = plan_room(config.name, need, resident, budget, available, self.memory_floor_bytes)
+        for name in evict:
+            victim = next(c for c in self._runners if c.name == name)
+            del self._runners[victim]
+            self.prefix_cache.drop(victim)
+            log.info(
+                "unloaded model %s (least recently used) to make room for %s", name, config.name
+            )
+        if evict:
+            gc.collect()
+            mx.clear_cache()
 
     def _insert(
         self, runner: _Runner, request: GenerationRequest, stream: GenerationStream

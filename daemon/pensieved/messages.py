@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import falcon
 import falcon.asgi
+from falcon.asgi import SSEvent
 
 from pensieved import protocol
 from pensieved.constraints import ThinkingBudget, ToolGrammar
@@ -37,7 +39,7 @@ from pensieved.protocol import (
 )
 from pensieved.registry import ModelRegistry
 from pensieved.reply import Reply, sign_thinking
-from pensieved.sse import message_events
+from pensieved.sse import events_when_ready, message_events
 from pensieved.toolcalls import GENERIC, ToolFormat
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,15 @@ class CountTokensResource:
         json_response(resp, {"input_tokens": len(prepared.prompt.tokens)})
 
 
+@dataclass(frozen=True)
+class _Started:
+    reply: Reply
+    model: LoadedModel
+    input_tokens: int
+    cached: int  # the prefix-cache hit expected when it was submitted
+    gone: asyncio.Event
+
+
 class MessagesResource:
     def __init__(
         self,
@@ -95,6 +106,74 @@ class MessagesResource:
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         request = decode_request(await read_body(req), MessagesRequest)
+        request_id: str = req.context.request_id
+        if request.stream:
+            cold = not self._engine.is_loaded(self._registry.resolve(request.model))
+            events = None if cold else await self._stream(req, request)
+            resp.content_type = "text/event-stream"
+            resp.set_header("Cache-Control", "no-cache")
+            if events is None:
+                # A cold model: the stream starts now, with pings while it
+                # loads, instead of leaving the client without a byte.
+                starting = asyncio.ensure_future(self._stream(req, request))
+                resp.sse = events_when_ready(
+                    starting,
+                    ping_interval=self._registry.config.server.ping_interval,
+                    request_id=request_id,
+                )
+                return
+            resp.sse = events
+            return
+        message_id, started = await self._start(req, request)
+        reply, model, input_tokens = started.reply, started.model, started.input_tokens
+        gone = started.gone
+        try:
+            async for event in reply.events(gone):
+                if isinstance(event, Finished):
+                    break
+                if isinstance(event, Failed):
+                    if event.error_type == Overloaded.error_type:
+                        raise Overloaded(event.message, {"retry-after": "5"})
+                    raise EngineFailure(event.message)
+        except ClientGone:
+            log.info("%s client disconnected; generation dropped", request_id)
+            return
+        finally:
+            reply.stream.cancel()
+        assert isinstance(event, Finished)
+        json_response(
+            resp,
+            protocol.message(
+                message_id,
+                model.name,
+                reply.assembler.blocks,
+                event.stop_reason,
+                event.stop_sequence,
+                protocol.usage(
+                    input_tokens - event.cached_tokens, event.output_tokens, event.cached_tokens
+                ),
+            ),
+        )
+
+    async def _stream(
+        self, req: falcon.asgi.Request, request: MessagesRequest
+    ) -> AsyncIterator[SSEvent]:
+        message_id, started = await self._start(req, request)
+        return message_events(
+            started.reply,
+            message_id=message_id,
+            model=started.model.name,
+            input_tokens=started.input_tokens,
+            cached_estimate=started.cached,
+            ping_interval=self._registry.config.server.ping_interval,
+            request_id=req.context.request_id,
+            gone=started.gone,
+        )
+
+    async def _start(
+        self, req: falcon.asgi.Request, request: MessagesRequest
+    ) -> tuple[str, _Started]:
+        """Load the model, render and check the prompt, and submit it to the engine."""
         prepared = await self._preparer.prepare(request)
         model = prepared.model
         input_tokens = len(prepared.prompt.tokens)
@@ -150,47 +229,7 @@ class MessagesResource:
             prompt_tokens=input_tokens,
             metrics=self._metrics,
         )
-        if request.stream:
-            resp.content_type = "text/event-stream"
-            resp.set_header("Cache-Control", "no-cache")
-            resp.sse = message_events(
-                reply,
-                message_id=message_id,
-                model=model.name,
-                input_tokens=input_tokens,
-                cached_estimate=cached,
-                ping_interval=self._registry.config.server.ping_interval,
-                request_id=request_id,
-                gone=gone,
-            )
-            return
-        try:
-            async for event in reply.events(gone):
-                if isinstance(event, Finished):
-                    break
-                if isinstance(event, Failed):
-                    if event.error_type == Overloaded.error_type:
-                        raise Overloaded(event.message, {"retry-after": "5"})
-                    raise EngineFailure(event.message)
-        except ClientGone:
-            log.info("%s client disconnected; generation dropped", request_id)
-            return
-        finally:
-            reply.stream.cancel()
-        assert isinstance(event, Finished)
-        json_response(
-            resp,
-            protocol.message(
-                message_id,
-                model.name,
-                reply.assembler.blocks,
-                event.stop_reason,
-                event.stop_sequence,
-                protocol.usage(
-                    input_tokens - event.cached_tokens, event.output_tokens, event.cached_tokens
-                ),
-            ),
-        )
+        return message_id, _Started(reply, model, input_tokens, cached, gone)
 
 
 @dataclass(frozen=True)

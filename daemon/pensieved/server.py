@@ -87,6 +87,8 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
     engine = Engine(config.paths.models_dir, config.engine)
     registry = ModelRegistry(config)
     guard = MemoryGuard(config.memory, engine=engine)
+    # A model is loaded only if available memory stays above the reject line.
+    engine.memory_floor_bytes = int(config.memory.reject_below_gb * 1024**3)
     engine.admission = Admission(guard).admit
     # Under memory pressure the prefix cache gives back half of what it holds.
     guard.shrink_callbacks.append(
@@ -158,6 +160,7 @@ async def apply_config(
     registry.apply(new)
     engine.configure(new.engine)
     guard.configure(new.memory)
+    engine.memory_floor_bytes = int(new.memory.reject_below_gb * 1024**3)
     retired = [m.config for m in engine.loaded() if m.config not in new.models]
     for config in retired:
         await engine.unload(config)

@@ -18,7 +18,7 @@ from falcon.asgi import SSEvent
 
 from pensieved import protocol
 from pensieved.engine import ClientGone, Finished
-from pensieved.errors import error_body
+from pensieved.errors import ApiError, error_body
 from pensieved.reply import Reply
 
 log = logging.getLogger(__name__)
@@ -88,3 +88,32 @@ async def message_events(
             log.info("%s client disconnected mid-stream", request_id)
         # Runs however the stream ends: a gone client frees its slot at once.
         reply.stream.cancel()
+
+
+async def events_when_ready(
+    starting: asyncio.Future[AsyncIterator[SSEvent]], *, ping_interval: float, request_id: str
+) -> AsyncIterator[SSEvent]:
+    """Pings until `starting` (loading a cold model, then submitting) is done; then its events.
+
+    SDKs skip pings wherever they come, so a stream may open with them. A
+    failure while starting becomes an `error` event, as the 200 is sent.
+    """
+    try:
+        while not starting.done():
+            await asyncio.wait({starting}, timeout=ping_interval)
+            if not starting.done():
+                yield sse_event("ping", PING)
+        try:
+            events = starting.result()
+        except ApiError as exc:
+            yield sse_event("error", error_body(exc.error_type, exc.message, request_id))
+            return
+        except Exception:
+            log.exception("%s starting a stream failed", request_id)
+            yield sse_event("error", error_body("api_error", "internal server error", request_id))
+            return
+        async for event in events:
+            yield event
+    finally:
+        if not starting.done():
+            starting.cancel()  # the client left while the model loaded
