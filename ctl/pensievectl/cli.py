@@ -13,11 +13,13 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
 
 import click
 import tomli_w
 
+from pensievectl import model_commands
+from pensievectl.daemon_link import ask as _ask
+from pensievectl.daemon_link import config_of as _config
 from pensieved import control
 from pensieved.cli import config_option
 from pensieved.config import (
@@ -29,11 +31,6 @@ from pensieved.config import (
     parse_config,
 )
 from pensieved.service import ServiceError, ServiceManager, describe
-
-
-def _config(ctx: click.Context) -> Config:
-    config: Config = ctx.obj
-    return config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,63 +52,65 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
     show_default=True,
     help="Syntax of the lines printed.",
 )
+@click.option(
+    "--model-tiers",
+    is_flag=True,
+    help="Also print ANTHROPIC_DEFAULT_{OPUS,SONNET,HAIKU}_MODEL and ANTHROPIC_MODEL: "
+    "the local model each Claude Code tier resolves to.",
+)
 @click.pass_context
-def env(ctx: click.Context, shell: str) -> None:
+def env(ctx: click.Context, shell: str, model_tiers: bool) -> None:
     """Print the environment that points Claude Code and the SDKs at Pensieve.
 
     Use it as: eval "$(pensievectl env)"
     """
-    config = _config(ctx)
-    variables = {
-        "ANTHROPIC_BASE_URL": config.base_url,
-        "ANTHROPIC_AUTH_TOKEN": ensure_token(config),
-    }
-    for name, value in variables.items():
+    for name, value in _claude_env(_config(ctx), model_tiers).items():
         if shell == "fish":
             click.echo(f"set -gx {name} {shlex.quote(value)}")
         else:
             click.echo(f"export {name}={shlex.quote(value)}")
 
 
-@main.command(name="import")
-@click.argument("gguf_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--name", required=True, help="Name of the model directory to create.")
+def _claude_env(config: Config, model_tiers: bool) -> dict[str, str]:
+    from pensievectl.claude_settings import model_tiers as tiers
+
+    variables = {
+        "ANTHROPIC_BASE_URL": config.base_url,
+        "ANTHROPIC_AUTH_TOKEN": ensure_token(config),
+    }
+    if model_tiers:
+        variables.update(tiers(config))
+    return variables
+
+
+@main.command(name="setup-claude")
+@click.option("--undo", is_flag=True, help="Put the settings file back as it was before.")
 @click.pass_context
-def import_(ctx: click.Context, gguf_file: Path, name: str) -> None:
-    """Import a llama-architecture GGUF file as an MLX model.
+def setup_claude(ctx: click.Context, undo: bool) -> None:
+    """Point Claude Code at Pensieve in its user settings (~/.claude/settings.json).
 
-    The model lands in Pensieve's models directory; point a [models.NAME]
-    source at the printed path (or at the .gguf file itself).
+    Merges ANTHROPIC_BASE_URL, ANTHROPIC_AUTH_TOKEN and the model tiers (as
+    `env --model-tiers` prints them) into the file's `env` object, and
+    leaves every other setting as it is. The file is first backed up to
+    settings.json.pensieve-backup (once: running again keeps the original);
+    --undo restores it byte for byte, or removes the file if there was none.
+    CLAUDE_CONFIG_DIR overrides ~/.claude.
     """
-    from pensieved.gguf import GGUFImportError, import_gguf
+    from pensievectl import claude_settings
 
-    if not name or "/" in name or name.startswith("."):
-        raise click.BadParameter("must be a plain directory name", param_hint="--name")
-    target = _config(ctx).paths.models_dir / name
+    path = claude_settings.settings_file()
     try:
-        import_gguf(gguf_file, target)
-    except GGUFImportError as exc:
+        if undo:
+            click.echo(claude_settings.undo(path))
+            return
+        variables = _claude_env(_config(ctx), model_tiers=True)
+        backup = claude_settings.install(path, variables)
+    except (claude_settings.SettingsError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(str(target))
-
-
-def _ask(config: Config, command: str, **arguments: Any) -> dict[str, Any]:
-    """The daemon's answer to `command`, or a one-line error when it is not running."""
-    path = config.paths.control_socket
-    try:
-        # Loading a big model can take minutes.
-        answer = control.call(path, command, timeout=600, **arguments)
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise NotRunning(f"pensieve is not running (no daemon on {path})") from None
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(f"the daemon on {path} did not answer: {exc}") from exc
-    if not answer.get("ok"):
-        raise click.ClickException(str(answer.get("error", "the daemon refused")))
-    return answer
-
-
-class NotRunning(click.ClickException):
-    exit_code = 3  # like `systemctl status` for a stopped unit
+    if backup is not None:
+        click.echo(f"backed up {path} to {backup.name}")
+    click.echo(f"updated {path}: " + ", ".join(variables))
+    click.echo("undo with: pensievectl setup-claude --undo")
 
 
 @main.command()
@@ -366,6 +365,9 @@ def prepare(ctx: click.Context) -> None:
             raise click.ClickException(f"{model.name}: {exc}") from exc
         click.echo(f"{model.name}: {location}")
 
+
+for command in model_commands.COMMANDS:
+    main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

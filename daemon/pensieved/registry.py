@@ -1,9 +1,12 @@
 """Model names: what a client asks for → which configured local model serves it.
 
 Clients send names such as `claude-opus-4-8`; they are resolved here (exact
-name, then alias globs in config order, then the default) and never passed
-to `mlx_lm.load`. `materialize` turns a model's `source` into something
-`mlx_lm.load` reads, importing GGUF files once.
+name, then alias globs in config order, then the fallback) and never passed
+to `mlx_lm.load`. The fallback is the model marked `default = true`; with
+none marked it is the first model, unless some model has aliases: then the
+aliases say which names are served, and any other name is a 404.
+`materialize` turns a model's `source` into something `mlx_lm.load` reads,
+importing GGUF files once.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class ModelRegistry:
         self._config = config
         self._models = config.models
         self._default = config.default_model
+        self._fallback = fallback_model(config)
 
     @property
     def config(self) -> Config:
@@ -44,6 +48,11 @@ class ModelRegistry:
     @property
     def default(self) -> ModelConfig:
         return self._default
+
+    @property
+    def fallback(self) -> ModelConfig | None:
+        """The model that serves names nothing else matches; None: those names are a 404."""
+        return self._fallback
 
     def get(self, name: str) -> ModelConfig:
         """The model configured under exactly `name`."""
@@ -60,7 +69,22 @@ class ModelRegistry:
         for model in self._models:
             if any(fnmatch.fnmatchcase(requested, pattern) for pattern in model.aliases):
                 return model
-        return self._default
+        if self._fallback is None:
+            raise NotFound(
+                f"model: {requested!r} matches no configured model or alias, "
+                "and no model is the default"
+            )
+        return self._fallback
+
+
+def fallback_model(config: Config) -> ModelConfig | None:
+    """The model that serves unmatched names (see the module docstring for the rule)."""
+    marked = next((m for m in config.models if m.default), None)
+    if marked is not None:
+        return marked
+    if any(m.aliases for m in config.models):
+        return None  # the aliases are the routing; guessing a catch-all would hide typos
+    return config.models[0]
 
 
 def builtin_gguf_path() -> Path:

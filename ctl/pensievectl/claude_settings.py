@@ -1,0 +1,124 @@
+"""Claude Code's user settings: Pensieve's address, token and model tiers in its `env`.
+
+Claude Code reads `~/.claude/settings.json` (`$CLAUDE_CONFIG_DIR/settings.json`
+when set); variables in its `env` object apply to every session. The file
+may hold the user's own settings, so it is backed up byte for byte before the
+first change, and `undo` puts that copy back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pensieved.config import Config
+from pensieved.errors import NotFound
+from pensieved.registry import ModelRegistry
+
+# One representative client name per tier, resolved like any request.
+TIER_NAMES = {
+    "ANTHROPIC_DEFAULT_OPUS_MODEL": "claude-opus-4-8",
+    "ANTHROPIC_DEFAULT_SONNET_MODEL": "claude-sonnet-4-5",
+    "ANTHROPIC_DEFAULT_HAIKU_MODEL": "claude-haiku-4-5",
+}
+BACKUP_SUFFIX = ".pensieve-backup"
+# Left instead of a backup when there was no settings file: undo removes it.
+ABSENT_SUFFIX = ".pensieve-absent"
+
+
+class SettingsError(Exception):
+    pass
+
+
+def model_tiers(config: Config) -> dict[str, str]:
+    """ANTHROPIC_DEFAULT_*_MODEL and ANTHROPIC_MODEL → the local model serving that tier.
+
+    A tier that resolves to no model (no alias and no default) is left out.
+    ANTHROPIC_MODEL, the main model, is the opus tier's (else sonnet's).
+    """
+    registry = ModelRegistry(config)
+    tiers = {}
+    for variable, client_name in TIER_NAMES.items():
+        try:
+            tiers[variable] = registry.resolve(client_name).name
+        except NotFound:
+            continue
+    main = tiers.get("ANTHROPIC_DEFAULT_OPUS_MODEL") or tiers.get("ANTHROPIC_DEFAULT_SONNET_MODEL")
+    if main:
+        tiers["ANTHROPIC_MODEL"] = main
+    return tiers
+
+
+def settings_file() -> Path:
+    configured = os.environ.get("CLAUDE_CONFIG_DIR")
+    folder = Path(configured).expanduser() if configured else Path.home() / ".claude"
+    return folder / "settings.json"
+
+
+def _sidecar(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def install(path: Path, variables: dict[str, str]) -> Path | None:
+    """Merge `variables` into the file's `env`; return the backup made (None if one existed)."""
+    original = path.read_bytes() if path.exists() else None
+    settings = _parse(path, original)
+    env = settings.setdefault("env", {})
+    if not isinstance(env, dict):
+        raise SettingsError(f"{path}: `env` is not an object; not changed")
+    env.update(variables)
+
+    # Keep the first backup: a second run must not replace the user's
+    # original with the file this command already changed.
+    backup, absent = _sidecar(path, BACKUP_SUFFIX), _sidecar(path, ABSENT_SUFFIX)
+    made: Path | None = None
+    if not backup.exists() and not absent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if original is None:
+            absent.write_bytes(b"")
+            made = absent
+        else:
+            backup.write_bytes(original)
+            backup.chmod(path.stat().st_mode & 0o777)
+            made = backup
+    _write(path, (json.dumps(settings, indent=2) + "\n").encode())
+    return made
+
+
+def undo(path: Path) -> str:
+    """Put the file back as it was before the first `install`; say what was done."""
+    backup, absent = _sidecar(path, BACKUP_SUFFIX), _sidecar(path, ABSENT_SUFFIX)
+    if backup.exists():
+        _write(path, backup.read_bytes(), mode=backup.stat().st_mode & 0o777)
+        backup.unlink()
+        return f"restored {path} from {backup.name}"
+    if absent.exists():
+        path.unlink(missing_ok=True)
+        absent.unlink()
+        return f"removed {path} (there was none before)"
+    raise SettingsError(f"nothing to undo: no {backup.name} next to {path}")
+
+
+def _parse(path: Path, data: bytes | None) -> dict[str, object]:
+    if data is None or not data.strip():
+        return {}
+    try:
+        settings = json.loads(data)
+    except ValueError as exc:
+        raise SettingsError(f"{path}: not valid JSON ({exc}); not changed") from exc
+    if not isinstance(settings, dict):
+        raise SettingsError(f"{path}: not a JSON object; not changed")
+    return settings
+
+
+def _write(path: Path, data: bytes, mode: int | None = None) -> None:
+    # The token goes in here: a new file is private. Write-then-rename so a
+    # crash never leaves Claude Code a half-written file.
+    if mode is None:
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _sidecar(path, ".pensieve-tmp")
+    temporary.write_bytes(data)
+    temporary.chmod(mode)
+    temporary.replace(path)
