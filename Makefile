@@ -51,7 +51,8 @@ fuzz: setup
 
 # Speed figures for the README and closing notes (not part of `make test`).
 bench: setup
-	$(BIN)/python bench/api_vs_engine.py
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/speed.py $(BENCH_ARGS)
 
 # A few thousand mixed requests against a tiny model, with memory sampled.
 soak: setup
