@@ -47,6 +47,9 @@ def test_status_reports_the_running_daemon(tiny_daemon: Daemon) -> None:
     assert report["requests"]["tokens_per_s_last_minute"] > 0
     assert report["memory"]["kv_cache_gb"] >= 0
     assert "tok/s over the last minute" in result.stdout
+    # The message just sent left its KV cache for the next turn.
+    assert 0 < report["prompt_cache"]["bytes"] <= report["prompt_cache"]["budget_bytes"]
+    assert "prompt cache " in result.stdout and " entries, " in result.stdout
 
 
 def test_status_when_nothing_runs(tmp_path: Path) -> None:

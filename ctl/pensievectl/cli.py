@@ -126,7 +126,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    memory, requests = report["memory"], report["requests"]
+    memory, requests, cache = report["memory"], report["requests"], report["prompt_cache"]
     rows = [
         ("status", f"running (pid {report['pid']}, up {_duration(report['uptime_s'])})"),
         ("version", report["version"]),
@@ -142,6 +142,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
             f"{memory['rss_gb']:.2f} GB resident, {memory['mlx_active_gb']:.2f} GB MLX, "
             f"{memory['available_gb']:.1f} GB of {memory['total_gb']:.1f} GB available, "
             f"KV cache {memory['kv_cache_gb'] * 1024:.1f} MB",
+        ),
+        (
+            "prompt cache",
+            f"{cache['bytes'] / MB:.1f} MB of {cache['budget_bytes'] / MB:.0f} MB, "
+            f"{cache['entries']} entries, {cache['hit_tokens']} prompt tokens served from it",
         ),
         (
             "memory level",
@@ -161,6 +166,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")
+
+
+MB = 1024**2
 
 
 def _duration(seconds: float) -> str:

@@ -105,37 +105,55 @@ class GenerationStream:
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
         self._engine = engine
         self._loop = loop
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._events: collections.deque[Event] = collections.deque()
+        # Set when an event arrives while the reader waits. One future per
+        # wait and one watcher of the client per stream, not two tasks per
+        # token: the event loop shares the GIL with the engine thread.
+        self._wakeup: asyncio.Future[None] | None = None
+        self._gone_watch: asyncio.Future[Any] | None = None
         self.cancelled = threading.Event()
         self.done = False
 
     def _deliver(self, event: Event) -> None:
         # Called on the engine thread.
-        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        self._loop.call_soon_threadsafe(self._push, event)
+
+    def _push(self, event: Event) -> None:
+        self._events.append(event)
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
     async def next_event(self, gone: asyncio.Event, timeout: float | None = None) -> Event | None:
         """The next event; None when `timeout` passes first; `ClientGone` once `gone` is set."""
-        if self._events.empty():
-            getter = asyncio.ensure_future(self._events.get())
-            waiter = asyncio.ensure_future(gone.wait())
+        if not self._events:
+            if gone.is_set():
+                raise ClientGone
+            if self._gone_watch is None:
+                self._gone_watch = asyncio.ensure_future(gone.wait())
+            self._wakeup = self._loop.create_future()
             done, _ = await asyncio.wait(
-                {getter, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                {self._wakeup, self._gone_watch},
+                timeout=timeout,
+                return_when=asyncio.FIRST_COMPLETED,
             )
-            waiter.cancel()
-            if getter not in done:
-                getter.cancel()
-                if waiter in done:
+            self._wakeup = None
+            if not self._events:
+                if self._gone_watch in done:
                     raise ClientGone
                 return None
-            event = getter.result()
-        else:
-            event = self._events.get_nowait()
+        event = self._events.popleft()
         if isinstance(event, Finished | Failed):
             self.done = True
+            self._stop_watching()
         return event
+
+    def _stop_watching(self) -> None:
+        if self._gone_watch is not None and not self._gone_watch.done():
+            self._gone_watch.cancel()
 
     def cancel(self) -> None:
         """Stop generating for this request (client gone). Safe to call twice."""
+        self._stop_watching()
         if not self.done and not self.cancelled.is_set():
             self.cancelled.set()
             self._engine._commands.put(("cancel", self))
