@@ -11,11 +11,15 @@ as SmolLM2), so both servers prefill about the same tokens.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
+
+from pensieved.protocol import Tool
+from pensieved.toolcalls import generic_call_text, generic_instructions, generic_result_text
 
 Json = dict[str, Any]
 
@@ -337,28 +341,16 @@ class Conversation:
                 if block["type"] == "text":
                     texts.append(block["text"])
                 elif block["type"] == "tool_use":
-                    call = json.dumps({"name": block["name"], "arguments": block["input"]})
-                    texts.append(f"<tool_call>\n{call}\n</tool_call>")
+                    texts.append(generic_call_text(block["name"], block["input"]))
                 elif block["type"] == "tool_result":
-                    name = TOOL_CALL["name"]
-                    texts.append(
-                        f'<tool_response name="{name}">\n{block["content"]}\n</tool_response>'
-                    )
+                    texts.append(generic_result_text(TOOL_CALL["name"], block["content"], False))
             turns.append({"role": message["role"], "content": "\n".join(texts)})
         return turns
 
 
 def _generic_tools() -> str:
-    listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in TOOLS)
-    return (
-        "# Tools\n\n"
-        "You may call one or more of these tools to help with the user's request:\n"
-        f"<tools>\n{listing}\n</tools>\n\n"
-        "To call a tool, write exactly this, with the input as a JSON object that "
-        "matches the tool's input_schema:\n"
-        '<tool_call>\n{"name": "<tool name>", "arguments": {<input>}}\n</tool_call>\n'
-        "Tool results come back in <tool_response> tags."
-    )
+    # Exactly what Pensieve tells a model without tool support.
+    return generic_instructions(msgspec.convert(TOOLS, list[Tool]))
 
 
 def fit_conversation(count_tokens: Callable[[Json], int], min_tokens: int) -> Conversation:

@@ -143,18 +143,17 @@ class GrammarCompiler:
 
     def processor(self, plan: ToolGrammar) -> LogitsProcessor:
         matcher = self.compile(plan).deep_copy()
-        return _GrammarProcessor(self._ll_tokenizer(), matcher, self._logits_size)
+        return _GrammarProcessor(matcher, self._ll_tokenizer().vocab_size)
 
 
 class _GrammarProcessor:
     """Masks every token the grammar does not allow next."""
 
-    def __init__(self, ll: Any, matcher: Any, logits_size: int) -> None:
+    def __init__(self, matcher: Any, vocab_size: int) -> None:
         from llguidance.numpy import allocate_token_bitmask
 
         self._matcher = matcher
-        self._bitmask = allocate_token_bitmask(1, ll.vocab_size)
-        self._logits_size = logits_size
+        self._bitmask = allocate_token_bitmask(1, vocab_size)
         self._calls = 0
 
     def __call__(self, tokens: Any, logits: Any) -> Any:

@@ -108,10 +108,6 @@ class ContentAssembler:
         # The output ended inside a call that could not be completed.
         self.cut_short = False
 
-    @property
-    def call_open(self) -> bool:
-        return self._mode == "call"
-
     # -- feeding ----------------------------------------------------------
 
     def feed(self, text: str) -> list[BlockEvent]:

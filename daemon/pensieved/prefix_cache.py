@@ -34,7 +34,6 @@ class PrefixCache:
         self._lru = LRUPromptCache(max_size=1 << 30, max_bytes=max(max_bytes, 0))
         self._lock = threading.Lock()
         self.hit_tokens = 0  # prompt tokens served from the cache, all time
-        self.lookups = 0
 
     @property
     def nbytes(self) -> int:
@@ -64,7 +63,6 @@ class PrefixCache:
         """
         from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-        self.lookups += 1
         if self.max_bytes <= 0 or len(tokens) < 2:
             return None, 0
         with self._lock:
