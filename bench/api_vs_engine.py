@@ -44,7 +44,10 @@ class Stream:
     """The timeline of one streamed generation (perf_counter seconds) and its counts."""
 
     started: float
-    first: float  # the first text arrived
+    # The first visible text arrived. Pensieve's text blocks never start
+    # with whitespace (Anthropic's do not either), so raw mlx-lm and
+    # mlx_lm.server are timed to their first non-whitespace text too.
+    first: float
     end: float
     output_tokens: int
     prompt_tokens: int = 0  # the whole prompt, cached part included
@@ -90,16 +93,53 @@ class RawEngine:
             add_generation_prompt=True,
         )
         started = time.perf_counter()
-        first = None
+        first = first_any = None
         count = 0
-        for _response in mlx_lm.stream_generate(
+        for response in mlx_lm.stream_generate(
             self.model, self.tokenizer, prompt, max_tokens=max_tokens, sampler=self.sampler
         ):
             count += 1
-            if first is None:
+            first_any = first_any or time.perf_counter()
+            if first is None and response.text.strip():
                 first = time.perf_counter()
+        first = first or first_any
         assert first is not None
         return Stream(started, first, time.perf_counter(), count, len(prompt))
+
+    def batch_rate(self, sequences: int, max_tokens: int) -> float:
+        """Aggregate decode tok/s of `sequences` greedy generations in mlx-lm's BatchGenerator.
+
+        Set up as the daemon's engine sets it up (one sampler shared by the
+        batch, 256-token prefill steps); counted as the bench counts streams,
+        from the first token to the last.
+        """
+        from mlx_lm.generate import BatchGenerator
+
+        generator = BatchGenerator(
+            self.model, stop_tokens=[], prefill_step_size=256, completion_batch_size=8
+        )
+        prompts = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"{PROMPT} Chapter {i + 1}."}],
+                add_generation_prompt=True,
+            )
+            for i in range(sequences)
+        ]
+        generator.insert(
+            prompts, max_tokens=[max_tokens] * sequences, samplers=[self.sampler] * sequences
+        )
+        first = None
+        tokens = finished = 0
+        try:
+            while finished < sequences:
+                for response in generator.next()[1]:
+                    first = first or time.perf_counter()
+                    tokens += 1
+                    finished += response.finish_reason is not None
+        finally:
+            generator.close()
+        assert first is not None
+        return (tokens - 1) / (time.perf_counter() - first)
 
     def close(self) -> None:
         import mlx.core as mx

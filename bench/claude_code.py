@@ -331,9 +331,16 @@ class Conversation:
         """The request's `system` and `tools` (a fresh billing header unless `cch` is given)."""
         return {"system": self.system(cch), "tools": TOOLS}
 
-    def openai_messages(self, messages: list[Json], cch: str | None = None) -> list[Json]:
-        """The same conversation as OpenAI chat messages, tools in the generic text format."""
-        system = "\n".join(block["text"] for block in self.system(cch))
+    def openai_messages(
+        self, messages: list[Json], cch: str | None = None, billing: bool = True
+    ) -> list[Json]:
+        """The same conversation as OpenAI chat messages, tools in the generic text format.
+
+        Without `billing`, the billing header is left out: the prompt is then
+        token for token the one Pensieve renders (which drops that header).
+        """
+        blocks = self.system(cch)[0 if billing else 1 :]
+        system = "\n".join(block["text"] for block in blocks)
         turns = [{"role": "system", "content": f"{system}\n\n{_generic_tools()}"}]
         for message in messages:
             texts = []

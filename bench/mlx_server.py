@@ -67,6 +67,7 @@ class MlxServer:
         }
         started = time.perf_counter()
         first = None
+        first_any = None  # whitespace counts when nothing else comes
         text: list[str] = []
         usage: dict[str, Any] = {}
         with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -80,9 +81,12 @@ class MlxServer:
                 for choice in chunk["choices"]:
                     content = choice.get("delta", {}).get("content")
                     if content:
-                        first = first or time.perf_counter()
+                        first_any = first_any or time.perf_counter()
+                        if content.strip():  # as Pensieve's, which drop leading whitespace
+                            first = first or time.perf_counter()
                         text.append(content)
         end = time.perf_counter()
+        first = first or first_any
         assert first is not None, "the stream carried no content"
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
         return Stream(

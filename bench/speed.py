@@ -3,11 +3,16 @@
 One run, one model, four measurements (issue #4):
 1. decode tok/s and time-to-first-token through Pensieve's streaming API
    (a real `pensieved` on a free port, the official SDK's stream) vs raw
-   `mlx_lm.stream_generate` in this process;
+   `mlx_lm.stream_generate` in this process, in raw/API pairs: decode runs,
+   then short runs for the first token. Ratios are the medians of the pairs'
+   ratios (and differences), so that a machine slowing down between pairs
+   moves both sides of each;
 2. turn-2 vs turn-1 time-to-first-token of a Claude-Code-shaped conversation
    with a >= 4k-token shared prefix (volatile billing header, a dozen tools,
    a tool round trip), for Pensieve and for `mlx_lm.server` on the same model;
-3. aggregate decode tok/s with 1, 2, 4 and 8 concurrent SDK streams;
+   the warm turn 2 is the median of three runs on each server;
+3. aggregate decode tok/s with 1, 2, 4 and 8 concurrent SDK streams, and the
+   same model in mlx-lm's own BatchGenerator with 1 and 4 sequences;
 4. the daemon's peak RSS idle, during one stream and during 4 concurrent streams.
 Prints a table with the issue's targets and writes a plot (PNG).
 
@@ -22,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import shutil
 import sys
 import tempfile
@@ -53,6 +57,11 @@ from bench.speed_report import Results, plot, table  # noqa: E402
 from tests.daemon import Daemon  # noqa: E402
 
 STREAM_COUNTS = (1, 2, 4, 8)
+# Tokens per generation where only the time to the first one is measured.
+TTFT_TOKENS = 16
+# Warm turn-2 samples per server: turn 1's own reply, then replies that
+# differ from their first token (each reuses turn 1's prompt, not a reply).
+WARM_RUNS = 3
 MIN_PREFIX_TOKENS = 4096
 OUT = REPO / "bench" / "out"
 
@@ -154,20 +163,20 @@ def concurrent_rate(daemon: Daemon, streams: int, max_tokens: int) -> float:
     return (sum(s.output_tokens for s in results) - 1) / window
 
 
-def api_and_raw(
-    daemon: Daemon, model_dir: str, args: argparse.Namespace
+def raw_and_api(
+    engine: RawEngine, daemon: Daemon, max_tokens: int, runs: int
 ) -> tuple[list[Stream], list[Stream]]:
     """Raw engine and API runs in turn, so that a load from elsewhere slows both alike."""
-    engine = RawEngine(model_dir)
     client = daemon.client()
-    try:
-        pairs = [
-            (engine.stream(args.max_tokens), api_stream(client, args.max_tokens))
-            for _ in range(args.runs + 1)
-        ][1:]  # the first pair warms up
-    finally:
-        engine.close()
+    pairs = [(engine.stream(max_tokens), api_stream(client, max_tokens)) for _ in range(runs + 1)][
+        1:
+    ]  # the first pair warms up
     return [raw for raw, _ in pairs], [api for _, api in pairs]
+
+
+def warm_reply(reply: str, run: int) -> str:
+    """Turn 1's reply for the first warm run; one that differs from its start after."""
+    return reply if run == 0 else f"Variant {run}. {reply}"
 
 
 def measure_pensieve(args: argparse.Namespace, model_dir: str, results: Results) -> Conversation:
@@ -180,8 +189,20 @@ def measure_pensieve(args: argparse.Namespace, model_dir: str, results: Results)
             with rss.window(results.rss, "idle"):
                 time.sleep(2)
             print("1. raw mlx_lm.stream_generate and Pensieve API streams, in turn", flush=True)
-            with rss.window(results.rss, "1 stream"):
-                results.raw, results.api = api_and_raw(daemon, model_dir, args)
+            engine = RawEngine(model_dir)
+            try:
+                with rss.window(results.rss, "1 stream"):
+                    results.raw, results.api = raw_and_api(
+                        engine, daemon, args.max_tokens, args.runs
+                    )
+                results.raw_first, results.api_first = raw_and_api(
+                    engine, daemon, TTFT_TOKENS, args.ttft_runs
+                )
+                print("3. raw BatchGenerator: 1 and 4 sequences", flush=True)
+                for count in (1, 4):
+                    results.raw_batch[count] = engine.batch_rate(count, args.max_tokens)
+            finally:
+                engine.close()
             print("3. concurrent streams:", end="", flush=True)
             for count in STREAM_COUNTS:
                 print(f" {count}", end="", flush=True)
@@ -208,7 +229,11 @@ def measure_pensieve(args: argparse.Namespace, model_dir: str, results: Results)
             # Turn 2 = turn 1 + its reply and a tool call + the tool's result,
             # with a fresh billing header, as Claude Code sends it.
             first = send(conversation.turn1(), None)
-            results.pensieve = first, send(conversation.turn2(first.text), None)
+            warm = [
+                send(conversation.turn2(warm_reply(first.text, run)), None)
+                for run in range(WARM_RUNS)
+            ]
+            results.pensieve = first, warm
             return conversation
         finally:
             rss.stop()
@@ -222,14 +247,23 @@ def measure_peer(
     try:
         server.stream([{"role": "user", "content": PROMPT}], 8)  # warm-up
 
-        def send(messages: list[Json], cch: str | None) -> Stream:
-            return server.stream(conversation.openai_messages(messages, cch), args.turn_tokens)
+        def send(messages: list[Json], cch: str | None, billing: bool = True) -> Stream:
+            turns = conversation.openai_messages(messages, cch, billing)
+            return server.stream(turns, args.turn_tokens)
 
-        print("2. mlx_lm.server: turn 1, turn 2 with a fresh billing header, and with turn 1's")
-        cch = secrets.token_hex(3)
-        first = send(conversation.turn1(), cch)
-        turn2 = conversation.turn2(first.text)
-        results.peer = first, send(turn2, None), send(turn2, cch)
+        # Turn 1 and the warm turns without the billing header are the very
+        # prompts Pensieve renders, token for token, so that both servers
+        # generate the same text (a random model's first visible word can
+        # come after a run of newlines that any change to the prompt moves).
+        # The turn with a header fresh to it is Claude Code's real case.
+        print("2. mlx_lm.server: turn 1, turn 2 with a fresh billing header, warm turn 2 runs")
+        first = send(conversation.turn1(), None, billing=False)
+        fresh = send(conversation.turn2(first.text), None)
+        warm = [
+            send(conversation.turn2(warm_reply(first.text, run)), None, billing=False)
+            for run in range(WARM_RUNS)
+        ]
+        results.peer = first, fresh, warm
     finally:
         server.stop()
 
@@ -244,7 +278,12 @@ def main() -> None:
     parser.add_argument(
         "--max-tokens", type=int, help="per stream, parts 1 and 3 (default: 64; tiny: 256)"
     )
-    parser.add_argument("--runs", type=int, help="part 1 runs, median (default: 3; tiny: 5)")
+    parser.add_argument("--runs", type=int, help="part 1 decode runs, median (default: 5; tiny: 9)")
+    parser.add_argument(
+        "--ttft-runs",
+        type=int,
+        help=f"part 1 time-to-first-token runs of {TTFT_TOKENS} tokens (default: 9; tiny: 15)",
+    )
     parser.add_argument("--prefix-tokens", type=int, default=4300, help="turn 1's prompt size")
     parser.add_argument("--turn-tokens", type=int, default=16, help="max_tokens per turn")
     parser.add_argument("--plot", type=Path, help="PNG path (default: bench/out/speed-MODEL.png)")
@@ -252,7 +291,8 @@ def main() -> None:
     # The tiny model decodes ~20x faster: longer and more runs for steadier figures.
     tiny = args.model == "tiny"
     args.max_tokens = args.max_tokens or (256 if tiny else 64)
-    args.runs = args.runs or (5 if tiny else 3)
+    args.runs = args.runs or (9 if tiny else 5)
+    args.ttft_runs = args.ttft_runs or (15 if tiny else 9)
     if args.prefix_tokens < MIN_PREFIX_TOKENS:
         parser.error(f"--prefix-tokens: the issue asks for at least {MIN_PREFIX_TOKENS}")
     # The same BLAS as the daemon, which preloads the system OpenBLAS too;

@@ -85,6 +85,8 @@ def test_first_model_is_default_when_none_is_marked() -> None:
         ),
         ("server = 3", "server"),
         ('[engine]\ndequantize = "sometimes"', "engine.dequantize"),
+        ("[server]\ntext_interval_ms = -1", "server.text_interval_ms"),
+        ('[server]\ntext_interval_ms = "fast"', "server.text_interval_ms"),
         ('[service]\nmemory_max = "lots"', "service.memory_max"),
         ('[models.a]\nsource = "/a"\nkeep_alive = 0', "models.a.keep_alive"),
         ("[server\n", "config.toml"),

@@ -154,3 +154,28 @@ def test_model_flag_replaces_the_default_source(tiny_dir: Path, tmp_path: Path) 
         assert health["models"][0]["context_length"] == 4096
     finally:
         assert daemon.stop() == 0
+
+
+def test_the_log_file_rotates_past_its_size(tmp_path: Path) -> None:
+    import logging
+
+    from pensieved.server import _RotatingLog
+
+    handler = _RotatingLog(tmp_path / "pensieved.log", maxBytes=1000, backupCount=2)
+    logger = logging.getLogger("pensieve-rotation-test")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        for i in range(100):
+            logger.warning("line %03d %s", i, "x" * 40)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    current = (tmp_path / "pensieved.log").read_text()
+    rotated = (tmp_path / "pensieved.log.1").read_text()
+    # At most one line past the limit, none lost between the two newest files.
+    assert len(current) < 1000 + 50 and len(rotated) < 1000 + 50
+    assert "line 099" in current and not (tmp_path / "pensieved.log.3").exists()
+    lines = [*rotated.splitlines(), *current.splitlines()]
+    numbers = [int(line.split()[1]) for line in lines]
+    assert numbers == list(range(numbers[0], 100))

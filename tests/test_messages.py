@@ -116,6 +116,54 @@ def test_pings_keep_coming_while_prefill_progresses(tmp_path) -> None:
     assert names.count("ping") >= 5  # one right away, then about every 50 ms
 
 
+def test_text_is_gathered_between_sends_and_the_end_comes_at_once(tmp_path) -> None:
+    """Tokens made while a stream holds off go out as one delta; the end never waits."""
+    import threading
+    import time
+
+    from pensieved.content import ContentAssembler
+    from pensieved.engine import Engine, Finished, GenerationStream, TextDelta
+    from pensieved.reply import Reply
+    from pensieved.sse import message_events
+
+    words = [f"w{i} " for i in range(40)]
+
+    async def scenario() -> tuple[list[str], float]:
+        stream = GenerationStream(Engine(tmp_path), asyncio.get_running_loop())
+
+        def engine_thread() -> None:  # as the engine delivers: from another thread
+            for count, word in enumerate(words, 1):
+                stream._deliver(TextDelta(word, count))
+                time.sleep(0.002)
+            stream._deliver(Finished("end_turn", None, len(words)))
+
+        # A hold far longer than the test may take: only the end can wake it.
+        reply = Reply(stream, ContentAssembler(tool_format=None, tools=[]), coalesce=60.0)
+        events = message_events(
+            reply,
+            message_id="msg_1",
+            model="tiny",
+            input_tokens=3,
+            ping_interval=60.0,
+            request_id="req_1",
+            gone=asyncio.Event(),
+        )
+        started = time.monotonic()
+        threading.Thread(target=engine_thread).start()
+        texts = [
+            json.loads(event.data)["delta"]["text"]
+            async for event in events
+            if event.event == "content_block_delta"
+        ]
+        return texts, time.monotonic() - started
+
+    texts, seconds = asyncio.run(scenario())
+    # The first word at once (unless the reader was slower than it), the rest
+    # together when the stream ended.
+    assert len(texts) <= 2 and "".join(texts) == "".join(words)
+    assert seconds < 30
+
+
 def test_system_prompt_forms_and_inline_system_turns(tiny_daemon: Daemon) -> None:
     client = tiny_daemon.client()
 

@@ -32,6 +32,9 @@ class ServerConfig:
     auth_token: str | None = None
     # Seconds between SSE `ping` events while a stream waits (long prefill).
     ping_interval: float = 5.0
+    # A stream's text goes out at most this often (milliseconds); the tokens
+    # made meanwhile travel as one delta. 0 sends each token at once.
+    text_interval_ms: float = 15.0
     # Listening on a non-loopback address must be asked for explicitly.
     allow_remote: bool = False
     # Seconds a client may take to send its request headers (slow-loris guard).
@@ -165,6 +168,14 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
         ping_interval=float(
             _get(server_table, "server.ping_interval", (int, float), ServerConfig.ping_interval)
         ),
+        text_interval_ms=float(
+            _get(
+                server_table,
+                "server.text_interval_ms",
+                (int, float),
+                ServerConfig.text_interval_ms,
+            )
+        ),
         allow_remote=_get(server_table, "server.allow_remote", bool, False),
         header_timeout=float(
             _get(server_table, "server.header_timeout", (int, float), ServerConfig.header_timeout)
@@ -184,6 +195,8 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
         raise ConfigError(f"server.port: {server.port} is not a TCP port")
     if server.ping_interval <= 0:
         raise ConfigError("server.ping_interval: must be > 0")
+    if not 0 <= server.text_interval_ms <= 1000:
+        raise ConfigError("server.text_interval_ms: must be between 0 and 1000")
     if server.drain_seconds < 0:
         raise ConfigError("server.drain_seconds: must be >= 0")
 

@@ -89,6 +89,9 @@ class Failed:
     error_type: str = "api_error"  # overloaded_error when the server is shutting down
 
 
+# Seconds between counts of the KV bytes in flight (status, memory guard).
+KV_COUNT_INTERVAL = 0.25
+
 SHUTTING_DOWN = Failed("the server is shutting down", "overloaded_error")
 
 
@@ -100,52 +103,111 @@ class ClientGone(Exception):
 
 
 class GenerationStream:
-    """The asyncio end of one request: events in order, and a way to cancel."""
+    """The asyncio end of one request: events in order, and a way to cancel.
+
+    The engine thread appends to a deque and wakes the event loop only while
+    the reader sleeps on it: one loop wake-up per wait, not per event, and no
+    tasks or `asyncio.wait` per token. The event loop shares the GIL with the
+    engine thread, so every microsecond spent here is taken from decoding.
+    """
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
         self._engine = engine
         self._loop = loop
         self._events: collections.deque[Event] = collections.deque()
-        # Set when an event arrives while the reader waits. One future per
-        # wait and one watcher of the client per stream, not two tasks per
-        # token: the event loop shares the GIL with the engine thread.
+        # Set by the reader just before it sleeps, cleared by whoever wakes
+        # it. Under the GIL, the reader's check after setting it and the
+        # engine's check after appending cannot both miss an event.
+        self._sleeping = False
+        # Napping: the reader holds off until a set time to gather text, and
+        # only the end of the stream wakes it sooner.
+        self._napping = False
         self._wakeup: asyncio.Future[None] | None = None
+        self._gone: asyncio.Event | None = None
         self._gone_watch: asyncio.Future[Any] | None = None
         self.cancelled = threading.Event()
         self.done = False
 
     def _deliver(self, event: Event) -> None:
-        # Called on the engine thread.
-        self._loop.call_soon_threadsafe(self._push, event)
-
-    def _push(self, event: Event) -> None:
+        # Called on the engine thread (or the loop's, in tests).
         self._events.append(event)
+        if self._sleeping or (self._napping and isinstance(event, Finished | Failed)):
+            self._sleeping = self._napping = False
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self, *_: object) -> None:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    async def next_event(self, gone: asyncio.Event, timeout: float | None = None) -> Event | None:
-        """The next event; None when `timeout` passes first; `ClientGone` once `gone` is set."""
-        if not self._events:
-            if gone.is_set():
-                raise ClientGone
-            if self._gone_watch is None:
-                self._gone_watch = asyncio.ensure_future(gone.wait())
-            self._wakeup = self._loop.create_future()
-            done, _ = await asyncio.wait(
-                {self._wakeup, self._gone_watch},
-                timeout=timeout,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            self._wakeup = None
-            if not self._events:
-                if self._gone_watch in done:
+    def _watch(self, gone: asyncio.Event) -> None:
+        """Wake the reader when `gone` is set (one watcher for the stream's life)."""
+        if self._gone is not gone:
+            self._stop_watching()
+            self._gone = gone
+            self._gone_watch = asyncio.ensure_future(gone.wait())
+            self._gone_watch.add_done_callback(self._wake)
+
+    async def next_event(
+        self, gone: asyncio.Event, timeout: float | None = None, hold_until: float | None = None
+    ) -> Event | None:
+        """The next event; None when `timeout` passes first; `ClientGone` once `gone` is set.
+
+        With `hold_until` (event-loop time), return nothing before then but
+        the stream's end, so that the tokens made meanwhile go out together.
+        """
+        events = self._events
+        loop = self._loop
+        deadline = None if timeout is None else loop.time() + timeout
+        if hold_until is not None and not (events and isinstance(events[-1], Finished | Failed)):
+            if deadline is not None:
+                hold_until = min(hold_until, deadline)
+            if loop.time() < hold_until:
+                if gone.is_set():
                     raise ClientGone
-                return None
-        event = self._events.popleft()
+                self._watch(gone)
+                await self._sleep(hold_until, nap=True)
+        if not events:
+            self._watch(gone)
+            while not events:
+                if gone.is_set():
+                    raise ClientGone
+                if deadline is not None and loop.time() >= deadline:
+                    return None
+                await self._sleep(deadline)
+        event = events.popleft()
         if isinstance(event, Finished | Failed):
             self.done = True
             self._stop_watching()
         return event
+
+    async def _sleep(self, deadline: float | None, nap: bool = False) -> None:
+        """Until an event (only the last one when napping), the client leaving, or `deadline`."""
+        wakeup = self._wakeup = self._loop.create_future()
+        if nap:
+            self._napping = True
+        else:
+            self._sleeping = True
+        events = self._events
+        # What the engine appended before it could see us asleep.
+        if events and (not nap or isinstance(events[-1], Finished | Failed)):
+            self._sleeping = self._napping = False
+            self._wakeup = None
+            return
+        timer = None if deadline is None else self._loop.call_at(deadline, self._wake)
+        try:
+            await wakeup
+        finally:
+            self._sleeping = self._napping = False
+            self._wakeup = None
+            if timer is not None:
+                timer.cancel()
+
+    def take_text(self) -> TextDelta | None:
+        """The next event if it is already here and is text, without waiting."""
+        events = self._events
+        if events and isinstance(events[0], TextDelta):
+            return cast(TextDelta, events.popleft())
+        return None
 
     def _stop_watching(self) -> None:
         if self._gone_watch is not None and not self._gone_watch.done():
@@ -217,7 +279,9 @@ class Engine:
         # bytes in flight: written by the engine thread, read by status.
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self.kv_cache_bytes = 0
+        self._kv_counted_at = 0.0
         self.prefix_cache = PrefixCache(_gb(self._settings.prompt_cache_gb))
+        self._samplers: dict[tuple[float, float, int], Callable[[Any], Any]] = {}
         # Free memory to keep when loading a model: the memory guard's reject line.
         self.memory_floor_bytes = 0
         self._stopping = False
@@ -318,6 +382,8 @@ class Engine:
     def _run(self) -> None:
         while True:
             busy = any(runner.jobs for runner in self._runners.values())
+            if not busy:
+                self._count_kv_bytes()
             try:
                 command = self._commands.get(block=not busy)
             except queue.Empty:
@@ -343,6 +409,10 @@ class Engine:
                     self._step(runner)
             if self._retiring:
                 self._retire_idle()
+
+    def _count_kv_bytes(self, now: float | None = None) -> None:
+        self._kv_counted_at = time.monotonic() if now is None else now
+        self.kv_cache_bytes = sum(r.generator.prompt_cache_nbytes for r in self._runners.values())
 
     def _retire_idle(self) -> None:
         """Drop retiring models whose requests have all finished; then run waiting loads."""
@@ -502,7 +572,15 @@ class Engine:
         # A top_k at or past the vocabulary keeps every token: no filter at all
         # (mlx-lm refuses such values).
         top_k = sampling.top_k if sampling.top_k < runner.loaded.logits_size else 0
-        sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=top_k)
+        settings = (sampling.temperature, sampling.top_p, top_k)
+        # One sampler per setting: a batch whose rows share a sampler is
+        # sampled in one call, not row by row.
+        sampler = self._samplers.get(settings)
+        if sampler is None:
+            sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=top_k)
+            if len(self._samplers) >= 64:
+                self._samplers.clear()
+            self._samplers[settings] = sampler
         processors = []
         if request.thinking is not None:
             budget = thinking_processor(request.thinking, runner.loaded.tokenizer)
@@ -556,7 +634,10 @@ class Engine:
             self._recent.append((now, len(generation_responses)))
         while self._recent and self._recent[0][0] < now - 60.0:
             self._recent.popleft()
-        self.kv_cache_bytes = sum(r.generator.prompt_cache_nbytes for r in self._runners.values())
+        if now >= self._kv_counted_at + KV_COUNT_INTERVAL:
+            # Summing every layer's cache each token would cost ~2% of a small
+            # model's decode; a quarter-second-old figure serves its readers.
+            self._count_kv_bytes(now)
         for response in generation_responses:
             if response.prompt_cache is not None:
                 # A finished sequence leaves its prompt and reply for the next turn.
@@ -646,6 +727,7 @@ class Engine:
         # input and output; an exception mid-call leaves a placeholder array
         # there, and every later sampled request would fail. Reseed it.
         mx.random.seed(secrets.randbits(32))
+        self._samplers.clear()
         for job in runner.jobs.values():
             job.stream._deliver(Failed(message))
         runner.jobs.clear()

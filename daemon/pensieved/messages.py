@@ -44,6 +44,12 @@ from pensieved.toolcalls import GENERIC, ToolFormat
 
 log = logging.getLogger(__name__)
 
+# Requests up to this size are rendered on the event loop (well under a
+# millisecond); a thread hop would cost about as much. Larger ones, such as
+# Claude Code's ~20k-token turns, tokenize for tens of milliseconds, so they
+# go to a thread and other streams keep flowing.
+INLINE_BYTES = 2048
+
 
 @dataclass(frozen=True)
 class PreparedPrompt:
@@ -58,7 +64,7 @@ class PromptPreparer:
         self._registry = registry
         self._engine = engine
 
-    async def prepare(self, request: CountTokensRequest) -> PreparedPrompt:
+    async def prepare(self, request: CountTokensRequest, inline: bool = False) -> PreparedPrompt:
         config = self._registry.resolve(request.model)
         try:
             loaded = await self._engine.load(config)
@@ -66,9 +72,10 @@ class PromptPreparer:
             raise
         except Exception as exc:
             raise EngineFailure(f"model {config.name!r} could not be loaded: {exc}") from exc
-        # Chat templates and tokenizing ~20k-token prompts take milliseconds:
-        # keep them off the event loop.
-        prompt = await asyncio.to_thread(loaded.builder.build, request)
+        if inline:
+            prompt = loaded.builder.build(request)
+        else:
+            prompt = await asyncio.to_thread(loaded.builder.build, request)
         return PreparedPrompt(loaded, prompt)
 
 
@@ -77,8 +84,9 @@ class CountTokensResource:
         self._preparer = preparer
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        request = decode_request(await read_body(req), CountTokensRequest)
-        prepared = await self._preparer.prepare(request)
+        body = await read_body(req)
+        request = decode_request(body, CountTokensRequest)
+        prepared = await self._preparer.prepare(request, inline=len(body) <= INLINE_BYTES)
         json_response(resp, {"input_tokens": len(prepared.prompt.tokens)})
 
 
@@ -105,17 +113,19 @@ class MessagesResource:
         self._registry = registry
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        request = decode_request(await read_body(req), MessagesRequest)
+        body = await read_body(req)
+        request = decode_request(body, MessagesRequest)
+        small = len(body) <= INLINE_BYTES
         request_id: str = req.context.request_id
         if request.stream:
             cold = not self._engine.is_loaded(self._registry.resolve(request.model))
-            events = None if cold else await self._stream(req, request)
+            events = None if cold else await self._stream(req, request, small)
             resp.content_type = "text/event-stream"
             resp.set_header("Cache-Control", "no-cache")
             if events is None:
                 # A cold model: the stream starts now, with pings while it
                 # loads, instead of leaving the client without a byte.
-                starting = asyncio.ensure_future(self._stream(req, request))
+                starting = asyncio.ensure_future(self._stream(req, request, small))
                 resp.sse = events_when_ready(
                     starting,
                     ping_interval=self._registry.config.server.ping_interval,
@@ -124,7 +134,7 @@ class MessagesResource:
                 return
             resp.sse = events
             return
-        message_id, started = await self._start(req, request)
+        message_id, started = await self._start(req, request, small)
         reply, model, input_tokens = started.reply, started.model, started.input_tokens
         gone = started.gone
         try:
@@ -156,9 +166,9 @@ class MessagesResource:
         )
 
     async def _stream(
-        self, req: falcon.asgi.Request, request: MessagesRequest
+        self, req: falcon.asgi.Request, request: MessagesRequest, small: bool
     ) -> AsyncIterator[SSEvent]:
-        message_id, started = await self._start(req, request)
+        message_id, started = await self._start(req, request, small)
         return message_events(
             started.reply,
             message_id=message_id,
@@ -171,10 +181,10 @@ class MessagesResource:
         )
 
     async def _start(
-        self, req: falcon.asgi.Request, request: MessagesRequest
+        self, req: falcon.asgi.Request, request: MessagesRequest, small: bool
     ) -> tuple[str, _Started]:
         """Load the model, render and check the prompt, and submit it to the engine."""
-        prepared = await self._preparer.prepare(request)
+        prepared = await self._preparer.prepare(request, inline=small)
         model = prepared.model
         input_tokens = len(prepared.prompt.tokens)
         # One token of room is the least a reply needs.
@@ -188,7 +198,17 @@ class MessagesResource:
             top_p=1.0 if request.top_p is None else request.top_p,
             top_k=request.top_k or 0,
         )
-        plan = await asyncio.to_thread(plan_output, request, prepared)
+
+        def plan_and_look_up() -> tuple[OutputPlan, int]:
+            # Known for sure only once the engine takes the request;
+            # message_start carries this estimate, message_delta the real figure.
+            cached = self._engine.cached_length(model, prepared.prompt.tokens)
+            return plan_output(request, prepared), cached
+
+        if small and not prepared.prompt.tools:
+            plan, cached = plan_and_look_up()  # no grammar, a short prefix walk: microseconds
+        else:
+            plan, cached = await asyncio.to_thread(plan_and_look_up)
         generation = GenerationRequest(
             prompt=prepared.prompt.tokens,
             max_tokens=max_tokens,
@@ -218,9 +238,6 @@ class MessagesResource:
                 "more are waiting; try again shortly",
                 {"retry-after": "2"},
             )
-        # Known for sure only once the engine takes the request; message_start
-        # carries this estimate, message_delta the real figure.
-        cached = self._engine.cached_length(model, prepared.prompt.tokens)
         gone = disconnected(req)
         reply = Reply(
             self._engine.submit(model, generation),
@@ -228,6 +245,7 @@ class MessagesResource:
             request_id=request_id,
             prompt_tokens=input_tokens,
             metrics=self._metrics,
+            coalesce=self._registry.config.server.text_interval_ms / 1000,
         )
         return message_id, _Started(reply, model, input_tokens, cached, gone)
 

@@ -44,7 +44,9 @@ class Reply:
         request_id: str = "-",
         prompt_tokens: int = 0,
         metrics: Metrics | None = None,
+        coalesce: float = 0.0,
     ) -> None:
+        self._coalesce = coalesce
         self.stream = stream
         self.assembler = assembler
         self._request_id = request_id
@@ -89,9 +91,13 @@ class Reply:
         # Idle time counts from the last thing yielded: prefill progress
         # events yield nothing, so they must not reset it.
         last = clock()
+        # Text is sent at most every `coalesce` seconds: a small model makes
+        # a token every few milliseconds, and an SSE event for each would
+        # cost the decoding thread its share of the GIL.
+        hold_until = None
         while True:
             wait = None if idle is None else max(0.0, last + idle - clock())
-            event = await self.stream.next_event(gone, timeout=wait)
+            event = await self.stream.next_event(gone, timeout=wait, hold_until=hold_until)
             if event is None:
                 last = clock()
                 yield None
@@ -100,9 +106,19 @@ class Reply:
             elif isinstance(event, TextDelta):
                 if self._first_token is None:
                     self._first_token = time.perf_counter()
-                for block_event in assembler.feed(event.text):
+                text = event.text
+                # Tokens that came while we were busy go out as one delta
+                # (as Anthropic's own deltas hold several tokens).
+                while (more := self.stream.take_text()) is not None:
+                    text += more.text
+                    event = more
+                sent = False
+                for block_event in assembler.feed(text):
                     last = clock()
+                    sent = True
                     yield block_event
+                if sent and self._coalesce:
+                    hold_until = last + self._coalesce
                 if assembler.done:
                     # The one call allowed is complete: stop generating.
                     self.stream.cancel()

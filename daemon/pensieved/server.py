@@ -40,10 +40,23 @@ log = logging.getLogger(__name__)
 LOG_FILE = "pensieved.log"
 
 
+class _RotatingLog(logging.handlers.RotatingFileHandler):
+    """Rotates once the file has passed its size, checked on the open stream.
+
+    The standard handler stats the path and formats each record twice to
+    decide before writing; every message logs a line or two from the event
+    loop, so that cost was paid per request. The file may pass `maxBytes` by
+    one line.
+    """
+
+    def shouldRollover(self, record: logging.LogRecord) -> bool:
+        return self.stream is not None and self.maxBytes > 0 and self.stream.tell() >= self.maxBytes
+
+
 def log_to_file(path: Path) -> None:
     """Also log to `path` (rotated), which `pensievectl logs` reads on every platform."""
     private_dir(path.parent)
-    handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 * 1024**2, backupCount=3)
+    handler = _RotatingLog(path, maxBytes=10 * 1024**2, backupCount=3)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
 
