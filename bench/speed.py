@@ -59,9 +59,6 @@ from tests.daemon import Daemon  # noqa: E402
 STREAM_COUNTS = (1, 2, 4, 8)
 # Tokens per generation where only the time to the first one is measured.
 TTFT_TOKENS = 16
-# Warm turn-2 samples per server: turn 1's own reply, then replies that
-# differ from their first token (each reuses turn 1's prompt, not a reply).
-WARM_RUNS = 3
 MIN_PREFIX_TOKENS = 4096
 OUT = REPO / "bench" / "out"
 
@@ -164,19 +161,35 @@ def concurrent_rate(daemon: Daemon, streams: int, max_tokens: int) -> float:
 
 
 def raw_and_api(
-    engine: RawEngine, daemon: Daemon, max_tokens: int, runs: int
+    engine: RawEngine, daemon: Daemon, max_tokens: int, runs: int, batch: list[float] | None = None
 ) -> tuple[list[Stream], list[Stream]]:
-    """Raw engine and API runs in turn, so that a load from elsewhere slows both alike."""
+    """Raw engine and API runs in turn, so that a load from elsewhere slows both alike.
+
+    With `batch`, each pair also runs the raw BatchGenerator with one
+    sequence, and its decode rates are appended there.
+    """
     client = daemon.client()
-    pairs = [(engine.stream(max_tokens), api_stream(client, max_tokens)) for _ in range(runs + 1)][
-        1:
-    ]  # the first pair warms up
-    return [raw for raw, _ in pairs], [api for _, api in pairs]
+    raws, apis = [], []
+    for run in range(runs + 1):  # the first round warms up
+        raw = engine.stream(max_tokens)
+        rate = engine.batch_rate(1, max_tokens) if batch is not None else 0.0
+        api = api_stream(client, max_tokens)
+        if run:
+            raws.append(raw)
+            apis.append(api)
+            if batch is not None:
+                batch.append(rate)
+    return raws, apis
 
 
 def warm_reply(reply: str, run: int) -> str:
-    """Turn 1's reply for the first warm run; one that differs from its start after."""
-    return reply if run == 0 else f"Variant {run}. {reply}"
+    """Turn 1's reply, with a word added at its end after the first run.
+
+    Each run then reuses turn 1's prompt and reply from the cache, as the
+    real turn 2 does, and not the run before it (whose history differs from
+    the added word on).
+    """
+    return reply if run == 0 else f"{reply} ({run})"
 
 
 def measure_pensieve(args: argparse.Namespace, model_dir: str, results: Results) -> Conversation:
@@ -193,7 +206,7 @@ def measure_pensieve(args: argparse.Namespace, model_dir: str, results: Results)
             try:
                 with rss.window(results.rss, "1 stream"):
                     results.raw, results.api = raw_and_api(
-                        engine, daemon, args.max_tokens, args.runs
+                        engine, daemon, args.max_tokens, args.runs, results.raw_batch_one
                     )
                 results.raw_first, results.api_first = raw_and_api(
                     engine, daemon, TTFT_TOKENS, args.ttft_runs
@@ -231,7 +244,7 @@ def measure_pensieve(args: argparse.Namespace, model_dir: str, results: Results)
             first = send(conversation.turn1(), None)
             warm = [
                 send(conversation.turn2(warm_reply(first.text, run)), None)
-                for run in range(WARM_RUNS)
+                for run in range(args.warm_runs)
             ]
             results.pensieve = first, warm
             return conversation
@@ -261,7 +274,7 @@ def measure_peer(
         fresh = send(conversation.turn2(first.text), None)
         warm = [
             send(conversation.turn2(warm_reply(first.text, run)), None, billing=False)
-            for run in range(WARM_RUNS)
+            for run in range(args.warm_runs)
         ]
         results.peer = first, fresh, warm
     finally:
@@ -286,6 +299,12 @@ def main() -> None:
     )
     parser.add_argument("--prefix-tokens", type=int, default=4300, help="turn 1's prompt size")
     parser.add_argument("--turn-tokens", type=int, default=16, help="max_tokens per turn")
+    parser.add_argument(
+        "--warm-runs",
+        type=int,
+        help="part 2 warm turn-2 runs per server: turn 1's reply, then it with a word added "
+        "at its end (default: 3; tiny: 7)",
+    )
     parser.add_argument("--plot", type=Path, help="PNG path (default: bench/out/speed-MODEL.png)")
     args = parser.parse_args()
     # The tiny model decodes ~20x faster: longer and more runs for steadier figures.
@@ -293,6 +312,7 @@ def main() -> None:
     args.max_tokens = args.max_tokens or (256 if tiny else 64)
     args.runs = args.runs or (9 if tiny else 5)
     args.ttft_runs = args.ttft_runs or (15 if tiny else 9)
+    args.warm_runs = args.warm_runs or (7 if tiny else 3)
     if args.prefix_tokens < MIN_PREFIX_TOKENS:
         parser.error(f"--prefix-tokens: the issue asks for at least {MIN_PREFIX_TOKENS}")
     # The same BLAS as the daemon, which preloads the system OpenBLAS too;

@@ -30,6 +30,9 @@ class Results:
     peer: tuple[Stream, Stream, list[Stream]] | None = None
     aggregate: dict[int, float] = field(default_factory=dict)  # streams -> tok/s
     raw_batch: dict[int, float] = field(default_factory=dict)  # sequences -> tok/s
+    # Part 1's decode pairs also ran mlx-lm's BatchGenerator with one sequence:
+    # the rate every server built on it starts from.
+    raw_batch_one: list[float] = field(default_factory=list)
     rss: dict[str, int] = field(default_factory=dict)  # window -> peak bytes
     seconds: float = 0.0
 
@@ -40,6 +43,12 @@ class Results:
         """API over raw decode rate: the median of the pairs' ratios (drift cancels)."""
         return statistics.median(
             a.decode_rate / r.decode_rate for r, a in zip(self.raw, self.api, strict=True)
+        )
+
+    def batch_ratio(self) -> float:
+        """Raw BatchGenerator (one sequence) over raw stream_generate: the median pair's."""
+        return statistics.median(
+            b / r.decode_rate for r, b in zip(self.raw, self.raw_batch_one, strict=True)
         )
 
     def ttft_overhead_ms(self) -> float:
@@ -85,6 +94,13 @@ def _rows(r: Results) -> list[tuple[str, str, str, str, str]]:
             f"{decode:.2f}x",
             ">= 0.97x",
             _verdict(decode >= 0.97),
+        ),
+        (
+            "  raw BatchGenerator, one sequence",
+            f"{statistics.median(r.raw_batch_one):.1f}",
+            f"{r.batch_ratio():.2f}x",
+            "",
+            "",
         ),
         (
             f"1 TTFT ms: raw mlx-lm -> API ({len(r.raw_first)} pairs)",
@@ -191,13 +207,19 @@ def plot(r: Results, path: Path) -> None:
     fig, ((decode, turns), (streams, rss)) = plt.subplots(2, 2, figsize=(11, 8))
     fig.suptitle(f"Pensieve speed: {r.label}")
 
-    labels = ["raw mlx-lm", "Pensieve API"]
-    rates = [r.median(r.raw, lambda s: s.decode_rate), r.median(r.api, lambda s: s.decode_rate)]
-    ttfts = [r.median(r.raw_first, _ms), r.median(r.api_first, _ms)]
-    bars = decode.bar(labels, rates, color=["grey", "tab:blue"])
-    decode.bar_label(
-        bars, [f"{v:.1f} tok/s\nTTFT {t:.0f} ms" for v, t in zip(rates, ttfts, strict=True)]
-    )
+    labels = ["raw mlx-lm", "raw\nBatchGenerator", "Pensieve API"]
+    rates = [
+        r.median(r.raw, lambda s: s.decode_rate),
+        statistics.median(r.raw_batch_one),
+        r.median(r.api, lambda s: s.decode_rate),
+    ]
+    ttfts = [
+        f"TTFT {r.median(r.raw_first, _ms):.0f} ms",
+        "",
+        f"TTFT {r.median(r.api_first, _ms):.0f} ms",
+    ]
+    bars = decode.bar(labels, rates, color=["grey", "silver", "tab:blue"])
+    decode.bar_label(bars, [f"{v:.1f} tok/s\n{t}" for v, t in zip(rates, ttfts, strict=True)])
     decode.set_ylabel("decode tok/s")
     decode.set_title("1. streaming API vs raw engine")
     decode.margins(y=0.25)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pensieved.errors import InvalidRequest
+from pensieved.pieces import PieceTokenizer
 from pensieved.protocol import (
     CountTokensRequest,
     DocumentBlock,
@@ -176,6 +177,7 @@ class PromptBuilder:
         self._tokenizer = tokenizer
         self._model_name = model_name
         self.native_format = detect_format(tokenizer)
+        self._pieces = PieceTokenizer(tokenizer)
         self.has_thinking = bool(getattr(tokenizer, "has_thinking", False))
 
     def tool_format(self) -> ToolFormat:
@@ -221,9 +223,21 @@ class PromptBuilder:
             start >= max(0, len(tokens) - 8) and self._tokenizer.rfind_think_end(tokens) < start
         )
 
+    def _tokens(self, turns: list[ChatMessage], kwargs: dict[str, Any]) -> list[int]:
+        """The template's tokens for `turns`: by pieces where the tokenizer allows (pieces.py)."""
+        pieces = self._pieces
+        if not pieces.enabled:
+            return list(self._tokenizer.apply_chat_template(turns, **kwargs))
+        text = self._tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
+        tokens = pieces.encode(text)
+        if pieces.checking:
+            whole = list(self._tokenizer.apply_chat_template(turns, **kwargs))
+            return pieces.confirm(tokens, whole)
+        return tokens
+
     def _render(self, turns: list[ChatMessage], kwargs: dict[str, Any]) -> list[int]:
         try:
-            return list(self._tokenizer.apply_chat_template(turns, **kwargs))
+            return self._tokens(turns, kwargs)
         except Exception:
             # Some templates refuse a system turn anywhere but first; keep the
             # leading one and present later ones as user turns.
@@ -233,7 +247,7 @@ class PromptBuilder:
                     turn = {"role": "user", "content": turn["content"]}
                 _append(merged, dict(turn))
             try:
-                return list(self._tokenizer.apply_chat_template(merged, **kwargs))
+                return self._tokens(merged, kwargs)
             except Exception as exc:
                 raise InvalidRequest(
                     f"messages: model {self._model_name!r} chat template cannot render "
