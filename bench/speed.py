@@ -10,7 +10,8 @@ One run, one model, four measurements (issue #4):
 2. turn-2 vs turn-1 time-to-first-token of a Claude-Code-shaped conversation
    with a >= 4k-token shared prefix (volatile billing header, a dozen tools,
    a tool round trip), for Pensieve and for `mlx_lm.server` on the same model;
-   the warm turn 2 is the median of three runs on each server;
+   warm turn 2 runs go to the two servers in turn, and the ratio is the
+   median of the pairs';
 3. aggregate decode tok/s with 1, 2, 4 and 8 concurrent SDK streams, and the
    same model in mlx-lm's own BatchGenerator with 1 and 4 sequences;
 4. the daemon's peak RSS idle, during one stream and during 4 concurrent streams.
@@ -192,7 +193,7 @@ def warm_reply(reply: str, run: int) -> str:
     return reply if run == 0 else f"{reply} ({run})"
 
 
-def measure_pensieve(args: argparse.Namespace, model_dir: str, results: Results) -> Conversation:
+def measure(args: argparse.Namespace, model_dir: str, results: Results) -> None:
     with tempfile.TemporaryDirectory() as home:
         daemon = bench_daemon(Path(home), model_dir)
         rss = PeakRss(daemon.process.pid)
@@ -233,50 +234,58 @@ def measure_pensieve(args: argparse.Namespace, model_dir: str, results: Results)
                     return int(response.json()["input_tokens"])
 
                 conversation = fit_conversation(count_tokens, args.prefix_tokens)
-            print(f"2. Pensieve: Claude-Code-shaped turns 1 and 2 ({args.prefix_tokens}+ tokens)")
-
-            def send(messages: list[Json], cch: str | None) -> Stream:
-                extras = conversation.anthropic_extras(cch)
-                return sdk_stream(client, args.turn_tokens, messages, **extras)
-
-            # Turn 2 = turn 1 + its reply and a tool call + the tool's result,
-            # with a fresh billing header, as Claude Code sends it.
-            first = send(conversation.turn1(), None)
-            warm = [
-                send(conversation.turn2(warm_reply(first.text, run)), None)
-                for run in range(args.warm_runs)
-            ]
-            results.pensieve = first, warm
-            return conversation
+            measure_turns(args, model_dir, daemon, conversation, results)
         finally:
             rss.stop()
             daemon.stop()
 
 
-def measure_peer(
-    args: argparse.Namespace, model_dir: str, conversation: Conversation, results: Results
+def measure_turns(
+    args: argparse.Namespace,
+    model_dir: str,
+    daemon: Daemon,
+    conversation: Conversation,
+    results: Results,
 ) -> None:
+    """Part 2 with both servers up: turn 1 on each, then their warm turn 2 runs in turn.
+
+    Taking the warm runs in pairs, as part 1 does, keeps a machine that
+    slows down for a while from favouring whichever server ran then.
+    """
+    client = daemon.client()
     server = MlxServer(model_dir, results.peer_log)
     try:
         server.stream([{"role": "user", "content": PROMPT}], 8)  # warm-up
 
-        def send(messages: list[Json], cch: str | None, billing: bool = True) -> Stream:
-            turns = conversation.openai_messages(messages, cch, billing)
+        # Turn 2 = turn 1 + its reply and a tool call + the tool's result.
+        # Pensieve's requests carry a fresh billing header each, as Claude
+        # Code sends them.
+        def ours(messages: list[Json]) -> Stream:
+            extras = conversation.anthropic_extras()
+            return sdk_stream(client, args.turn_tokens, messages, **extras)
+
+        # Without the billing header, mlx_lm.server's prompts are the very
+        # tokens Pensieve renders (it drops that header), so both generate the
+        # same text: a random model's first visible word can come after a run
+        # of newlines that any change to the prompt moves. The turn with a
+        # header fresh to it is Claude Code's real case.
+        def theirs(messages: list[Json], billing: bool = False) -> Stream:
+            turns = conversation.openai_messages(messages, billing=billing)
             return server.stream(turns, args.turn_tokens)
 
-        # Turn 1 and the warm turns without the billing header are the very
-        # prompts Pensieve renders, token for token, so that both servers
-        # generate the same text (a random model's first visible word can
-        # come after a run of newlines that any change to the prompt moves).
-        # The turn with a header fresh to it is Claude Code's real case.
-        print("2. mlx_lm.server: turn 1, turn 2 with a fresh billing header, warm turn 2 runs")
-        first = send(conversation.turn1(), None, billing=False)
-        fresh = send(conversation.turn2(first.text), None)
-        warm = [
-            send(conversation.turn2(warm_reply(first.text, run)), None, billing=False)
-            for run in range(args.warm_runs)
-        ]
-        results.peer = first, fresh, warm
+        print(f"2. turn 1 ({args.prefix_tokens}+ tokens), Pensieve then mlx_lm.server", flush=True)
+        first = ours(conversation.turn1())
+        peer_first = theirs(conversation.turn1())
+        print("2. mlx_lm.server: turn 2 with a fresh billing header", flush=True)
+        fresh = theirs(conversation.turn2(peer_first.text), billing=True)
+        print(f"2. {args.warm_runs} warm turn 2 runs each, in turn", flush=True)
+        warm: list[Stream] = []
+        peer_warm: list[Stream] = []
+        for run in range(args.warm_runs):
+            warm.append(ours(conversation.turn2(warm_reply(first.text, run))))
+            peer_warm.append(theirs(conversation.turn2(warm_reply(peer_first.text, run))))
+        results.pensieve = first, warm
+        results.peer = peer_first, fresh, peer_warm
     finally:
         server.stop()
 
@@ -303,7 +312,7 @@ def main() -> None:
         "--warm-runs",
         type=int,
         help="part 2 warm turn-2 runs per server: turn 1's reply, then it with a word added "
-        "at its end (default: 3; tiny: 7)",
+        "at its end (default: 5; tiny: 9)",
     )
     parser.add_argument("--plot", type=Path, help="PNG path (default: bench/out/speed-MODEL.png)")
     args = parser.parse_args()
@@ -312,7 +321,7 @@ def main() -> None:
     args.max_tokens = args.max_tokens or (256 if tiny else 64)
     args.runs = args.runs or (9 if tiny else 5)
     args.ttft_runs = args.ttft_runs or (15 if tiny else 9)
-    args.warm_runs = args.warm_runs or (7 if tiny else 3)
+    args.warm_runs = args.warm_runs or (9 if tiny else 5)
     if args.prefix_tokens < MIN_PREFIX_TOKENS:
         parser.error(f"--prefix-tokens: the issue asks for at least {MIN_PREFIX_TOKENS}")
     # The same BLAS as the daemon, which preloads the system OpenBLAS too;
@@ -337,8 +346,7 @@ def main() -> None:
         print(f"model: {label} ({model_dir}), context {context}", flush=True)
         if context < args.prefix_tokens + 1024:
             sys.exit(f"{label}: a {context}-token context cannot hold the conversation")
-        conversation = measure_pensieve(args, model_dir, results)
-        measure_peer(args, model_dir, conversation, results)
+        measure(args, model_dir, results)
     results.seconds = time.perf_counter() - started
     print()
     print(table(results))

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
+from collections.abc import AsyncIterator
 
 import anthropic
 import httpx
 import pytest
+from falcon.asgi import SSEvent
 
+from pensieved.content import ContentAssembler
+from pensieved.engine import Engine, Finished, GenerationStream, PromptProgress, TextDelta
+from pensieved.reply import Reply
+from pensieved.sse import message_events
 from tests.conftest import TINY_CONTEXT
 from tests.daemon import Daemon, sse_events, stream_started
 
@@ -80,12 +87,23 @@ def test_stream_event_sequence_is_exact(tiny_daemon: Daemon) -> None:
     assert delta["usage"]["output_tokens"] == 5
 
 
+def text_events(
+    stream: GenerationStream, *, ping_interval: float, coalesce: float = 0.0
+) -> AsyncIterator[SSEvent]:
+    """The SSE events of a plain-text reply read from `stream`."""
+    return message_events(
+        Reply(stream, ContentAssembler(tool_format=None, tools=[]), coalesce=coalesce),
+        message_id="msg_1",
+        model="tiny",
+        input_tokens=20480,
+        ping_interval=ping_interval,
+        request_id="req_1",
+        gone=asyncio.Event(),
+    )
+
+
 def test_pings_keep_coming_while_prefill_progresses(tmp_path) -> None:
     """Progress events from a long prefill write nothing, so they must not delay pings."""
-    from pensieved.content import ContentAssembler
-    from pensieved.engine import Engine, Finished, GenerationStream, PromptProgress
-    from pensieved.reply import Reply
-    from pensieved.sse import message_events
 
     async def scenario() -> list[str]:
         stream = GenerationStream(Engine(tmp_path), asyncio.get_running_loop())
@@ -97,15 +115,7 @@ def test_pings_keep_coming_while_prefill_progresses(tmp_path) -> None:
             stream._deliver(Finished("end_turn", None, 0))
 
         feeder = asyncio.ensure_future(engine_side())
-        events = message_events(
-            Reply(stream, ContentAssembler(tool_format=None, tools=[])),
-            message_id="msg_1",
-            model="tiny",
-            input_tokens=20480,
-            ping_interval=0.05,
-            request_id="req_1",
-            gone=asyncio.Event(),
-        )
+        events = text_events(stream, ping_interval=0.05)
         names = [event.event async for event in events]
         await feeder
         return [name or "" for name in names]
@@ -118,14 +128,6 @@ def test_pings_keep_coming_while_prefill_progresses(tmp_path) -> None:
 
 def test_text_is_gathered_between_sends_and_the_end_comes_at_once(tmp_path) -> None:
     """Tokens made while a stream holds off go out as one delta; the end never waits."""
-    import threading
-    import time
-
-    from pensieved.content import ContentAssembler
-    from pensieved.engine import Engine, Finished, GenerationStream, TextDelta
-    from pensieved.reply import Reply
-    from pensieved.sse import message_events
-
     words = [f"w{i} " for i in range(40)]
 
     async def scenario() -> tuple[list[str], float]:
@@ -138,16 +140,7 @@ def test_text_is_gathered_between_sends_and_the_end_comes_at_once(tmp_path) -> N
             stream._deliver(Finished("end_turn", None, len(words)))
 
         # A hold far longer than the test may take: only the end can wake it.
-        reply = Reply(stream, ContentAssembler(tool_format=None, tools=[]), coalesce=60.0)
-        events = message_events(
-            reply,
-            message_id="msg_1",
-            model="tiny",
-            input_tokens=3,
-            ping_interval=60.0,
-            request_id="req_1",
-            gone=asyncio.Event(),
-        )
+        events = text_events(stream, ping_interval=60.0, coalesce=60.0)
         started = time.monotonic()
         threading.Thread(target=engine_thread).start()
         texts = [
