@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 from bench.claude_code import Conversation
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from pensieved.pieces import CHECKED_RENDERS, PieceTokenizer
@@ -50,7 +50,7 @@ def test_pieces_give_the_tokens_of_whole_tokenizing(smollm_tokenizer: Any) -> No
     by_pieces = PromptBuilder(smollm_tokenizer, "smollm")
     whole = PromptBuilder(smollm_tokenizer, "smollm")
     whole._pieces._pattern = None  # the plain path, for reference
-    assert by_pieces._pieces.enabled
+    assert by_pieces._pieces.pattern is not None
     for lines in (0, 12, 40):
         for reply in REPLIES:
             request = claude_code_turns(reply, lines)
@@ -65,47 +65,57 @@ def test_a_difference_from_whole_tokenizing_turns_pieces_off(
     smollm_tokenizer: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     pieces = PieceTokenizer(smollm_tokenizer)
-    assert pieces.checking
-    pieces.encode("<|im_start|>user\nhello<|im_end|>")
+    assert pieces.checking and pieces.pattern is not None
+    assert pieces.encode("<|im_start|>user\nhello<|im_end|>", pieces.pattern)[0] == 1
     with caplog.at_level(logging.WARNING, logger="pensieved.pieces"):
         assert pieces.confirm([1, 2], [1, 3]) == [1, 3]
-    assert not pieces.enabled and not pieces.checking
+    assert pieces.pattern is None and not pieces.checking
     assert "tokenizing prompts whole" in caplog.text
     for _ in range(CHECKED_RENDERS):
         assert PieceTokenizer(smollm_tokenizer).confirm([5], [5]) == [5]
 
 
-def fast_tokenizer(pre_tokenizer: Any, lstrip: bool = False) -> PreTrainedTokenizerFast:
+def fast_tokenizer(pre_tokenizer: Any, added: list[AddedToken]) -> PreTrainedTokenizerFast:
     vocab = {chr(c): i for i, c in enumerate(range(ord("a"), ord("z") + 1))}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizer
     backend.decoder = decoders.ByteLevel()
-    from tokenizers import AddedToken
-
-    backend.add_special_tokens([AddedToken("<|end|>", lstrip=lstrip, special=True)])
+    backend.add_special_tokens([token for token in added if token.special])
+    backend.add_tokens([token for token in added if not token.special])
     return PreTrainedTokenizerFast(tokenizer_object=backend)
 
 
+BYTE_LEVEL = pre_tokenizers.ByteLevel(add_prefix_space=False)
+END = AddedToken("<|end|>", special=True, normalized=False)
+
+
 @pytest.mark.parametrize(
-    ("pre_tokenizer", "lstrip", "enabled"),
+    ("pre_tokenizer", "added", "used"),
     [
-        (pre_tokenizers.ByteLevel(add_prefix_space=False), False, True),
+        (BYTE_LEVEL, [END], True),
         (
             pre_tokenizers.Sequence(
                 [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel()]
             ),
-            False,
+            [END],
             True,
         ),
         # SentencePiece-style: the first piece of the input is treated apart.
-        (pre_tokenizers.Metaspace(prepend_scheme="first"), False, False),
-        (pre_tokenizers.ByteLevel(add_prefix_space=False), True, False),  # eats whitespace
+        (pre_tokenizers.Metaspace(prepend_scheme="first"), [END], False),
+        # Takes the whitespace before it.
+        (BYTE_LEVEL, [AddedToken("<|end|>", lstrip=True, special=True, normalized=False)], False),
+        # Matched in a second pass, after "b": one split could not cut "xab" as the tokenizer does.
+        (
+            BYTE_LEVEL,
+            [AddedToken("b", normalized=False), AddedToken("ab", normalized=True)],
+            False,
+        ),
     ],
 )
 def test_only_tokenizers_whose_pieces_are_independent_use_pieces(
-    pre_tokenizer: Any, lstrip: bool, enabled: bool
+    pre_tokenizer: Any, added: list[AddedToken], used: bool
 ) -> None:
-    tokenizer = fast_tokenizer(pre_tokenizer, lstrip)
+    tokenizer = fast_tokenizer(pre_tokenizer, added)
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    assert spec["added_tokens"][0]["lstrip"] is lstrip
-    assert PieceTokenizer(tokenizer).enabled is enabled
+    assert [token["content"] for token in spec["added_tokens"]] == [t.content for t in added]
+    assert (PieceTokenizer(tokenizer).pattern is not None) is used

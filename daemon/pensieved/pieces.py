@@ -21,6 +21,7 @@ import collections
 import json
 import logging
 import re
+import sys
 import threading
 from array import array
 from typing import Any
@@ -32,8 +33,14 @@ PIECEWISE_PRE_TOKENIZERS = {"ByteLevel", "Digits", "Split", "Punctuation", "Sequ
 PIECEWISE_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Sequence"}
 # Renders compared with whole tokenizing before the pieces are trusted.
 CHECKED_RENDERS = 3
-# The cache's size, in tokens held (4 bytes each, plus the text that keys them).
-MAX_CACHED_TOKENS = 1 << 20
+# The cache's size: the pieces' text, their tokens and the entries themselves.
+MAX_CACHED_BYTES = 64 * 1024**2
+ENTRY_BYTES = 200  # an entry's dict slot and array header, about
+# Shorter pieces (a role name, a short turn) are tokenized each time: cheap,
+# and not worth an entry.
+MIN_CACHED_CHARS = 64
+# Past this many added tokens, matching them with a regex costs about what it saves.
+MAX_ADDED_TOKENS = 1024
 
 
 class PieceTokenizer:
@@ -47,19 +54,22 @@ class PieceTokenizer:
             # Longest first: at one position, the longest added token wins, as in the tokenizer.
             names = sorted(self._added, key=len, reverse=True)
             self._pattern = re.compile("(" + "|".join(map(re.escape, names)) + ")")
-        self._pieces: collections.OrderedDict[str, array[int]] = collections.OrderedDict()
-        self._held = 0  # tokens in `_pieces`
+        self._pieces: collections.OrderedDict[str, tuple[array[int], int]] = (
+            collections.OrderedDict()
+        )
+        self._held = 0  # bytes in `_pieces`
         self._checks_left = CHECKED_RENDERS
         self._lock = threading.Lock()  # renders run in worker threads and on the loop
 
     @property
-    def enabled(self) -> bool:
-        return self._pattern is not None
+    def pattern(self) -> re.Pattern[str] | None:
+        """What `encode` splits at; None once pieces are off (read it once per render)."""
+        return self._pattern
 
     @property
     def checking(self) -> bool:
         """The next render should also be tokenized whole, and `confirm`ed."""
-        return self.enabled and self._checks_left > 0
+        return self._pattern is not None and self._checks_left > 0
 
     def confirm(self, pieces: list[int], whole: list[int]) -> list[int]:
         """The whole tokens; pieces are given up for good if they differ from them."""
@@ -73,33 +83,39 @@ class PieceTokenizer:
             self._held = 0
         return whole
 
-    def encode(self, text: str) -> list[int]:
-        assert self._pattern is not None and self._backend is not None
+    def encode(self, text: str, pattern: re.Pattern[str]) -> list[int]:
+        """`text`'s tokens, split at `pattern` (this tokenizer's `pattern`, read before)."""
         tokens: list[int] = []
-        for index, piece in enumerate(self._pattern.split(text)):
+        for index, piece in enumerate(pattern.split(text)):
             if index % 2:  # the pattern's group: an added token
                 tokens.append(self._added[piece])
             elif piece:
                 tokens.extend(self._piece(piece))
         return tokens
 
-    def _piece(self, piece: str) -> array[int]:
+    def _piece(self, piece: str) -> list[int] | array[int]:
+        if len(piece) < MIN_CACHED_CHARS:
+            return self._encode(piece)
         with self._lock:
             found = self._pieces.get(piece)
             if found is not None:
                 self._pieces.move_to_end(piece)
-                return found
-        ids = array("I", self._backend.encode(piece, add_special_tokens=False).ids)
-        if len(ids) * 2 > MAX_CACHED_TOKENS:
+                return found[0]
+        ids = array("I", self._encode(piece))
+        size = sys.getsizeof(piece) + ids.itemsize * len(ids) + ENTRY_BYTES
+        if size * 4 > MAX_CACHED_BYTES:
             return ids
         with self._lock:
             if piece not in self._pieces:
-                self._pieces[piece] = ids
-                self._held += len(ids)
-            while self._held > MAX_CACHED_TOKENS:
-                _, dropped = self._pieces.popitem(last=False)
-                self._held -= len(dropped)
+                self._pieces[piece] = (ids, size)
+                self._held += size
+            while self._held > MAX_CACHED_BYTES:
+                _, (_, dropped) = self._pieces.popitem(last=False)
+                self._held -= dropped
         return ids
+
+    def _encode(self, piece: str) -> list[int]:
+        return list(self._backend.encode(piece, add_special_tokens=False).ids)
 
 
 def _piecewise_backend(tokenizer: Any) -> Any:
@@ -115,18 +131,25 @@ def _piecewise_backend(tokenizer: Any) -> Any:
     except (AttributeError, ValueError):
         return None
     pre_tokenizer = spec.get("pre_tokenizer")
-    if not spec.get("added_tokens") or not _only(
-        pre_tokenizer, "pretokenizers", PIECEWISE_PRE_TOKENIZERS
+    if getattr(backend, "encode_special_tokens", False):
+        return None  # added tokens are tokenized as text: nothing to split at
+    added_tokens = spec.get("added_tokens") or []
+    if (
+        not added_tokens
+        or len(added_tokens) > MAX_ADDED_TOKENS
+        or not _only(pre_tokenizer, "pretokenizers", PIECEWISE_PRE_TOKENIZERS)
     ):
         return None
     if spec.get("normalizer") is not None and not _only(
         spec["normalizer"], "normalizers", PIECEWISE_NORMALIZERS
     ):
         return None
-    for added in spec["added_tokens"]:
-        if added.get("lstrip") or added.get("rstrip") or added.get("single_word"):
-            return None
-        if added.get("normalized") and spec.get("normalizer") is not None:
+    for added in added_tokens:
+        # Tokens that take the whitespace around them, or match whole words
+        # only, are not cut out where the text has them. Normalized ones are
+        # matched in a second pass over what the others left: a single
+        # longest-first split could cut at another place.
+        if any(added.get(flag) for flag in ("lstrip", "rstrip", "single_word", "normalized")):
             return None
     return backend
 

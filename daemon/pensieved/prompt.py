@@ -226,11 +226,14 @@ class PromptBuilder:
     def _tokens(self, turns: list[ChatMessage], kwargs: dict[str, Any]) -> list[int]:
         """The template's tokens for `turns`: by pieces where the tokenizer allows (pieces.py)."""
         pieces = self._pieces
-        if not pieces.enabled:
+        # Read once: another render may turn pieces off meanwhile.
+        pattern = pieces.pattern
+        checking = pieces.checking
+        if pattern is None:
             return list(self._tokenizer.apply_chat_template(turns, **kwargs))
         text = self._tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
-        tokens = pieces.encode(text)
-        if pieces.checking:
+        tokens = pieces.encode(text, pattern)
+        if checking:
             whole = list(self._tokenizer.apply_chat_template(turns, **kwargs))
             return pieces.confirm(tokens, whole)
         return tokens
