@@ -162,25 +162,25 @@ def concurrent_rate(daemon: Daemon, streams: int, max_tokens: int) -> float:
 
 
 def raw_and_api(
-    engine: RawEngine, daemon: Daemon, max_tokens: int, runs: int, batch: list[float] | None = None
-) -> tuple[list[Stream], list[Stream]]:
+    engine: RawEngine, daemon: Daemon, max_tokens: int, runs: int, with_batch: bool = False
+) -> tuple[list[Stream], list[Stream], list[float]]:
     """Raw engine and API runs in turn, so that a load from elsewhere slows both alike.
 
-    With `batch`, each pair also runs the raw BatchGenerator with one
-    sequence, and its decode rates are appended there.
+    With `with_batch`, each round also runs the raw BatchGenerator with one
+    sequence: its decode rates come third (else that list is empty).
     """
     client = daemon.client()
-    raws, apis = [], []
+    raws, apis, batch = [], [], []
     for run in range(runs + 1):  # the first round warms up
         raw = engine.stream(max_tokens)
-        rate = engine.batch_rate(1, max_tokens) if batch is not None else 0.0
+        rate = engine.batch_rate(1, max_tokens) if with_batch else None
         api = api_stream(client, max_tokens)
         if run:
             raws.append(raw)
             apis.append(api)
-            if batch is not None:
+            if rate is not None:
                 batch.append(rate)
-    return raws, apis
+    return raws, apis, batch
 
 
 def warm_reply(reply: str, run: int) -> str:
@@ -206,10 +206,10 @@ def measure(args: argparse.Namespace, model_dir: str, results: Results) -> None:
             engine = RawEngine(model_dir)
             try:
                 with rss.window(results.rss, "1 stream"):
-                    results.raw, results.api = raw_and_api(
-                        engine, daemon, args.max_tokens, args.runs, results.raw_batch_one
+                    results.raw, results.api, results.raw_batch_one = raw_and_api(
+                        engine, daemon, args.max_tokens, args.runs, with_batch=True
                     )
-                results.raw_first, results.api_first = raw_and_api(
+                results.raw_first, results.api_first, _ = raw_and_api(
                     engine, daemon, TTFT_TOKENS, args.ttft_runs
                 )
                 print("3. raw BatchGenerator: 1 and 4 sequences", flush=True)

@@ -158,7 +158,7 @@ class GenerationStream:
         events = self._events
         loop = self._loop
         deadline = None if timeout is None else loop.time() + timeout
-        if hold_until is not None and not (events and isinstance(events[-1], Finished | Failed)):
+        if hold_until is not None and not self._end_queued():
             if deadline is not None:
                 hold_until = min(hold_until, deadline)
             if loop.time() < hold_until:
@@ -187,9 +187,9 @@ class GenerationStream:
             self._napping = True
         else:
             self._sleeping = True
-        events = self._events
         # What the engine appended before it could see us asleep.
-        if events and (not nap or isinstance(events[-1], Finished | Failed)):
+        ready = self._end_queued() if nap else bool(self._events)
+        if ready:
             self._sleeping = self._napping = False
             self._wakeup = None
             return
@@ -201,6 +201,10 @@ class GenerationStream:
             self._wakeup = None
             if timer is not None:
                 timer.cancel()
+
+    def _end_queued(self) -> bool:
+        """The stream's last event is here (it is always the last in the queue)."""
+        return bool(self._events) and isinstance(self._events[-1], Finished | Failed)
 
     def take_text(self) -> TextDelta | None:
         """The next event if it is already here and is text, without waiting."""

@@ -115,7 +115,8 @@ class PieceTokenizer:
         return ids
 
     def _encode(self, piece: str) -> list[int]:
-        return list(self._backend.encode(piece, add_special_tokens=False).ids)
+        ids: list[int] = self._backend.encode(piece, add_special_tokens=False).ids
+        return ids
 
 
 def _piecewise_backend(tokenizer: Any) -> Any:
