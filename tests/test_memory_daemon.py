@@ -40,6 +40,10 @@ from tests.test_memory import available_gb, lines
 
 HI = [{"role": "user", "content": "Hi"}]
 GO_ON = [{"role": "user", "content": "Go on."}]
+# Streams that must outlast a step of a test decode greedily: sampled, the
+# random model ends about one 4000-token stream in eight early with its end
+# token.
+GREEDY = 0.0
 SAMPLE_INTERVAL = 0.05
 DRAIN = 4.0
 
@@ -91,7 +95,13 @@ def test_reject_refuses_new_requests_and_lets_running_streams_finish(
 ) -> None:
     daemon = memory_daemon
     assert reach(daemon, Level.NORMAL)["level"] == "normal"
-    body = {"model": "long-x", "max_tokens": 1000, "messages": GO_ON, "stream": True}
+    body = {
+        "model": "long-x",
+        "max_tokens": 1000,
+        "messages": GO_ON,
+        "stream": True,
+        "temperature": GREEDY,
+    }
     with (
         daemon.http() as http,
         http.stream("POST", "/v1/messages", json=body) as stream,
@@ -176,7 +186,12 @@ def test_memory_shutdown_ends_streams_with_an_error_and_exits_0(
         client = daemon.client()
         with (
             pytest.raises(anthropic.APIStatusError) as caught,
-            client.messages.stream(model="long-x", max_tokens=3000, messages=GO_ON) as stream,
+            client.messages.stream(
+                model="long-x",
+                max_tokens=3000,
+                messages=GO_ON,
+                extra_body={"temperature": GREEDY},
+            ) as stream,
         ):
             for _ in stream.text_stream:
                 started = time.monotonic()
@@ -204,7 +219,13 @@ def test_sigterm_drains_short_streams_and_ends_long_ones(
     try:
 
         def stream(max_tokens: int, started: threading.Event) -> list[tuple[str, str]]:
-            body = {"model": "long-x", "max_tokens": max_tokens, "messages": GO_ON, "stream": True}
+            body = {
+                "model": "long-x",
+                "max_tokens": max_tokens,
+                "messages": GO_ON,
+                "stream": True,
+                "temperature": GREEDY,
+            }
             with daemon.http() as http, http.stream("POST", "/v1/messages", json=body) as response:
                 lines = response.iter_lines()
                 for line in lines:

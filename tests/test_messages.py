@@ -334,7 +334,8 @@ def wait_until_idle(daemon: Daemon, seconds: float = 3.0) -> int:
 
 
 def test_disconnect_of_a_non_streaming_client_frees_the_slot(tiny_daemon: Daemon) -> None:
-    body = {"model": "long-x", "max_tokens": 4000, "messages": QUESTION}
+    # Greedy: sampled, the random model may end early with its end token.
+    body = {"model": "long-x", "max_tokens": 4000, "messages": QUESTION, "temperature": 0.0}
     with tiny_daemon.http() as http, pytest.raises(httpx.ReadTimeout):
         http.post("/v1/messages", json=body, timeout=1.0)
     assert wait_until_idle(tiny_daemon) == 0
@@ -347,6 +348,7 @@ def test_disconnect_frees_the_slot_at_once(tiny_daemon: Daemon) -> None:
         "max_tokens": 4000,  # far more than can be decoded in the 3 s waited below
         "stream": True,
         "messages": QUESTION,
+        "temperature": 0.0,  # sampled, the random model may end early
     }
     with stream_started(tiny_daemon, body):
         pass
