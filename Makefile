@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup run install uninstall test lint typecheck bench soak openapi fuzz clean
+.PHONY: setup run install uninstall test lint layers typecheck bench soak openapi fuzz clean
 
 # Idempotent: the venv, the project and its test tools, the embedded model.
 setup: $(STAMP)
@@ -35,7 +35,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: setup lint typecheck
+# The layers contract in pyproject.toml: imports run one way only.
+layers: $(STAMP)
+	$(BIN)/lint-imports
+
+test: setup lint typecheck layers
 	$(BIN)/pytest
 
 clean:
@@ -43,7 +47,7 @@ clean:
 
 # Regenerate the OpenAPI document kept in the repo (a test checks it is current).
 openapi: $(STAMP)
-	$(BIN)/python -m pensieved.openapi > daemon/pensieved/openapi.json
+	$(BIN)/python -m pensieved.wire.openapi > daemon/pensieved/wire/openapi.json
 
 # A longer schemathesis run over the OpenAPI document than `make test` does.
 fuzz: setup

@@ -25,11 +25,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pensieved.admission import Admission  # noqa: E402
 from pensieved.config import BUILTIN_SOURCE, EngineConfig, MemoryConfig, ModelConfig  # noqa: E402
-from pensieved.engine import Engine, GenerationRequest, GenerationStream  # noqa: E402
-from pensieved.errors import Overloaded  # noqa: E402
-from pensieved.memory import MemoryGuard, MemoryProbe  # noqa: E402
+from pensieved.engine.core import Engine, GenerationRequest, GenerationStream  # noqa: E402
+from pensieved.memory.admission import Admission  # noqa: E402
+from pensieved.memory.guard import MemoryGuard, MemoryProbe  # noqa: E402
+from pensieved.wire.errors import Overloaded  # noqa: E402
 
 # The cost does not depend on the sizes; these keep 64 such requests
 # admissible on a laptop, so that every check runs to its end.

@@ -68,7 +68,7 @@ def load_model(model_dir: str, dequantize: str = "auto") -> tuple[Any, Any]:
     """The model and tokenizer as the daemon loads them (dequantized where it would)."""
     import mlx_lm
 
-    from pensieved import cpu
+    from pensieved.engine import cpu
 
     model, tokenizer = mlx_lm.load(model_dir)[:2]
     if cpu.should_dequantize(dequantize, model):
@@ -213,13 +213,13 @@ def main() -> None:
     parser.add_argument("--dequantize", default="auto", choices=["auto", "always", "never"])
     args = parser.parse_args()
     # The same BLAS as the daemon, which preloads the system OpenBLAS too.
-    from pensieved import cpu
+    from pensieved.engine import cpu
 
     cpu.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
     model_dir = args.model
     if model_dir is None:
-        from pensieved.gguf import import_gguf
-        from pensieved.registry import builtin_gguf_path
+        from pensieved.models.gguf import import_gguf
+        from pensieved.models.registry import builtin_gguf_path
 
         model_dir = str(import_gguf(builtin_gguf_path(), Path(tempfile.mkdtemp()) / "smollm2"))
 

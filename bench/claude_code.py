@@ -18,8 +18,12 @@ from typing import Any
 
 import msgspec
 
-from pensieved.protocol import Tool
-from pensieved.toolcalls import generic_call_text, generic_instructions, generic_result_text
+from pensieved.conversation.toolcalls import (
+    generic_call_text,
+    generic_instructions,
+    generic_result_text,
+)
+from pensieved.wire.protocol import Tool
 
 Json = dict[str, Any]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlx_lm
 
-from pensieved import cpu
+from pensieved.engine import cpu
 
 
 def measure(
@@ -38,7 +38,7 @@ def main() -> None:
     model_dir = args.model
     if model_dir is None:
         from pensieved.config import Config
-        from pensieved.registry import materialize
+        from pensieved.models.registry import materialize
 
         model_dir = materialize(Config().default_model, Path(tempfile.mkdtemp()) / "models")
     blas = "OpenBLAS" if cpu.openblas_active() else "reference BLAS"

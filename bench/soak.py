@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 from tests.daemon import Daemon, start_daemon  # noqa: E402
 from tests.models import build_tiny_model  # noqa: E402
 
-from pensieved.gguf import import_gguf  # noqa: E402
-from pensieved.registry import builtin_gguf_path  # noqa: E402
+from pensieved.models.gguf import import_gguf  # noqa: E402
+from pensieved.models.registry import builtin_gguf_path  # noqa: E402
 
 MB = 1024 * 1024
 USER = [{"role": "user", "content": "Tell me about the sea."}]

@@ -66,9 +66,9 @@ OUT = REPO / "bench" / "out"
 
 def prepare_model(choice: str, workdir: Path) -> tuple[str, str]:
     """(model directory, label) for `--model`: builtin, tiny, or a directory."""
-    from pensieved import cpu
-    from pensieved.gguf import import_gguf
-    from pensieved.registry import builtin_gguf_path
+    from pensieved.engine import cpu
+    from pensieved.models.gguf import import_gguf
+    from pensieved.models.registry import builtin_gguf_path
 
     if choice in ("builtin", "tiny"):
         smollm = import_gguf(builtin_gguf_path(), workdir / "smollm2")
@@ -326,7 +326,7 @@ def main() -> None:
         parser.error(f"--prefix-tokens: the issue asks for at least {MIN_PREFIX_TOKENS}")
     # The same BLAS as the daemon, which preloads the system OpenBLAS too;
     # the daemon and mlx_lm.server inherit it.
-    from pensieved import cpu
+    from pensieved.engine import cpu
 
     cpu.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
 

@@ -23,11 +23,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pensieved import cpu  # noqa: E402
 from pensieved.config import ModelConfig  # noqa: E402
-from pensieved.constraints import ToolGrammar  # noqa: E402
-from pensieved.engine import Engine, Finished, GenerationRequest, Sampling, TextDelta  # noqa: E402
-from pensieved.toolcalls import GENERIC  # noqa: E402
+from pensieved.conversation.constraints import ToolGrammar  # noqa: E402
+from pensieved.conversation.toolcalls import GENERIC  # noqa: E402
+from pensieved.engine import cpu  # noqa: E402
+from pensieved.engine.core import Engine, Finished, GenerationRequest, Sampling, TextDelta  # noqa: E402
 
 SCHEMA = {
     "type": "object",

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pensieved.gguf import import_gguf
-from pensieved.registry import builtin_gguf_path
+from pensieved.models.gguf import import_gguf
+from pensieved.models.registry import builtin_gguf_path
 from tests.daemon import Daemon, running_daemon
 from tests.models import build_tiny_model
 

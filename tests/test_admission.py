@@ -15,7 +15,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pensieved.admission import (
+from pensieved.config import EngineConfig, MemoryConfig, ModelConfig
+from pensieved.engine.core import Engine, Failed, Finished, GenerationRequest, GenerationStream
+from pensieved.memory.admission import (
     FALLBACK_KV_BYTES_PER_TOKEN,
     Admission,
     ModelShape,
@@ -24,10 +26,8 @@ from pensieved.admission import (
     kv_bytes,
     model_shape,
 )
-from pensieved.config import EngineConfig, MemoryConfig, ModelConfig
-from pensieved.engine import Engine, Failed, Finished, GenerationRequest, GenerationStream
-from pensieved.errors import Overloaded
-from pensieved.memory import GB, Level, MemoryGuard
+from pensieved.memory.guard import GB, Level, MemoryGuard
+from pensieved.wire.errors import Overloaded
 from tests.test_memory import ScriptedProbe
 
 # The estimate is never below the measured peak, and at most this many times it

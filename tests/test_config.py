@@ -17,8 +17,8 @@ from pensieved.config import (
     parse_config,
     with_overrides,
 )
+from pensieved.models.registry import ModelRegistry
 from pensieved.paths import default_paths
-from pensieved.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pensieved import control
-from pensieved.control import ControlServer
+from pensieved.service import control
+from pensieved.service.control import ControlServer
 from tests.daemon import (
     Daemon,
     run_pensievectl,

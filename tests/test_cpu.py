@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 
-from pensieved import cpu
+from pensieved.engine import cpu
 from tests.daemon import Daemon
 
 

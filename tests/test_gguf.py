@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from gguf import GGMLQuantizationType
 
 from pensievectl.cli import main as ctl
-from pensieved.gguf import GGUFImportError, import_gguf
-from pensieved.registry import builtin_gguf_path
+from pensieved.models.gguf import GGUFImportError, import_gguf
+from pensieved.models.registry import builtin_gguf_path
 from tests.ggufs import TOKENS, write_llama_gguf
 
 

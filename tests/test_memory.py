@@ -20,10 +20,10 @@ import mlx.core as mx
 import psutil
 import pytest
 
-from pensieved.app import create_app
 from pensieved.config import Config, ConfigError, MemoryConfig, load_config
-from pensieved.engine import Engine
-from pensieved.memory import (
+from pensieved.engine.core import Engine
+from pensieved.http.app import create_app
+from pensieved.memory.guard import (
     GB,
     Level,
     MemoryGuard,
@@ -31,7 +31,7 @@ from pensieved.memory import (
     MemoryReading,
     parse_psi,
 )
-from pensieved.registry import ModelRegistry
+from pensieved.models.registry import ModelRegistry
 
 HEADROOM_GB = 8.0  # far more than other processes move available memory during a test
 
@@ -125,7 +125,7 @@ def test_macos_pressure_comes_from_sysctl(caplog: pytest.LogCaptureFixture) -> N
     assert verdicts == {"1": "normal", "2": "warn", "4": "critical"}
     assert calls[0] == ["sysctl", "-n", "kern.memorystatus_vm_pressure_level"]
     answer["value"] = "fail"
-    with caplog.at_level(logging.WARNING, "pensieved.memory"):
+    with caplog.at_level(logging.WARNING, "pensieved.memory.guard"):
         assert probe.pressure() is None
         assert probe.pressure() is None
     assert caplog.text.count("cannot read the kernel's memory pressure") == 1
@@ -163,7 +163,7 @@ def test_hysteresis_keeps_levels_from_flapping(caplog: pytest.LogCaptureFixture)
         (0.45, Level.SHUTDOWN),
         (16.0, Level.SHUTDOWN),  # one way: the daemon is on its way out
     ]
-    with caplog.at_level(logging.INFO, "pensieved.memory"):
+    with caplog.at_level(logging.INFO, "pensieved.memory.guard"):
         for available, expected in script:
             probe.available_gb = available
             assert guard.sample() is expected, available

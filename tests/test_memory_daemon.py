@@ -24,8 +24,8 @@ import psutil
 import pytest
 import tomli_w
 
-from pensieved import control
-from pensieved.memory import GB, Level
+from pensieved.memory.guard import GB, Level
+from pensieved.service import control
 from tests.daemon import (
     Daemon,
     free_port,

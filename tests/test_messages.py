@@ -13,10 +13,10 @@ import httpx
 import pytest
 from falcon.asgi import SSEvent
 
-from pensieved.content import ContentAssembler
-from pensieved.engine import Engine, Finished, GenerationStream, PromptProgress, TextDelta
-from pensieved.reply import Reply
-from pensieved.sse import message_events
+from pensieved.conversation.content import ContentAssembler
+from pensieved.engine.core import Engine, Finished, GenerationStream, PromptProgress, TextDelta
+from pensieved.http.reply import Reply
+from pensieved.http.sse import message_events
 from tests.conftest import TINY_CONTEXT
 from tests.daemon import Daemon, sse_events, stream_started
 

@@ -18,10 +18,10 @@ import pytest
 import tomli_w
 from safetensors.numpy import save_file
 
-from pensieved import ollama
 from pensieved.config import default_paths, parse_config
-from pensieved.errors import NotFound
-from pensieved.registry import ModelRegistry
+from pensieved.models import ollama
+from pensieved.models.registry import ModelRegistry
+from pensieved.wire.errors import NotFound
 from tests.daemon import daemon_env, run_pensievectl, start_daemon
 from tests.ggufs import write_llama_gguf
 

@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
-from pensieved.app import create_app
 from pensieved.config import Config
-from pensieved.engine import Engine
-from pensieved.openapi import DOCUMENT, render
-from pensieved.registry import ModelRegistry
+from pensieved.engine.core import Engine
+from pensieved.http.app import create_app
+from pensieved.models.registry import ModelRegistry
+from pensieved.wire.openapi import DOCUMENT, render
 from tests.conftest import TINY_CONTEXT
 from tests.daemon import Daemon, running_daemon
 

@@ -13,9 +13,9 @@ from bench.claude_code import Conversation
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from pensieved.pieces import CHECKED_RENDERS, PieceTokenizer
-from pensieved.prompt import PromptBuilder
-from pensieved.protocol import MessagesRequest
+from pensieved.conversation.pieces import CHECKED_RENDERS, PieceTokenizer
+from pensieved.conversation.prompt import PromptBuilder
+from pensieved.wire.protocol import MessagesRequest
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_a_difference_from_whole_tokenizing_turns_pieces_off(
     pieces = PieceTokenizer(smollm_tokenizer)
     assert pieces.checking and pieces.pattern is not None
     assert pieces.encode("<|im_start|>user\nhello<|im_end|>", pieces.pattern)[0] == 1
-    with caplog.at_level(logging.WARNING, logger="pensieved.pieces"):
+    with caplog.at_level(logging.WARNING, logger="pensieved.conversation.pieces"):
         assert pieces.confirm([1, 2], [1, 3]) == [1, 3]
     assert pieces.pattern is None and not pieces.checking
     assert "tokenizing prompts whole" in caplog.text

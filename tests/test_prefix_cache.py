@@ -15,7 +15,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load
 
-from pensieved.prefix_cache import PrefixCache
+from pensieved.engine.prefix_cache import PrefixCache
 from tests.daemon import Daemon, running_daemon, sse_events, start_daemon
 
 GREEDY = {"temperature": 0.0}

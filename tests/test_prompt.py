@@ -5,10 +5,10 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from pensieved.errors import InvalidRequest
-from pensieved.prompt import to_chat_messages
-from pensieved.protocol import MessagesRequest
-from pensieved.stops import StopMatcher
+from pensieved.conversation.prompt import to_chat_messages
+from pensieved.conversation.stops import StopMatcher
+from pensieved.wire.errors import InvalidRequest
+from pensieved.wire.protocol import MessagesRequest
 
 
 def request(**fields: object) -> MessagesRequest:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from pensieved.errors import Overloaded
-from pensieved.residency import Resident, plan_room
+from pensieved.models.residency import Resident, plan_room
+from pensieved.wire.errors import Overloaded
 from tests.daemon import Daemon, running_daemon, sse_events, start_daemon
 from tests.models import build_tiny_model
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pensieved.config import Config
-from pensieved.service import (
+from pensieved.service.units import (
     LABEL,
     SYSTEMD_UNIT,
     ServiceError,

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from pensieved.content import BlockEvent, ContentAssembler, ThinkingMarkers
-from pensieved.toolcalls import GENERIC, ToolFormat, family_format
+from pensieved.conversation.content import BlockEvent, ContentAssembler, ThinkingMarkers
+from pensieved.conversation.toolcalls import GENERIC, ToolFormat, family_format
 
 
 def _tool(name: str, properties: dict[str, Any]) -> dict[str, Any]:

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from pensieved.config import Config
-from pensieved.errors import NotFound
-from pensieved.registry import ModelRegistry
+from pensieved.models.registry import ModelRegistry
+from pensieved.wire.errors import NotFound
 
 # One representative client name per tier, resolved like any request.
 TIER_NAMES = {

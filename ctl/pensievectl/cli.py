@@ -20,17 +20,17 @@ import tomli_w
 from pensievectl import model_commands
 from pensievectl.daemon_link import ask as _ask
 from pensievectl.daemon_link import config_of as _config
-from pensieved import control
-from pensieved.cli import config_option
 from pensieved.config import (
     Config,
     ConfigError,
     config_as_toml,
+    config_option,
     ensure_token,
     load_config,
     parse_config,
 )
-from pensieved.service import ServiceError, ServiceManager, describe
+from pensieved.service import control
+from pensieved.service.units import ServiceError, ServiceManager, describe
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -362,8 +362,8 @@ def prepare(ctx: click.Context) -> None:
 
     `make setup` runs this. Models already imported are left as they are.
     """
-    from pensieved.gguf import GGUFImportError
-    from pensieved.registry import materialize
+    from pensieved.models.gguf import GGUFImportError
+    from pensieved.models.registry import materialize
 
     config = _config(ctx)
     for model in config.models:

@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from pensieved import control
 from pensieved.config import Config
+from pensieved.service import control
 
 
 def config_of(ctx: click.Context) -> Config:

@@ -33,7 +33,7 @@ def import_(ctx: click.Context, source: str, name: str | None) -> None:
     lands in Pensieve's models directory; point a [models.NAME] source at the
     printed path.
     """
-    from pensieved import ollama
+    from pensieved.models import ollama
 
     if ollama.is_reference(source):
         try:
@@ -49,7 +49,7 @@ def import_(ctx: click.Context, source: str, name: str | None) -> None:
     name = name or default_name
     if not name or "/" in name or name.startswith("."):
         raise click.BadParameter("must be a plain directory name", param_hint="--name")
-    from pensieved.gguf import GGUFImportError, import_gguf  # imports MLX: only here
+    from pensieved.models.gguf import GGUFImportError, import_gguf  # imports MLX: only here
 
     target = _config(ctx).paths.models_dir / name
     try:

@@ -10,15 +10,7 @@ from pathlib import Path
 import click
 
 from pensieved import __version__
-from pensieved.config import Config, ConfigError, load_config, with_overrides
-
-# Shared with pensievectl: both find the same file the same way.
-config_option = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Config file (default: $PENSIEVE_HOME/config.toml or the per-user location).",
-)
+from pensieved.config import Config, ConfigError, config_option, load_config, with_overrides
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,7 +42,7 @@ def main(
     it preloaded (MLX's CPU backend is several times faster with it); set
     PENSIEVE_OPENBLAS=0 to prevent that.
     """
-    from pensieved.cpu import reexec_with_openblas
+    from pensieved.engine.cpu import reexec_with_openblas
 
     reexec_with_openblas([sys.executable, "-m", "pensieved", *sys.argv[1:]])
     logging.basicConfig(
@@ -58,7 +50,7 @@ def main(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from pensieved.server import StartupError, serve
+    from pensieved.service.server import StartupError, serve
 
     try:
 

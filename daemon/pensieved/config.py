@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
+
 from pensieved.paths import Paths, default_paths, private_dir
 
 BUILTIN_SOURCE = "builtin:smollm2-135m-instruct"
@@ -389,3 +391,12 @@ def ensure_token(config: Config) -> str:
         fh.write(token + "\n")
     os.chmod(token_file, 0o600)
     return token
+
+
+# Shared with pensievectl: both find the same file the same way.
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Config file (default: $PENSIEVE_HOME/config.toml or the per-user location).",
+)

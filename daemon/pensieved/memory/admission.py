@@ -21,9 +21,9 @@ import falcon
 import falcon.asgi
 
 from pensieved.config import EngineConfig, ModelConfig
-from pensieved.engine import GenerationRequest, GenerationStream, LoadedModel
-from pensieved.errors import Overloaded
-from pensieved.memory import GB, RETRY_AFTER_LOW_MEMORY, MemoryGuard
+from pensieved.engine.core import GenerationRequest, GenerationStream, LoadedModel
+from pensieved.memory.guard import GB, RETRY_AFTER_LOW_MEMORY, MemoryGuard
+from pensieved.wire.errors import Overloaded
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import falcon
 import falcon.asgi
 import msgspec
 
-from pensieved.errors import InvalidRequest, RequestTooLarge
+from pensieved.wire.errors import InvalidRequest, RequestTooLarge
 
 # The Anthropic API's own limit for a Messages request.
 MAX_BODY_BYTES = 32 * 1024 * 1024

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pensieved.errors import Overloaded
+from pensieved.wire.errors import Overloaded
 
 GB = 1024**3
 # A model whose size cannot be read from its files (a repo id that mlx-lm

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from pensieved.config import BUILTIN_SOURCE, Config, ModelConfig
-from pensieved.errors import NotFound
+from pensieved.wire.errors import NotFound
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def builtin_gguf_path() -> Path:
 
 def materialize(model: ModelConfig, models_dir: Path) -> str:
     """A local directory or Hugging Face repo id for `mlx_lm.load`."""
-    from pensieved.gguf import import_gguf  # imports MLX; keep it off pensievectl's path
+    from pensieved.models.gguf import import_gguf  # imports MLX; keep it off pensievectl's path
 
     source = model.source
     if source == BUILTIN_SOURCE or source == "builtin":

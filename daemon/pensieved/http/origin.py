@@ -15,7 +15,7 @@ import ipaddress
 
 import falcon.asgi
 
-from pensieved.errors import PermissionDenied
+from pensieved.wire.errors import PermissionDenied
 
 
 def is_loopback(host: str) -> bool:

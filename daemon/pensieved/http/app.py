@@ -14,18 +14,19 @@ import falcon
 import falcon.asgi
 import psutil
 
-from pensieved import __version__, cpu
-from pensieved.admission import AdmissionMiddleware
+from pensieved import __version__
 from pensieved.config import Config, ModelConfig
-from pensieved.engine import Engine, LoadedModel
-from pensieved.errors import ApiError, AuthenticationFailed, error_body, error_type_for_status
-from pensieved.guard import HostOriginGuard
-from pensieved.http import json_response
-from pensieved.memory import Level, MemoryGuard
-from pensieved.messages import CountTokensResource, MessagesResource, PromptPreparer
-from pensieved.metrics import Metrics, MetricsMiddleware, MetricsResource
-from pensieved.openapi import DOCUMENT
-from pensieved.registry import ModelRegistry
+from pensieved.engine import cpu
+from pensieved.engine.core import Engine, LoadedModel
+from pensieved.http.asgi import json_response
+from pensieved.http.messages import CountTokensResource, MessagesResource, PromptPreparer
+from pensieved.http.metrics import Metrics, MetricsMiddleware, MetricsResource
+from pensieved.http.origin import HostOriginGuard
+from pensieved.memory.admission import AdmissionMiddleware
+from pensieved.memory.guard import Level, MemoryGuard
+from pensieved.models.registry import ModelRegistry
+from pensieved.wire.errors import ApiError, AuthenticationFailed, error_body, error_type_for_status
+from pensieved.wire.openapi import DOCUMENT
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pensieved import protocol
-from pensieved.stops import held_suffix
-from pensieved.toolcalls import ToolFormat
+from pensieved.conversation.stops import held_suffix
+from pensieved.conversation.toolcalls import ToolFormat
+from pensieved.wire import protocol
 
 log = logging.getLogger(__name__)
 

@@ -22,15 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from pensieved import cpu
 from pensieved.config import EngineConfig, ModelConfig
-from pensieved.constraints import GrammarCompiler, ThinkingBudget, ToolGrammar, thinking_processor
-from pensieved.errors import Overloaded
-from pensieved.prefix_cache import PrefixCache
-from pensieved.prompt import PromptBuilder
-from pensieved.registry import materialize
-from pensieved.residency import Resident, expected_weight_bytes, plan_room
-from pensieved.stops import StopMatcher
+from pensieved.conversation.constraints import (
+    GrammarCompiler,
+    ThinkingBudget,
+    ToolGrammar,
+    thinking_processor,
+)
+from pensieved.conversation.prompt import PromptBuilder
+from pensieved.conversation.stops import StopMatcher
+from pensieved.engine import cpu
+from pensieved.engine.prefix_cache import PrefixCache
+from pensieved.models.registry import materialize
+from pensieved.models.residency import Resident, expected_weight_bytes, plan_room
+from pensieved.wire.errors import Overloaded
 
 log = logging.getLogger(__name__)
 

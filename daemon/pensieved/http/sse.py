@@ -16,10 +16,10 @@ from typing import Any
 import msgspec
 from falcon.asgi import SSEvent
 
-from pensieved import protocol
-from pensieved.engine import ClientGone, Finished
-from pensieved.errors import ApiError, error_body
-from pensieved.reply import Reply
+from pensieved.engine.core import ClientGone, Finished
+from pensieved.http.reply import Reply
+from pensieved.wire import protocol
+from pensieved.wire.errors import ApiError, error_body
 
 log = logging.getLogger(__name__)
 

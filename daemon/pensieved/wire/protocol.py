@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from pensieved.errors import InvalidRequest
+from pensieved.wire.errors import InvalidRequest
 
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 

@@ -21,18 +21,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pensieved import cpu
-from pensieved.admission import Admission
-from pensieved.app import create_app, health_report
 from pensieved.config import Config, ModelConfig, ensure_token
-from pensieved.control import AlreadyRunning, ControlServer
-from pensieved.engine import Engine
-from pensieved.guard import is_loopback
-from pensieved.http import DisconnectWatcher
-from pensieved.memory import Level, MemoryGuard, describe
-from pensieved.notify import sd_notify
+from pensieved.engine import cpu
+from pensieved.engine.core import Engine
+from pensieved.http.app import create_app, health_report
+from pensieved.http.asgi import DisconnectWatcher
+from pensieved.http.origin import is_loopback
+from pensieved.memory.admission import Admission
+from pensieved.memory.guard import Level, MemoryGuard, describe
+from pensieved.models.registry import ModelRegistry
 from pensieved.paths import private_dir
-from pensieved.registry import ModelRegistry
+from pensieved.service.control import AlreadyRunning, ControlServer
+from pensieved.service.notify import sd_notify
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pensieved.errors import InvalidRequest
-from pensieved.pieces import PieceTokenizer
-from pensieved.protocol import (
+from pensieved.conversation.pieces import PieceTokenizer
+from pensieved.conversation.toolcalls import (
+    GENERIC,
+    ToolFormat,
+    detect_format,
+    generic_call_text,
+    generic_instructions,
+    generic_result_text,
+    openai_tools,
+)
+from pensieved.wire.errors import InvalidRequest
+from pensieved.wire.protocol import (
     CountTokensRequest,
     DocumentBlock,
     ImageBlock,
@@ -22,15 +31,6 @@ from pensieved.protocol import (
     ToolChoiceNone,
     ToolResultBlock,
     ToolUseBlock,
-)
-from pensieved.toolcalls import (
-    GENERIC,
-    ToolFormat,
-    detect_format,
-    generic_call_text,
-    generic_instructions,
-    generic_result_text,
-    openai_tools,
 )
 
 ChatMessage = dict[str, Any]

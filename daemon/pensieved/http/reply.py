@@ -19,9 +19,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from pensieved.content import BlockEvent, ContentAssembler
-from pensieved.engine import Admitted, Failed, Finished, GenerationStream, TextDelta
-from pensieved.metrics import Metrics
+from pensieved.conversation.content import BlockEvent, ContentAssembler
+from pensieved.engine.core import Admitted, Failed, Finished, GenerationStream, TextDelta
+from pensieved.http.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Pensieve's own OpenAPI document, built from the request structs it validates with.
 
-`daemon/pensieved/openapi.json` is this module's output, kept in the repo
+`daemon/pensieved/wire/openapi.json` is this module's output, kept in the repo
 and served at `/openapi.json`; a test fails when the two drift apart.
 Regenerate with `make openapi`.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from pensieved import __version__
-from pensieved.protocol import CountTokensRequest, MessagesRequest
+from pensieved.wire.protocol import CountTokensRequest, MessagesRequest
 
 DOCUMENT = Path(__file__).with_name("openapi.json")
 REF = "#/components/schemas/{name}"

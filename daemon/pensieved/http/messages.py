@@ -13,10 +13,11 @@ import falcon
 import falcon.asgi
 from falcon.asgi import SSEvent
 
-from pensieved import protocol
-from pensieved.constraints import ThinkingBudget, ToolGrammar
-from pensieved.content import ContentAssembler, ThinkingMarkers
-from pensieved.engine import (
+from pensieved.conversation.constraints import ThinkingBudget, ToolGrammar
+from pensieved.conversation.content import ContentAssembler, ThinkingMarkers
+from pensieved.conversation.prompt import Prompt
+from pensieved.conversation.toolcalls import GENERIC, ToolFormat
+from pensieved.engine.core import (
     ClientGone,
     Engine,
     Failed,
@@ -25,11 +26,14 @@ from pensieved.engine import (
     LoadedModel,
     Sampling,
 )
-from pensieved.errors import ApiError, Busy, EngineFailure, Overloaded, prompt_too_long
-from pensieved.http import disconnected, json_response, read_body
-from pensieved.metrics import Metrics
-from pensieved.prompt import Prompt
-from pensieved.protocol import (
+from pensieved.http.asgi import disconnected, json_response, read_body
+from pensieved.http.metrics import Metrics
+from pensieved.http.reply import Reply, sign_thinking
+from pensieved.http.sse import events_when_ready, message_events
+from pensieved.models.registry import ModelRegistry
+from pensieved.wire import protocol
+from pensieved.wire.errors import ApiError, Busy, EngineFailure, Overloaded, prompt_too_long
+from pensieved.wire.protocol import (
     CountTokensRequest,
     MessagesRequest,
     ThinkingEnabled,
@@ -37,10 +41,6 @@ from pensieved.protocol import (
     ToolChoiceTool,
     decode_request,
 )
-from pensieved.registry import ModelRegistry
-from pensieved.reply import Reply, sign_thinking
-from pensieved.sse import events_when_ready, message_events
-from pensieved.toolcalls import GENERIC, ToolFormat
 
 log = logging.getLogger(__name__)
 

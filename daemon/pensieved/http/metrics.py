@@ -17,8 +17,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from pensieved.engine import Engine
-    from pensieved.registry import ModelRegistry
+    from pensieved.engine.core import Engine
+    from pensieved.models.registry import ModelRegistry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import psutil
 
 from pensieved.config import MemoryConfig
-from pensieved.errors import Overloaded
+from pensieved.wire.errors import Overloaded
 
 if TYPE_CHECKING:
-    from pensieved.engine import Engine
+    from pensieved.engine.core import Engine
 
 log = logging.getLogger(__name__)
 
