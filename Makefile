@@ -53,7 +53,7 @@ openapi: $(STAMP)
 fuzz: setup
 	PENSIEVE_FUZZ_EXAMPLES=500 $(BIN)/pytest tests/test_openapi.py -k fuzzing
 
-# Speed figures for the README and closing notes (not part of `make test`).
+# Speed figures for docs/performance.md and closing notes (not part of `make test`).
 bench: setup
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/speed.py $(BENCH_ARGS)

@@ -27,7 +27,8 @@ from pensieved.config import ModelConfig  # noqa: E402
 from pensieved.conversation.constraints import ToolGrammar  # noqa: E402
 from pensieved.conversation.toolcalls import GENERIC  # noqa: E402
 from pensieved.engine import cpu  # noqa: E402
-from pensieved.engine.core import Engine, Finished, GenerationRequest, Sampling, TextDelta  # noqa: E402
+from pensieved.engine.core import Engine  # noqa: E402
+from pensieved.engine.stream import Finished, GenerationRequest, Sampling, TextDelta  # noqa: E402
 
 SCHEMA = {
     "type": "object",

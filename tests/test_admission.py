@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pensieved.config import EngineConfig, MemoryConfig, ModelConfig
-from pensieved.engine.core import Engine, Failed, Finished, GenerationRequest, GenerationStream
+from pensieved.engine.core import Engine
+from pensieved.engine.stream import Failed, Finished, GenerationRequest, GenerationStream
 from pensieved.memory.admission import (
     FALLBACK_KV_BYTES_PER_TOKEN,
     Admission,

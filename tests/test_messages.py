@@ -14,7 +14,8 @@ import pytest
 from falcon.asgi import SSEvent
 
 from pensieved.conversation.content import ContentAssembler
-from pensieved.engine.core import Engine, Finished, GenerationStream, PromptProgress, TextDelta
+from pensieved.engine.core import Engine
+from pensieved.engine.stream import Finished, GenerationStream, PromptProgress, TextDelta
 from pensieved.http.reply import Reply
 from pensieved.http.sse import message_events
 from tests.conftest import TINY_CONTEXT

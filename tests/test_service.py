@@ -273,3 +273,70 @@ def test_pensievectl_service_install_and_uninstall_end_to_end(tmp_path: Path) ->
         f"--user disable --now {SYSTEMD_UNIT}",
         "--user daemon-reload",
     ]
+
+
+def run_show(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`pensievectl service show ARGS`, PENSIEVE_HOME the test's, HOME a fresh one."""
+    env = {**daemon_env(tmp_path / "pensieve-home"), "HOME": str(tmp_path / "user")}
+    return subprocess.run(
+        [sys.executable, "-m", "pensievectl", "service", "show", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_service_show_prints_the_unit_install_would_write_and_writes_nothing(
+    pensieve_home: Path, tmp_path: Path
+) -> None:
+    shown = run_show(tmp_path, "--platform", "linux")
+    assert shown.returncode == 0, shown.stderr
+    unit = tmp_path / "user" / ".config" / "systemd" / "user" / SYSTEMD_UNIT
+    assert shown.stderr.strip() == f"would be written to {unit}"
+    pensieved = Path(sys.executable).with_name("pensieved").absolute()
+    assert pensieved.exists()
+    assert f"\nExecStart={pensieved}\n" in shown.stdout
+    assert f'\nEnvironment="PENSIEVE_HOME={pensieve_home}"\n' in shown.stdout
+    assert shown.stdout.startswith("[Unit]\n")
+    assert shown.stdout.endswith("WantedBy=default.target\n")
+    # Nothing installed: no unit, no service directories, no log or data dirs.
+    assert not unit.exists()
+    assert not (tmp_path / "user").exists()
+    assert not pensieve_home.exists()
+    # Byte for byte what `install` writes for the same installation.
+    installed = manager("linux", tmp_path / "installed", RecordingRunner()).install()
+    assert installed.read_text() == shown.stdout
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_service_show_unit_verifies(tmp_path: Path) -> None:
+    shown = run_show(tmp_path, "--platform", "linux")
+    assert shown.returncode == 0, shown.stderr
+    unit = tmp_path / SYSTEMD_UNIT
+    unit.write_text(shown.stdout)
+    result = verify(unit)
+    assert result.returncode == 0 and str(unit) not in result.stderr, result.stderr
+
+
+def test_service_show_macos_prints_the_launch_agent(pensieve_home: Path, tmp_path: Path) -> None:
+    shown = run_show(tmp_path, "--platform", "macos")
+    assert shown.returncode == 0, shown.stderr
+    plist = plistlib.loads(shown.stdout.encode())
+    assert plist["Label"] == LABEL
+    pensieved = Path(sys.executable).with_name("pensieved").absolute()
+    assert plist["ProgramArguments"] == [str(pensieved)]
+    assert plist["EnvironmentVariables"]["PENSIEVE_HOME"] == str(pensieve_home)
+    agent = tmp_path / "user" / "Library" / "LaunchAgents" / f"{LABEL}.plist"
+    assert shown.stderr.strip() == f"would be written to {agent}"
+    assert not agent.exists()
+    assert not (tmp_path / "user").exists()
+    installed = manager("darwin", tmp_path / "installed", RecordingRunner()).install()
+    assert installed.read_bytes() == shown.stdout.encode()
+
+
+def test_service_show_defaults_to_this_platform(tmp_path: Path) -> None:
+    shown = run_show(tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    this = run_show(tmp_path, "--platform", "macos" if sys.platform == "darwin" else "linux")
+    assert shown.stdout == this.stdout and shown.stderr == this.stderr

@@ -328,8 +328,8 @@ def service() -> None:
     """Run the daemon at login: a LaunchAgent on macOS, a systemd user unit on Linux."""
 
 
-def _manager(ctx: click.Context) -> ServiceManager:
-    return ServiceManager(describe(_config(ctx.find_root())))
+def _manager(ctx: click.Context, platform: str = sys.platform) -> ServiceManager:
+    return ServiceManager(describe(_config(ctx.find_root())), platform=platform)
 
 
 @service.command()
@@ -353,6 +353,26 @@ def uninstall(ctx: click.Context) -> None:
     except ServiceError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"removed {manager.service_file}")
+
+
+@service.command()
+@click.option(
+    "--platform",
+    type=click.Choice(["macos", "linux"]),
+    default="macos" if sys.platform == "darwin" else "linux",
+    show_default="this one",
+    help="Whose service file to print: the launchd plist or the systemd user unit.",
+)
+@click.pass_context
+def show(ctx: click.Context, platform: str) -> None:
+    """Print the service file that `install` would write, and install nothing.
+
+    Stdout is exactly the file (`pensievectl service show > FILE` works);
+    the path `install` would write it to goes to stderr.
+    """
+    manager = _manager(ctx, "darwin" if platform == "macos" else "linux")
+    click.echo(manager.render(), nl=False)
+    click.echo(f"would be written to {manager.service_file}", err=True)
 
 
 @main.command()

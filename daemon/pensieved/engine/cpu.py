@@ -1,6 +1,6 @@
 """MLX's CPU backend (Linux), made fast where the machine allows.
 
-Measured on a 2-core x86 machine with SmolLM2-135M (see README, Performance):
+Measured on a 2-core x86 machine with SmolLM2-135M (see docs/performance.md):
 the `mlx[cpu]` wheel bundles the reference BLAS, and quantized matmuls on
 the CPU are slow. Dequantizing to float32 gains nothing on the reference
 BLAS, but with the system's OpenBLAS preloaded, prefill goes from ~8 to ~137

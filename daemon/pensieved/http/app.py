@@ -17,7 +17,8 @@ import psutil
 from pensieved import __version__
 from pensieved.config import Config, ModelConfig
 from pensieved.engine import cpu
-from pensieved.engine.core import Engine, LoadedModel
+from pensieved.engine.core import Engine
+from pensieved.engine.loading import LoadedModel
 from pensieved.http.asgi import json_response
 from pensieved.http.messages import CountTokensResource, MessagesResource, PromptPreparer
 from pensieved.http.metrics import Metrics, MetricsMiddleware, MetricsResource

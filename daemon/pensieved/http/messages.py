@@ -17,15 +17,9 @@ from pensieved.conversation.constraints import ThinkingBudget, ToolGrammar
 from pensieved.conversation.content import ContentAssembler, ThinkingMarkers
 from pensieved.conversation.prompt import Prompt
 from pensieved.conversation.toolcalls import GENERIC, ToolFormat
-from pensieved.engine.core import (
-    ClientGone,
-    Engine,
-    Failed,
-    Finished,
-    GenerationRequest,
-    LoadedModel,
-    Sampling,
-)
+from pensieved.engine.core import Engine
+from pensieved.engine.loading import LoadedModel
+from pensieved.engine.stream import ClientGone, Failed, Finished, GenerationRequest, Sampling
 from pensieved.http.asgi import disconnected, json_response, read_body
 from pensieved.http.metrics import Metrics
 from pensieved.http.reply import Reply, sign_thinking

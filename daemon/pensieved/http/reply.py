@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from pensieved.conversation.content import BlockEvent, ContentAssembler
-from pensieved.engine.core import Admitted, Failed, Finished, GenerationStream, TextDelta
+from pensieved.engine.stream import Admitted, Failed, Finished, GenerationStream, TextDelta
 from pensieved.http.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 from falcon.asgi import SSEvent
 
-from pensieved.engine.core import ClientGone, Finished
+from pensieved.engine.stream import ClientGone, Finished
 from pensieved.http.reply import Reply
 from pensieved.wire import protocol
 from pensieved.wire.errors import ApiError, error_body

@@ -21,7 +21,8 @@ import falcon
 import falcon.asgi
 
 from pensieved.config import EngineConfig, ModelConfig
-from pensieved.engine.core import GenerationRequest, GenerationStream, LoadedModel
+from pensieved.engine.loading import LoadedModel
+from pensieved.engine.stream import GenerationRequest, GenerationStream
 from pensieved.memory.guard import GB, RETRY_AFTER_LOW_MEMORY, MemoryGuard
 from pensieved.wire.errors import Overloaded
 

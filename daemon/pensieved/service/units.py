@@ -165,16 +165,21 @@ class ServiceManager:
             return self._home / "Library" / "LaunchAgents" / f"{self._desc.label}.plist"
         return self._home / ".config" / "systemd" / "user" / SYSTEMD_UNIT
 
+    def render(self) -> bytes:
+        """The service file's content, exactly as `install` writes it."""
+        if self._platform == "darwin":
+            return render_plist(self._desc)
+        return render_systemd_unit(self._desc).encode()
+
     def install(self) -> Path:
         """Write the service file and start the daemon; re-running restarts it."""
         self._desc.log_dir.mkdir(parents=True, exist_ok=True)
         self._desc.working_dir.mkdir(parents=True, exist_ok=True)
         self.service_file.parent.mkdir(parents=True, exist_ok=True)
+        self.service_file.write_bytes(self.render())
         if self._platform == "darwin":
-            self.service_file.write_bytes(render_plist(self._desc))
             self._launchd_install()
         else:
-            self.service_file.write_text(render_systemd_unit(self._desc))
             self._check("systemctl", "--user", "daemon-reload")
             self._check("systemctl", "--user", "enable", "--now", SYSTEMD_UNIT)
             # enable --now leaves a running old version alone: restart it.

@@ -1,0 +1,152 @@
+"""Loading a model on the engine thread: weights, CPU-backend choices, room within the budget.
+
+Every function here runs on the engine thread (it owns all MLX work); the
+engine decides when to call them and keeps what they return.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from pensieved.config import EngineConfig, ModelConfig
+from pensieved.conversation.constraints import GrammarCompiler
+from pensieved.conversation.prompt import PromptBuilder
+from pensieved.engine import cpu
+from pensieved.models.residency import Resident, expected_weight_bytes, plan_room
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: Any
+    tokenizer: Any
+    context_length: int
+    builder: PromptBuilder
+    vocab_size: int  # the tokenizer's
+    logits_size: int  # the model's output width, which may be padded past it
+    dequantized: bool = False
+    weight_bytes: int = 0
+    grammars: GrammarCompiler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.grammars = GrammarCompiler(self.tokenizer, self.logits_size)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def load_weights(config: ModelConfig, path: str | Path, settings: EngineConfig) -> LoadedModel:
+    """Load `config`'s weights from `path` (dequantized where the CPU backend gains from it)."""
+    import mlx_lm
+    from mlx.utils import tree_flatten
+
+    started = time.perf_counter()
+    model, tokenizer = mlx_lm.load(str(path))[:2]
+    dequantized = cpu.should_dequantize(settings.dequantize, model)
+    if dequantized:
+        cpu.dequantize(model)
+        log.info("dequantized %s to float32 (faster on the CPU backend)", config.name)
+    context = config.context_length or context_length(model, tokenizer)
+    parameters = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
+    weight_bytes = sum(int(v.nbytes) for _, v in parameters)
+    log.info(
+        "loaded model %s from %s in %.1fs (context %d tokens)",
+        config.name,
+        path,
+        time.perf_counter() - started,
+        context,
+    )
+    return LoadedModel(
+        config,
+        model,
+        tokenizer,
+        context,
+        PromptBuilder(tokenizer, config.name),
+        len(tokenizer),
+        int(getattr(getattr(model, "args", None), "vocab_size", 0) or len(tokenizer)),
+        dequantized,
+        weight_bytes,
+    )
+
+
+def models_to_evict(
+    config: ModelConfig,
+    path: Path,
+    settings: EngineConfig,
+    resident: list[Resident],
+    memory_floor_bytes: int,
+) -> list[str]:
+    """The resident models to unload, least recently used first, so that `config` fits.
+
+    Raises `Overloaded` when even unloading every idle model would not make room.
+    """
+    import mlx.core as mx
+    import psutil
+
+    mode = settings.dequantize
+    dequantizes = mode == "always" or (
+        (mode == "auto" and mx.default_device().type == mx.DeviceType.cpu) and cpu.openblas_active()
+    )
+    need = expected_weight_bytes(path, dequantizes)
+    budget = gb(settings.models_budget_gb) or None
+    available = psutil.virtual_memory().available if memory_floor_bytes else None
+    return plan_room(config.name, need, resident, budget, available, memory_floor_bytes)
+
+
+def free_memory() -> None:
+    """Give freed arrays back: Python's cycles first, then MLX's buffer cache."""
+    import gc
+
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
+
+
+def new_generator(loaded: LoadedModel, settings: EngineConfig) -> Any:
+    from mlx_lm.generate import BatchGenerator
+
+    return BatchGenerator(
+        loaded.model,
+        stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)],
+        prefill_step_size=settings.prefill_chunk,
+        # Past these, requests wait in the generator's own queue.
+        completion_batch_size=settings.max_sequences,
+        prefill_batch_size=min(settings.max_sequences, 8),
+    )
+
+
+def context_length(model: Any, tokenizer: Any) -> int:
+    args = getattr(model, "args", None)
+    for value in (
+        getattr(args, "max_position_embeddings", None),
+        getattr(tokenizer, "model_max_length", None),
+    ):
+        if isinstance(value, int) and 0 < value < 10_000_000:
+            return value
+    return 4096
+
+
+def persisted_cache_path(models_dir: Path, config: ModelConfig) -> Path:
+    """Where `config`'s prefix cache is saved at shutdown (when persistence is on)."""
+    return models_dir / ".prompt-cache" / f"{config.name}.safetensors"
+
+
+def identity(loaded: LoadedModel, path: str | Path) -> dict[str, str]:
+    """What a saved KV cache must match to be loaded into a model."""
+    return {
+        "model_path": str(path),
+        "weight_bytes": str(loaded.weight_bytes),
+        "dequantized": str(loaded.dequantized),
+    }
+
+
+def gb(value: float) -> int:
+    return int(value * 1024**3)

@@ -1,0 +1,235 @@
+"""One loaded model's batch: requests join, step, stream their text, and leave.
+
+A `Runner` wraps mlx-lm's `BatchGenerator` for one model. It runs on the
+engine thread only; its streams carry the results to the asyncio side.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pensieved.config import EngineConfig
+from pensieved.conversation.constraints import thinking_processor
+from pensieved.conversation.stops import StopMatcher
+from pensieved.engine.loading import LoadedModel, new_generator
+from pensieved.engine.prefix_cache import PrefixCache
+from pensieved.engine.stream import (
+    Admitted,
+    Failed,
+    Finished,
+    GenerationRequest,
+    GenerationStream,
+    PromptProgress,
+    Sampling,
+    TextDelta,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SamplerPool:
+    """One sampler per sampling setting, shared by every model's batch.
+
+    mlx-lm samples a batch in one call only when its rows share a sampler
+    object; a sampler per request would sample row by row.
+    """
+
+    def __init__(self) -> None:
+        self._samplers: dict[tuple[float, float, int], Callable[[Any], Any]] = {}
+
+    def get(self, sampling: Sampling, logits_size: int) -> Callable[[Any], Any]:
+        from mlx_lm.sample_utils import make_sampler
+
+        # A top_k at or past the vocabulary keeps every token: no filter at all
+        # (mlx-lm refuses such values).
+        top_k = sampling.top_k if sampling.top_k < logits_size else 0
+        settings = (sampling.temperature, sampling.top_p, top_k)
+        sampler = self._samplers.get(settings)
+        if sampler is None:
+            sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=top_k)
+            if len(self._samplers) >= 64:
+                self._samplers.clear()
+            self._samplers[settings] = sampler
+        return sampler
+
+    def reset(self) -> None:
+        import mlx.core as mx
+
+        # mlx-lm's samplers are compiled with the global random state as an
+        # input and output; an exception mid-call leaves a placeholder array
+        # there, and every later sampled request would fail. Reseed it.
+        mx.random.seed(secrets.randbits(32))
+        self._samplers.clear()
+
+
+@dataclass
+class Job:
+    stream: GenerationStream
+    request: GenerationRequest
+    detokenizer: Any
+    stops: StopMatcher
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class StepResult:
+    generated: int = 0  # tokens decoded in this step, over all rows
+    finished: int = 0  # requests that ended (stop, limit or failure)
+
+
+@dataclass
+class Runner:
+    """A loaded model's batch generator and the jobs it is running."""
+
+    loaded: LoadedModel
+    settings: EngineConfig
+    prefix_cache: PrefixCache
+    samplers: SamplerPool
+    generator: Any = None
+    jobs: dict[int, Job] = field(default_factory=dict)
+    last_used: float = field(default_factory=time.monotonic)
+    served: int = 0
+
+    def __post_init__(self) -> None:
+        if self.generator is None:
+            self.generator = new_generator(self.loaded, self.settings)
+
+    def insert(self, request: GenerationRequest, stream: GenerationStream) -> None:
+        """Join the batch, reusing what the prefix cache holds of the prompt."""
+        if stream.cancelled.is_set():
+            return
+        loaded = self.loaded
+        processors = []
+        if request.thinking is not None:
+            budget = thinking_processor(request.thinking, loaded.tokenizer)
+            if budget is not None:
+                processors.append(budget)
+        if request.grammar is not None:
+            processors.append(loaded.grammars.processor(request.grammar))
+        cache, cached = self.prefix_cache.fetch(loaded.config, request.prompt)
+        (uid,) = self.generator.insert(
+            [request.prompt[cached:]],
+            max_tokens=[request.max_tokens],
+            caches=[cache],
+            all_tokens=[request.prompt[:cached]],
+            samplers=[self.samplers.get(request.sampling, loaded.logits_size)],
+            logits_processors=[processors],
+        )
+        self.last_used = time.monotonic()
+        self.jobs[uid] = Job(
+            stream,
+            request,
+            loaded.tokenizer.detokenizer,
+            StopMatcher(request.stop_sequences),
+            cached_tokens=cached,
+        )
+        stream._deliver(Admitted(cached))
+
+    def cancel(self, stream: GenerationStream) -> None:
+        for uid, job in list(self.jobs.items()):
+            if job.stream is stream:
+                self._remove(uid)
+                del self.jobs[uid]
+                self.last_used = time.monotonic()
+                log.info("request cancelled after %d tokens", job.output_tokens)
+
+    def step(self) -> StepResult:
+        """One prefill chunk or decode step for the whole batch."""
+        result = StepResult()
+        served = self.served
+        try:
+            prompt_responses, generation_responses = self.generator.next()
+        except Exception as exc:
+            log.exception("generation step failed for model %s", self.loaded.name)
+            self.fail(f"generation failed: {exc}")
+            return result
+        for response in prompt_responses:
+            job = self.jobs.get(response.uid)
+            if job is not None:
+                processed, total = response.progress[0], response.progress[1]
+                job.stream._deliver(PromptProgress(processed, total))
+        result.generated = len(generation_responses)
+        for response in generation_responses:
+            if response.prompt_cache is not None:
+                # A finished sequence leaves its prompt and reply for the next turn.
+                self.prefix_cache.store(
+                    self.loaded.config, list(response.all_tokens), response.prompt_cache
+                )
+            job = self.jobs.get(response.uid)
+            if job is None:
+                continue
+            try:
+                self._advance(response.uid, job, response.token, response.finish_reason)
+            except Exception as exc:
+                log.exception("decoding a token failed for model %s", self.loaded.name)
+                self._finish(response.uid, Failed(f"generation failed: {exc}"))
+        result.finished = self.served - served
+        return result
+
+    def _advance(self, uid: int, job: Job, token: int, finish_reason: str | None) -> None:
+        """Turn one token into text for `job`, ending it at a stop or a limit."""
+        job.output_tokens += 1
+        if token >= self.loaded.vocab_size:
+            # The detokenizer would quietly turn it into junk text.
+            raise ValueError(
+                f"model produced token id {token}, outside its tokenizer's "
+                f"vocabulary of {self.loaded.vocab_size}"
+            )
+        detokenizer = job.detokenizer
+        if finish_reason != "stop":  # "stop" means an end-of-turn token: not text
+            detokenizer.add_token(token)
+        if finish_reason is not None:
+            detokenizer.finalize()
+        text, matched = job.stops.feed(detokenizer.last_segment)
+        if matched is not None:
+            if text:
+                job.stream._deliver(TextDelta(text, job.output_tokens))
+            event = Finished("stop_sequence", matched, job.output_tokens, job.cached_tokens)
+            self._finish(uid, event)
+            return
+        if finish_reason is not None:
+            text += job.stops.flush()
+        if text:
+            job.stream._deliver(TextDelta(text, job.output_tokens))
+        if finish_reason is None:
+            return
+        if finish_reason == "stop":
+            reason = "end_turn"
+        elif job.request.context_limited:
+            reason = "model_context_window_exceeded"
+        else:
+            reason = "max_tokens"
+        self._finish(uid, Finished(reason, None, job.output_tokens, job.cached_tokens))
+
+    def _finish(self, uid: int, event: Finished | Failed) -> None:
+        self.last_used = time.monotonic()
+        job = self.jobs.pop(uid, None)
+        if job is None:
+            return
+        # A request that ended by stop sequence or failure is still in the batch.
+        self._remove(uid)
+        self.served += 1
+        job.stream._deliver(event)
+
+    def _remove(self, uid: int) -> None:
+        """Take `uid` out of the batch, keeping what it prefilled in the prefix cache."""
+        for cache, tokens in self.generator.remove([uid], return_prompt_caches=True).values():
+            self.prefix_cache.store(self.loaded.config, list(tokens), cache)
+
+    def fail(self, message: str) -> None:
+        """Fail every request in the batch and start again from a clean one."""
+        self.samplers.reset()
+        self.end_all(Failed(message))
+        # The batch's state is unknown after a failure.
+        self.generator = new_generator(self.loaded, self.settings)
+
+    def end_all(self, event: Failed) -> None:
+        for job in self.jobs.values():
+            job.stream._deliver(event)
+        self.jobs.clear()
