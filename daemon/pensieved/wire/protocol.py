@@ -83,6 +83,10 @@ class Tool(msgspec.Struct):
     # (web_search_..., code_execution_...) name theirs and run remotely.
     type: str | None = None
     cache_control: Any = None
+    # Constrain this tool's input to its schema even under tool_choice auto.
+    strict: bool | None = None
+    # Left out of the prompt until a tool_reference block names it (tool search).
+    defer_loading: bool | None = None
 
 
 class ToolChoiceAuto(msgspec.Struct, tag="auto", tag_field="type"):
@@ -119,6 +123,17 @@ class ThinkingDisabled(msgspec.Struct, tag="disabled", tag_field="type"):
 
 Thinking = ThinkingEnabled | ThinkingAdaptive | ThinkingDisabled
 
+class JsonOutputFormat(msgspec.Struct, tag="json_schema", tag_field="type"):
+    """Structured output: the reply's text is JSON valid under `schema`."""
+
+    schema: dict[str, Any]
+
+
+class OutputConfig(msgspec.Struct):
+    format: JsonOutputFormat | None = None
+    effort: str | None = None
+
+
 # Anthropic's rule for client tool names.
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
 
@@ -130,6 +145,9 @@ class CountTokensRequest(msgspec.Struct):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
+    output_config: OutputConfig | None = None
+    # The older, top-level spelling of output_config.format.
+    output_format: JsonOutputFormat | None = None
 
 
 class MessagesRequest(CountTokensRequest, kw_only=True):
