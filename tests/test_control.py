@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import stat
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
+import tomli_w
+
+from pensieved import paths
 from pensieved.service import control
-from pensieved.service.control import ControlServer
+from pensieved.service.control import ControlServer, ControlSocketError
 from tests.daemon import (
     Daemon,
     run_pensievectl,
@@ -23,8 +29,31 @@ from tests.daemon import (
 )
 
 
+def control_socket(daemon: Daemon) -> Path:
+    """Where a daemon whose PENSIEVE_HOME is `daemon.home` serves its control socket."""
+    return paths.runtime_dir(daemon.home / "run") / paths.SOCKET_NAME
+
+
+def long_home(tmp_path: Path, length: int) -> Path:
+    """A PENSIEVE_HOME path of exactly `length` bytes under `tmp_path`."""
+    home = tmp_path / "h"
+    return home.with_name("h" + "o" * (length - len(os.fsencode(home))))
+
+
+@pytest.fixture
+def cleanup_runtime_dirs() -> Iterator[list[Path]]:
+    """Short runtime dirs made under /tmp by a test, removed after it."""
+    made: list[Path] = []
+    yield made
+    for path in made:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def test_socket_is_private(tiny_daemon: Daemon) -> None:
-    path = tiny_daemon.home / "run" / "pensieve.sock"
+    path = control_socket(tiny_daemon)
     assert stat.S_ISSOCK(path.stat().st_mode)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
@@ -62,7 +91,7 @@ def test_status_when_nothing_runs(tmp_path: Path) -> None:
 
 
 def test_bad_commands_get_an_error_answer(tiny_daemon: Daemon) -> None:
-    path = tiny_daemon.home / "run" / "pensieve.sock"
+    path = control_socket(tiny_daemon)
     answer = control.call(path, "dance")
     assert answer["ok"] is False and "unknown command 'dance'" in answer["error"]
     with socket.socket(socket.AF_UNIX) as sock:
@@ -82,11 +111,14 @@ def test_second_daemon_with_the_same_socket_refuses(tiny_daemon: Daemon) -> None
     assert result.returncode == 1
     assert "already running" in result.stderr
     # The running daemon keeps its socket.
-    assert control.call(tiny_daemon.home / "run" / "pensieve.sock", "status")["ok"]
+    assert control.call(control_socket(tiny_daemon), "status")["ok"]
 
 
-def test_stale_socket_is_replaced_and_stop_works(tiny_config: dict, tmp_path: Path) -> None:
-    run = tmp_path / "home" / "run"
+def test_stale_socket_is_replaced_and_stop_works(
+    tiny_config: dict, tmp_path: Path, cleanup_runtime_dirs: list[Path]
+) -> None:
+    run = paths.runtime_dir(tmp_path / "home" / "run")
+    cleanup_runtime_dirs.append(run)
     run.mkdir(parents=True)
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(run / "pensieve.sock"))
@@ -103,13 +135,16 @@ def test_stale_socket_is_replaced_and_stop_works(tiny_config: dict, tmp_path: Pa
         daemon.stop()
 
 
-def test_a_peer_of_another_uid_is_refused(tmp_path: Path) -> None:
+def test_a_peer_of_another_uid_is_refused(tmp_path: Path, cleanup_runtime_dirs: list[Path]) -> None:
+    run = paths.runtime_dir(tmp_path / "run")
+    cleanup_runtime_dirs.append(run)
+
     async def scenario() -> dict[str, Any]:
         async def status(_: dict[str, Any]) -> dict[str, Any]:
             return {"secret": "figures"}
 
         # The server believes it belongs to another user, so this process is a stranger.
-        server = ControlServer(tmp_path / "run" / "c.sock", {"status": status}, uid=os.getuid() + 1)
+        server = ControlServer(run / "c.sock", {"status": status}, uid=os.getuid() + 1)
         await server.start()
         try:
             return await asyncio.to_thread(control.call, server.path, "status")
@@ -121,7 +156,7 @@ def test_a_peer_of_another_uid_is_refused(tmp_path: Path) -> None:
 
 
 def model_state(daemon: Daemon) -> dict[str, dict[str, Any]]:
-    report = control.call(daemon.home / "run" / "pensieve.sock", "status")
+    report = control.call(control_socket(daemon), "status")
     return {m["name"]: m for m in report["models"]}
 
 
@@ -194,3 +229,57 @@ def test_reload_refuses_a_broken_config_and_swaps_a_model_under_a_stream(
         assert state["source"] == str(other) and state["loaded"] is True
     finally:
         daemon.stop()
+
+
+def test_a_socket_path_too_long_for_macos_is_a_clear_startup_error(tmp_path: Path) -> None:
+    async def start(platform: str) -> None:
+        server = ControlServer(path, {}, platform=platform)
+        try:
+            await server.start()
+        finally:
+            await server.close()
+
+    path = long_home(tmp_path, 92) / "pensieve.sock"  # 106 bytes
+    with pytest.raises(ControlSocketError, match=r"106 bytes, longer than the 103 .* on darwin"):
+        asyncio.run(start("darwin"))
+    asyncio.run(start("linux"))  # where it fits
+    path = long_home(tmp_path, 100) / "pensieve.sock"  # 114 bytes
+    with pytest.raises(ControlSocketError, match=r"longer than the 107 .* on linux"):
+        asyncio.run(start("linux"))
+    assert not path.exists()
+
+
+def test_a_daemon_with_a_long_home_serves_its_socket_from_tmp(
+    tiny_config: dict, tmp_path: Path, cleanup_runtime_dirs: list[Path]
+) -> None:
+    home = long_home(tmp_path, 150)  # past even Linux's sun_path
+    path = paths.runtime_dir(home / "run") / paths.SOCKET_NAME
+    cleanup_runtime_dirs.append(path.parent)
+    daemon = start_daemon(home, tiny_config)
+    try:
+        assert control_socket(daemon) == path and path.parent.parent == Path("/tmp")
+        assert stat.S_ISSOCK(path.stat().st_mode)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert path.parent.stat().st_uid == os.getuid()
+        status = run_pensievectl(daemon, "status")
+        assert status.returncode == 0, status.stderr
+        assert f"running (pid {daemon.process.pid}" in status.stdout
+    finally:
+        daemon.stop()
+
+
+def test_an_unusable_runtime_dir_is_a_clear_startup_error(
+    tiny_config: dict, tmp_path: Path, cleanup_runtime_dirs: list[Path]
+) -> None:
+    home = long_home(tmp_path, 150)
+    taken = paths.runtime_dir(home / "run")
+    cleanup_runtime_dirs.append(taken)
+    taken.write_text("not a directory")  # what another program left in /tmp
+    home.mkdir()
+    config_path = home / "config.toml"
+    config_path.write_bytes(tomli_w.dumps(tiny_config).encode())
+    result = run_pensieved(home, "--config", str(config_path))
+    assert result.returncode == 1
+    assert f"pensieved: cannot use {taken} for the control socket" in result.stderr
+    assert "Traceback" not in result.stderr

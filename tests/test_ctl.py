@@ -10,6 +10,9 @@ import time
 import tomllib
 from pathlib import Path
 
+import pytest
+
+from pensievectl.launcher import CLAUDE_PLACES, find_claude
 from tests.daemon import Daemon, daemon_env, run_pensievectl, start_daemon
 from tests.test_control import model_state
 
@@ -137,3 +140,52 @@ def test_claude_local_runs_claude_with_the_daemons_environment(tmp_path: Path) -
         f"url=http://127.0.0.1:7777 token={token} key=none",
         "args=--print Hello there",
     ]
+
+
+def fake_claude(path: Path, says: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\necho "{says} url=$ANTHROPIC_BASE_URL args=$*"\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_claude_local_finds_claude_code_off_path(tmp_path: Path) -> None:
+    """`claude migrate-installer` puts it in ~/.claude/local, reached by a shell
+    alias that a program cannot see."""
+    user = tmp_path / "user"
+    fake_claude(user / ".claude" / "local" / "claude", "found")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {**daemon_env(tmp_path / "home"), "HOME": str(user), "PATH": str(empty)}
+    launcher = Path(sys.executable).with_name("claude-local")
+    result = subprocess.run(
+        [str(launcher), "--version"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "found url=http://127.0.0.1:7777 args=--version\n"
+
+
+def test_find_claude_prefers_path_then_the_installers_places(tmp_path: Path) -> None:
+    home = tmp_path / "user"
+    on_path = fake_claude(tmp_path / "bin" / "claude", "path")
+    local_bin = fake_claude(home / ".local" / "bin" / "claude", "native")
+    fake_claude(home / ".claude" / "local" / "claude", "migrated")
+    assert find_claude(str(on_path.parent), home) == str(on_path)
+    assert find_claude(str(tmp_path / "nowhere"), home) == str(local_bin)
+    local_bin.chmod(0o644)  # not executable: not a candidate
+    assert find_claude(str(tmp_path / "nowhere"), home) == str(
+        home / ".claude" / "local" / "claude"
+    )
+
+
+@pytest.mark.skipif(
+    any(Path(place).exists() for place in CLAUDE_PLACES if place.startswith("/")),
+    reason="Claude Code is installed system-wide here",
+)
+def test_claude_local_without_claude_code_says_how_to_install_it(tmp_path: Path) -> None:
+    env = {**daemon_env(tmp_path / "home"), "HOME": str(tmp_path / "user"), "PATH": "/nowhere"}
+    launcher = Path(sys.executable).with_name("claude-local")
+    result = subprocess.run([str(launcher)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "~/.claude/local/claude" in result.stderr
+    assert "curl -fsSL https://claude.ai/install.sh | bash" in result.stderr

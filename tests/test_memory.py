@@ -8,10 +8,11 @@ produced on demand.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import subprocess
-from collections.abc import Sequence
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,14 @@ import pytest
 from pensieved.config import Config, ConfigError, MemoryConfig, load_config
 from pensieved.engine.core import Engine
 from pensieved.http.app import create_app
+from pensieved.memory import darwin
 from pensieved.memory.guard import (
     GB,
     Level,
     MemoryGuard,
     MemoryProbe,
     MemoryReading,
+    classify,
     parse_psi,
 )
 from pensieved.models.registry import ModelRegistry
@@ -61,16 +64,19 @@ class ScriptedProbe:
     def __init__(self) -> None:
         self.available_gb = 16.0
         self.pressure: str | None = "normal"
+        self.resident = 100 * 1024**2
+        self.gpu_working_set = 0
 
     def read(self) -> MemoryReading:
         return MemoryReading(
             available=int(self.available_gb * GB),
             total=32 * GB,
             pressure=self.pressure,
-            resident=100 * 1024**2,
+            resident=self.resident,
             mlx_active=0,
             mlx_cache=0,
             mlx_peak=0,
+            gpu_working_set=self.gpu_working_set,
         )
 
 
@@ -107,28 +113,168 @@ def test_psi_is_read_where_present(tmp_path: Path) -> None:
     assert parse_psi("some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n") == "normal"
 
 
-def test_macos_pressure_comes_from_sysctl(caplog: pytest.LogCaptureFixture) -> None:
-    calls: list[list[str]] = []
-    answer = {"value": "1\n"}
+class FakeDarwinKernel:
+    """macOS's memory entry points as C-callables with their real prototypes (darwin.py).
 
-    def sysctl(argv: Sequence[str]) -> str:
-        calls.append(list(argv))
-        if answer["value"] == "fail":
-            raise subprocess.CalledProcessError(1, list(argv))
-        return answer["value"]
+    The daemon's ctypes code calls them exactly as it calls libSystem on a
+    Mac: pointers, sizes and structs are really marshalled. The figures are
+    a script (vm_stat-like page counts, a pressure level).
+    """
 
-    probe = MemoryProbe(platform="darwin", runner=sysctl)
+    def __init__(self) -> None:
+        self.pressure = 1
+        self.pages = {
+            "free_count": 40_000,  # includes the speculative ones, as xnu counts
+            "speculative_count": 10_000,
+            "active_count": 300_000,
+            "inactive_count": 280_000,
+            "wire_count": 150_000,
+            "purgeable_count": 5_000,
+            "external_page_count": 200_000,
+            "internal_page_count": 420_000,
+            "compressor_page_count": 60_000,
+        }
+        self.kern_return = 0
+        self.revision_fields = darwin.HOST_VM_INFO64_REV1_COUNT
+        self.fail_sysctl = False
+        self.sysctl_names: list[bytes] = []
+        self.hosts: list[int] = []
+        self.sysctlbyname = darwin.SYSCTLBYNAME(self._sysctlbyname)
+        self.mach_host_self = darwin.MACH_HOST_SELF(lambda: 0x1503)
+        self.host_statistics64 = darwin.HOST_STATISTICS64(self._host_statistics64)
+
+    def _sysctlbyname(self, name: bytes, old: int, size: Any, new: int, new_size: int) -> int:
+        self.sysctl_names.append(name)
+        if self.fail_sysctl or size[0] != 4:
+            return -1
+        ctypes.c_int.from_address(old).value = self.pressure
+        return 0
+
+    def _host_statistics64(self, host: int, flavor: int, info: int, count: Any) -> int:
+        self.hosts.append(host)
+        assert flavor == darwin.HOST_VM_INFO64
+        assert count[0] == darwin.HOST_VM_INFO64_REV1_COUNT
+        stats = darwin.VmStatistics64.from_address(info)
+        for name, value in self.pages.items():
+            setattr(stats, name, value)
+        count[0] = self.revision_fields
+        return self.kern_return
+
+    def memory(self) -> darwin.DarwinMemory:
+        return darwin.DarwinMemory(
+            self.sysctlbyname, self.mach_host_self, self.host_statistics64, page_size=16384
+        )
+
+
+def test_the_vm_statistics64_struct_matches_xnu() -> None:
+    # <mach/vm_statistics.h>: 152 bytes to revision 1; the fields the
+    # available figure needs at their offsets.
+    assert ctypes.sizeof(darwin.VmStatistics64) == 152
+    assert darwin.HOST_VM_INFO64_REV1_COUNT == 38
+    assert darwin.VmStatistics64.purgeable_count.offset == 88
+    assert darwin.VmStatistics64.speculative_count.offset == 92
+    assert darwin.VmStatistics64.external_page_count.offset == 136
+
+
+def test_macos_pressure_is_one_sysctlbyname_call(caplog: pytest.LogCaptureFixture) -> None:
+    kernel = FakeDarwinKernel()
+    probe = MemoryProbe(platform="darwin", darwin=kernel.memory())
     verdicts = {}
-    for value in ("1\n", "2\n", "4\n"):
-        answer["value"] = value
-        verdicts[value.strip()] = probe.pressure()
-    assert verdicts == {"1": "normal", "2": "warn", "4": "critical"}
-    assert calls[0] == ["sysctl", "-n", "kern.memorystatus_vm_pressure_level"]
-    answer["value"] = "fail"
+    for level in (1, 2, 4):
+        kernel.pressure = level
+        verdicts[level] = probe.pressure()
+    assert verdicts == {1: "normal", 2: "warn", 4: "critical"}
+    assert kernel.sysctl_names == [b"kern.memorystatus_vm_pressure_level"] * 3
+    kernel.fail_sysctl = True
     with caplog.at_level(logging.WARNING, "pensieved.memory.guard"):
         assert probe.pressure() is None
         assert probe.pressure() is None
     assert caplog.text.count("cannot read the kernel's memory pressure") == 1
+    assert "kern.memorystatus_vm_pressure_level" in caplog.text
+
+
+def test_macos_available_memory_is_counted_as_macos_counts_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    kernel = FakeDarwinKernel()
+    probe = MemoryProbe(platform="darwin", darwin=kernel.memory())
+    reading = probe.read()
+    pages = kernel.pages
+    # Free (less the speculative pages xnu folds into it) + file-backed + purgeable.
+    expected = (
+        pages["free_count"]
+        - pages["speculative_count"]
+        + pages["external_page_count"]
+        + pages["purgeable_count"]
+    ) * 16384
+    assert reading.available == expected
+    # Not psutil's free + inactive: dirty anonymous inactive pages are not free.
+    assert reading.available != (pages["free_count"] + pages["inactive_count"]) * 16384
+    assert reading.kernel_first and reading.pressure == "normal"
+    assert kernel.hosts == [0x1503]  # the host port taken once, at start
+    # A kernel that answers less than revision 1 (or fails): psutil's figure, logged once.
+    kernel.revision_fields = 24
+    with caplog.at_level(logging.WARNING, "pensieved.memory.guard"):
+        fallback = probe.read()
+        probe.read()
+    assert fallback.available == pytest.approx(psutil.virtual_memory().available, abs=GB)
+    assert caplog.text.count("cannot read the kernel's page counts") == 1
+    kernel.revision_fields = darwin.HOST_VM_INFO64_REV1_COUNT
+    kernel.kern_return = 5  # KERN_FAILURE
+    with pytest.raises(OSError, match="kern_return_t 5"):
+        kernel.memory().page_counts()
+
+
+def test_linux_available_memory_is_psutils() -> None:
+    reading = MemoryProbe(platform="linux").read()
+    assert abs(reading.available - psutil.virtual_memory().available) < GB
+    assert not reading.kernel_first and reading.gpu_working_set == 0  # no Metal here
+
+
+def darwin_reading(available_gb: float, pressure: str | None) -> MemoryReading:
+    return MemoryReading(
+        available=int(available_gb * GB),
+        total=16 * GB,
+        pressure=pressure,
+        resident=GB,
+        mlx_active=0,
+        mlx_cache=0,
+        mlx_peak=0,
+        kernel_first=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("pressure", "expected"),
+    [
+        ("normal", Level.REJECT),  # an estimate below the line: no new work, no exit
+        ("warn", Level.REJECT),
+        ("critical", Level.SHUTDOWN),  # the kernel agrees
+        (None, Level.SHUTDOWN),  # no verdict to wait for: the line decides
+    ],
+)
+def test_on_macos_shutdown_takes_the_kernels_critical(
+    pressure: str | None, expected: Level
+) -> None:
+    settings = MemoryConfig()  # shutdown below 0.5 GB
+    assert classify(darwin_reading(0.3, pressure), Level.NORMAL, settings) is expected
+    linux = dataclasses.replace(darwin_reading(0.3, pressure), kernel_first=False)
+    assert classify(linux, Level.NORMAL, settings) is Level.SHUTDOWN
+
+
+def test_past_its_budget_the_daemon_gives_caches_back() -> None:
+    probe = ScriptedProbe()
+    guard = MemoryGuard(MemoryConfig(budget_gb=0.2, hysteresis_gb=0.05), probe)
+    released: list[Level] = []
+    guard.shrink_callbacks.append(lambda: released.append(guard.level))
+    assert guard.sample() is Level.NORMAL  # 100 MB resident
+    probe.resident = int(0.25 * GB)  # a reply grew past its estimate
+    assert guard.sample() is Level.WARN
+    assert released == [Level.WARN] and guard.accepting
+    probe.resident = int(0.17 * GB)  # below the budget, not by the margin
+    assert guard.sample() is Level.WARN
+    probe.resident = int(0.1 * GB)
+    assert guard.sample() is Level.NORMAL
 
 
 @pytest.mark.parametrize("level", list(Level))
@@ -182,11 +328,14 @@ def test_hysteresis_keeps_levels_from_flapping(caplog: pytest.LogCaptureFixture)
 
 @pytest.mark.parametrize(
     ("pressure", "expected"),
-    [("1", Level.NORMAL), ("2", Level.WARN), ("4", Level.REJECT)],
+    [(1, Level.NORMAL), (2, Level.WARN), (4, Level.REJECT)],
 )
-def test_kernel_pressure_raises_the_level(pressure: str, expected: Level) -> None:
-    # Real memory figures (far above every line), the kernel's verdict scripted.
-    probe = MemoryProbe(platform="darwin", runner=lambda argv: pressure)
+def test_kernel_pressure_raises_the_level(pressure: int, expected: Level) -> None:
+    # Plenty of memory by the page counts; the kernel's verdict scripted.
+    kernel = FakeDarwinKernel()
+    kernel.pressure = pressure
+    kernel.pages["free_count"] = 2_000_000
+    probe = MemoryProbe(platform="darwin", darwin=kernel.memory())
     guard = MemoryGuard(MemoryConfig(), probe)
     assert guard.sample() is expected
     if expected is Level.REJECT:
@@ -244,12 +393,12 @@ def test_health_reports_each_level_and_new_work_is_refused(level: Level, tmp_pat
     assert memory["available_gb"] == pytest.approx(available_gb(), abs=1.0)
     for key in ("pressure", "model_gb", "kv_cache_gb", "rss_gb", "mlx_active_gb"):
         assert key in memory
-    # Invalid on purpose: refused with 503 before it is read, or else a 400.
+    # Invalid on purpose: refused with 529 before it is read, or else a 400.
     response = client.simulate_post(
         "/v1/messages", json={"model": "x"}, host="127.0.0.1", port=7777
     )
     if level >= Level.REJECT:
-        assert response.status_code == 503
+        assert response.status_code == 529
         error = response.json
         assert error["type"] == "error"
         assert error["error"]["type"] == "overloaded_error"
@@ -294,3 +443,85 @@ def test_memory_config_round_trips(pensieve_home: Path) -> None:
         MemoryConfig(), warn_below_gb=4.0, reject_below_gb=2.5, budget_gb=12.0
     )
     assert config.server.drain_seconds == 3.0
+
+
+FREE_AND_MEASURE = """
+import sys, mlx.core as mx, psutil
+from pensieved.memory.guard import hand_back_freed_buffers
+if sys.argv[1] == "set":
+    assert hand_back_freed_buffers()
+mx.set_cache_limit(0)  # freed buffers go straight to malloc
+process = psutil.Process()
+before = process.memory_info().rss
+for megabytes in (16, 12, 8):  # each freed before the next: a KV cache growing, say
+    buffer = mx.ones((megabytes * 1024 * 1024 // 4,))
+    mx.eval(buffer)
+    del buffer
+print((process.memory_info().rss - before) / 2**20)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_freed_buffers_leave_the_daemons_resident_size() -> None:
+    def retained_mb(mode: str) -> float:
+        result = subprocess.run(
+            [sys.executable, "-c", FREE_AND_MEASURE, mode],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return float(result.stdout)
+
+    # glibc keeps freed mid-sized buffers once its mmap threshold has risen:
+    # the resident size that `budget_gb` reads would count them.
+    assert retained_mb("default") > 8
+    assert retained_mb("set") < 4
+
+
+def metal_as_on_a_mac(monkeypatch: pytest.MonkeyPatch, working_set: int) -> list[int]:
+    """MLX as it behaves on Metal: a recommended working set and a wired limit that sticks.
+
+    The CPU backend has neither (its `set_wired_limit` does nothing), so the
+    register MLX keeps is kept here; mlx-lm's own code reads and sets it.
+    """
+    history = [0]
+
+    def set_wired_limit(limit: int) -> int:
+        history.append(limit)
+        return history[-2]
+
+    info = {**mx.device_info(), "max_recommended_working_set_size": working_set}
+    monkeypatch.setattr(mx, "set_wired_limit", set_wired_limit)
+    monkeypatch.setattr(mx, "device_info", lambda: info)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    return history
+
+
+def test_the_configured_wired_limit_outlives_mlx_lms_generator(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    from pensieved.config import EngineConfig, ModelConfig
+    from pensieved.engine.loading import load_weights, new_generator
+
+    settings = EngineConfig(dequantize="never")
+    loaded = load_weights(ModelConfig("tiny", str(tiny_dir)), tiny_dir, settings)
+    history = metal_as_on_a_mac(monkeypatch, working_set=12 * GB)
+    guard = MemoryGuard(MemoryConfig(wired_limit_percent=50), ScriptedProbe())
+    guard.apply_mlx_limits()
+    assert history[-1] == 6 * GB
+    generator = new_generator(loaded, settings)
+    # mlx-lm wired the whole working set; the configured half is back.
+    assert history[-2:] == [12 * GB, 6 * GB]
+    generator.close()
+    del generator
+    gc.collect()
+    assert history[-1] == 6 * GB  # closing it does not swing the limit back
+    guard.configure(MemoryConfig(wired_limit_percent=25))
+    replacement = new_generator(loaded, settings)  # a reload's, or after a failed step
+    assert history[-1] == 3 * GB
+    del replacement
+    gc.collect()
+    assert history[-1] == 3 * GB

@@ -35,6 +35,7 @@ from tests.daemon import (
     sse_events,
     start_daemon,
 )
+from tests.test_control import control_socket
 from tests.test_errors import assert_error
 from tests.test_memory import available_gb, lines
 
@@ -65,7 +66,7 @@ def reload_with(daemon: Daemon, memory: dict[str, Any]) -> None:
     config = tomllib.loads(daemon.config_path.read_text())
     config["memory"] = {**config.get("memory", {}), **memory}
     daemon.config_path.write_bytes(tomli_w.dumps(config).encode())
-    answer = control.call(daemon.home / "run" / "pensieve.sock", "reload", timeout=60)
+    answer = control.call(control_socket(daemon), "reload", timeout=60)
     assert answer["ok"], answer
 
 
@@ -84,9 +85,20 @@ def health(daemon: Daemon) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def memory_daemon(
-    tiny_config: dict[str, Any], tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_config: dict[str, Any],
+    tiny_dir: Path,
+    smollm_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Daemon]:
+    from tests.models import build_tiny_model
+
     config = with_memory(tiny_config, tiny_dir)
+    # "roomy" keeps 128 KB of KV per token (8 KV heads of 1024): a request
+    # that may write thousands of tokens needs about a GB.
+    wide = build_tiny_model(
+        tmp_path_factory.mktemp("models") / "wide", smollm_dir, heads=8, kv_heads=8, head_dim=1024
+    )
+    config["models"]["roomy"]["source"] = str(wide)
     yield from running_daemon(tmp_path_factory.mktemp("memory-daemon"), config)
 
 
@@ -117,12 +129,12 @@ def test_reject_refuses_new_requests_and_lets_running_streams_finish(
         assert report["status"] == "overloaded"
 
         refused = http.post("/v1/messages", json={"model": "x", "max_tokens": 4, "messages": HI})
-        message = assert_error(refused, 503, "overloaded_error")
+        message = assert_error(refused, 529, "overloaded_error")
         assert "low on memory" in message and "accepted again above" in message
         assert int(refused.headers["retry-after"]) > 0
         with pytest.raises(anthropic.InternalServerError) as caught:
             daemon.client().messages.create(model="tiny", max_tokens=4, messages=HI)
-        assert caught.value.status_code == 503
+        assert caught.value.status_code == 529
         assert caught.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
 
         rest = sse_events(events)
@@ -160,18 +172,19 @@ def test_a_request_whose_estimate_crosses_the_reject_line_is_refused(
 ) -> None:
     daemon = memory_daemon
     # The reject line 1 GB below what is available: the machine is fine, but a
-    # request for 4 million tokens of KV cache (about 4 GB here) would cross it.
+    # request allowed thousands of output tokens (its estimate counts 4096 of
+    # them: about 2 GB of KV cache here) would cross it.
     line = available_gb() - 1.0
     reload_with(daemon, {"warn_below_gb": line, "reject_below_gb": line, "shutdown_below_gb": 0.0})
     try:
         assert health(daemon)["memory"]["level"] == "normal"
         with daemon.http() as http:
             too_big = {"model": "roomy", "max_tokens": 4_000_000, "messages": HI}
-            message = assert_error(http.post("/v1/messages", json=too_big), 503, "overloaded_error")
+            message = assert_error(http.post("/v1/messages", json=too_big), 529, "overloaded_error")
             assert "not enough memory for this request" in message
             assert "below the" in message and "reject line" in message
             streamed = http.post("/v1/messages", json={**too_big, "stream": True})
-            assert_error(streamed, 503, "overloaded_error")  # refused before the 200
+            assert_error(streamed, 529, "overloaded_error")  # refused before the 200
             small = http.post("/v1/messages", json={**too_big, "max_tokens": 4})
             assert small.status_code == 200, small.text
     finally:
@@ -246,7 +259,7 @@ def test_sigterm_drains_short_streams_and_ends_long_ones(
                 refused = http.post(
                     "/v1/messages", json={"model": "x", "max_tokens": 4, "messages": HI}
                 )
-            assert "shutting down" in assert_error(refused, 503, "overloaded_error")
+            assert "shutting down" in assert_error(refused, 529, "overloaded_error")
             short_events, long_events = short.result(30), long.result(30)
         assert [name for name, _ in short_events][-1] == "message_stop"
         assert [name for name, _ in long_events][-1] == "error"
@@ -318,7 +331,7 @@ def test_concurrent_long_streams_stay_within_the_memory_budget(
             watcher.join()
         assert time.monotonic() - started < 90
         admitted = [names for status, names in outcomes if status == 200]
-        refused = [names[0] for status, names in outcomes if status == 503]
+        refused = [names[0] for status, names in outcomes if status == 529]
         assert peak <= budget, f"peak RSS {peak / 2**20:.1f} MB > budget {budget / 2**20:.1f} MB"
         assert len(admitted) + len(refused) == 6
         assert admitted and refused, outcomes

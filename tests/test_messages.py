@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-import anthropic
 import httpx
 import pytest
 from falcon.asgi import SSEvent
@@ -297,18 +296,6 @@ def test_beta_messages_route(tiny_daemon: Daemon) -> None:
         model="claude-opus-4-8", max_tokens=3, messages=QUESTION, betas=["some-beta-2025-01-01"]
     )
     assert message.model == "tiny"
-
-
-def test_models_list_and_retrieve(tiny_daemon: Daemon) -> None:
-    client = tiny_daemon.client()
-    ids = [model.id for model in client.models.list()]
-    assert ids == ["tiny", "tiny-long", "broken", "unloadable"]
-    tiny = client.models.retrieve("tiny")
-    assert tiny.type == "model" and tiny.display_name == "tiny"
-    assert tiny.max_input_tokens == TINY_CONTEXT
-    with pytest.raises(anthropic.NotFoundError) as caught:
-        client.models.retrieve("claude-opus-4-8")
-    assert caught.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
 
 
 def test_probe_and_health_need_no_token(tiny_daemon: Daemon) -> None:

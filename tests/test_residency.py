@@ -75,7 +75,7 @@ def test_each_tier_reaches_its_model_and_both_stay_resident(roomy: Daemon) -> No
 def test_a_model_larger_than_the_budget_is_refused_before_loading(roomy: Daemon) -> None:
     with roomy.http() as http:
         response = http.post("/v1/messages", json=ASK_HUGE)
-    assert response.status_code == 503
+    assert response.status_code == 529
     error = response.json()["error"]
     assert error["type"] == "overloaded_error"
     assert "'huge' needs" in error["message"] and "GB" in error["message"]

@@ -221,7 +221,7 @@ def test_recorded_calls_become_tool_use_blocks_after_the_text(
     assembler = ContentAssembler(tool_format=fmt, tools=TOOLS)
     events = assemble(assembler, LEAD + calls_text, chunk)
     blocks = assembler.blocks
-    assert blocks[0] == {"type": "text", "text": LEAD, "citations": None}
+    assert blocks[0] == {"type": "text", "text": LEAD, "citations": []}
     assert [b["type"] for b in blocks[1:]] == ["tool_use"] * len(calls)
     assert tool_uses(blocks) == calls
     assert assembler.calls == len(calls)
@@ -241,7 +241,7 @@ def test_a_call_cut_short_inside_an_argument_comes_back_as_text(
 ) -> None:
     assembler = ContentAssembler(tool_format=tool_format(family), tools=TOOLS)
     events = assemble(assembler, LEAD + cut, chunk)
-    assert assembler.blocks == [{"type": "text", "text": LEAD + cut, "citations": None}]
+    assert assembler.blocks == [{"type": "text", "text": LEAD + cut, "citations": []}]
     assert assembler.calls == 0
     check_events(events, assembler.blocks)
 
@@ -288,7 +288,7 @@ def test_unreadable_or_unknown_calls_come_back_as_text_with_nothing_dropped(
 ) -> None:
     assembler = ContentAssembler(tool_format=tool_format(family), tools=TOOLS)
     events = assemble(assembler, "Sure. " + output, chunk)
-    assert assembler.blocks == [{"type": "text", "text": "Sure. " + output, "citations": None}]
+    assert assembler.blocks == [{"type": "text", "text": "Sure. " + output, "citations": []}]
     assert assembler.calls == 0
     check_events(events, assembler.blocks)
 
@@ -298,7 +298,7 @@ def test_a_bad_call_does_not_swallow_the_good_call_after_it(chunk: int | None) -
     bad = '<tool_call>\n{"name": "launch_rockets", "arguments": {}}\n</tool_call>\n'
     assembler = ContentAssembler(tool_format=GENERIC, tools=TOOLS)
     events = assemble(assembler, bad + _JSON_ONE, chunk)
-    assert assembler.blocks[0] == {"type": "text", "text": bad, "citations": None}
+    assert assembler.blocks[0] == {"type": "text", "text": bad, "citations": []}
     assert tool_uses(assembler.blocks) == [WEATHER]
     check_events(events, assembler.blocks)
 
@@ -306,7 +306,7 @@ def test_a_bad_call_does_not_swallow_the_good_call_after_it(chunk: int | None) -
 def test_without_tools_the_call_syntax_is_plain_text() -> None:
     assembler = ContentAssembler(tool_format=GENERIC, tools=[])
     events = assemble(assembler, LEAD + _JSON_ONE, 3)
-    assert assembler.blocks == [{"type": "text", "text": LEAD + _JSON_ONE, "citations": None}]
+    assert assembler.blocks == [{"type": "text", "text": LEAD + _JSON_ONE, "citations": []}]
     check_events(events, assembler.blocks)
 
 
@@ -382,7 +382,7 @@ def test_thinking_comes_first_and_is_signed_before_it_closes(
     events = assemble(assembler, output, chunk)
     blocks = assembler.blocks
     assert blocks[0] == {"type": "thinking", "thinking": REASONING, "signature": sign(REASONING)}
-    assert blocks[1] == {"type": "text", "text": LEAD, "citations": None}
+    assert blocks[1] == {"type": "text", "text": LEAD, "citations": []}
     assert tool_uses(blocks) == [WEATHER]
     check_events(events, blocks)
     assert_no_markers(blocks, THINK.start, THINK.end, GENERIC.start, GENERIC.end)
@@ -393,7 +393,7 @@ def test_a_think_marker_after_text_is_text_however_the_output_is_chunked() -> No
     for chunk in (1, None):
         assembler = ContentAssembler(tool_format=None, tools=[], thinking=THINK)
         assemble(assembler, output, chunk)
-        assert assembler.blocks == [{"type": "text", "text": output, "citations": None}]
+        assert assembler.blocks == [{"type": "text", "text": output, "citations": []}]
 
 
 @pytest.mark.parametrize(
@@ -416,5 +416,5 @@ def test_a_partial_marker_at_the_end_is_held_then_flushed_as_text(
     sent = "".join(p["delta"]["text"] for n, p in streamed if n == "content_block_delta")
     assert sent == output[: -len(held)]
     events = streamed + assembler.finish()
-    assert assembler.blocks == [{"type": "text", "text": output, "citations": None}]
+    assert assembler.blocks == [{"type": "text", "text": output, "citations": []}]
     check_events(events, assembler.blocks)

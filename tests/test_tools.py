@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import anthropic
+import jiter
 import jsonschema
 import pytest
 
@@ -373,3 +375,120 @@ def test_sdk_error_type_for_a_bad_tool(tool_daemon: Daemon) -> None:
             messages=ASK,
             tools=[{"name": "x", "input_schema": {"type": "array"}}],  # type: ignore[list-item]
         )
+
+
+# -- grammar-forced calls close ---------------------------------------------------
+
+GET_WEATHER = {
+    "name": "get_weather",
+    "description": "Get the current weather in a given location",
+    "input_schema": {
+        "type": "object",
+        "properties": {
+            "location": {"type": "string", "description": "The city and state, e.g. Paris, FR"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        },
+        "required": ["location"],
+    },
+}
+# Undeclared properties are not generated: a call must meet the schema closed.
+CLOSED_WEATHER = {**GET_WEATHER["input_schema"], "additionalProperties": False}
+CITIES = [
+    "Paris", "London", "Tokyo", "Oslo", "Lima", "Cairo", "Delhi", "Rome", "Berlin", "Madrid",
+    "Sydney", "Toronto", "Nairobi", "Seoul", "Dublin", "Vienna", "Prague", "Lisbon", "Athens",
+    "Quito",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smollm_daemon(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """The embedded SmolLM2, every try of a test in one batch."""
+    config = {
+        "models": {"smollm2": {"source": str(smollm_dir), "default": True, "context_length": 1024}},
+        # float32 decodes faster than Q4 on MLX's CPU backend, OpenBLAS or not.
+        "engine": {"max_sequences": 40, "max_queue": 8, "dequantize": "always"},
+    }
+    yield from running_daemon(tmp_path_factory.mktemp("smollm-daemon"), config)
+
+
+def test_forced_calls_on_the_embedded_model_close_with_declared_properties(
+    smollm_daemon: Daemon,
+) -> None:
+    """20 greedy tries (one city each) and 20 sampled ones, all in one batch.
+
+    Sampled as transformers samples by default (temperature 1, top_k 50).
+    The budget is roomy: a call closed by the budget (valid, but
+    `max_tokens`) is not the model closing it.
+    """
+    client = smollm_daemon.client(timeout=600)
+    greedy = {"temperature": 0.0}
+    sampled = {"temperature": 1.0, "top_k": 50}
+
+    def ask(city: str, sampling: dict[str, float]) -> Any:
+        return client.messages.create(
+            model="smollm2",
+            max_tokens=200,
+            messages=[{"role": "user", "content": f"What is the weather like in {city}?"}],
+            tools=[GET_WEATHER],  # type: ignore[list-item]
+            tool_choice={"type": "any"},
+            extra_body=sampling,
+        )
+
+    # The tools' system prompt is prefilled once; the tries read it from the prefix cache.
+    ask("Paris", greedy)
+    tries = [(city, greedy) for city in CITIES] + [("Paris", sampled)] * 20
+    with ThreadPoolExecutor(len(tries)) as pool:
+        messages = list(pool.map(lambda t: ask(*t), tries))
+    for (city, sampling), message in zip(tries, messages, strict=True):
+        where = f"{city}, {sampling}: {message.content}"
+        assert message.stop_reason == "tool_use", where
+        calls = tool_uses(message.content)
+        assert calls and len(calls) == len(message.content), where
+        for block in calls:
+            assert block.name == "get_weather"
+            jsonschema.validate(block.input, CLOSED_WEATHER)
+    # The greedy calls answer the question asked.
+    places = [tool_uses(m.content)[0].input["location"] for m in messages[: len(CITIES)]]
+    assert sum(city in place for city, place in zip(CITIES, places, strict=True)) >= 10
+
+
+def test_a_call_cut_by_max_tokens_has_one_input_streamed_or_not(tool_daemon: Daemon) -> None:
+    """Too few tokens to close the call: both give the complete part of its arguments."""
+    read = {
+        "name": "Read",
+        "input_schema": {
+            "type": "object",
+            "properties": {
+                "mode": {"enum": ["text", "bytes"]},
+                "file_path": {"type": "string"},
+            },
+            "required": ["mode", "file_path"],
+        },
+    }
+    client = tool_daemon.client()
+    body: dict[str, Any] = {
+        "model": "tiny",
+        "messages": ASK,
+        "tools": [read],
+        "tool_choice": {"type": "tool", "name": "Read"},
+        "extra_body": {"temperature": 0.0},
+    }
+    partial = []
+    for max_tokens in range(18, 27):
+        message = client.messages.create(max_tokens=max_tokens, **body)
+        with client.messages.stream(max_tokens=max_tokens, **body) as stream:
+            pieces = [
+                event.delta.partial_json
+                for event in stream
+                if event.type == "content_block_delta" and event.delta.type == "input_json_delta"
+            ]
+            streamed = stream.get_final_message()
+        if message.stop_reason == "max_tokens" and message.content:
+            (cut,) = message.content
+            assert cut.type == "tool_use"
+            assert streamed.stop_reason == "max_tokens"
+            assert streamed.content[0].input == cut.input
+            assert jiter.from_json("".join(pieces).encode(), partial_mode=True) == cut.input
+            partial.append(cut.input)
+    # Some cut fell after the first value and before the second one closed.
+    assert any(set(value) == {"mode"} for value in partial), partial

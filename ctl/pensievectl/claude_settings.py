@@ -13,14 +13,12 @@ import os
 from pathlib import Path
 
 from pensieved.config import Config
-from pensieved.models.registry import ModelRegistry
+from pensieved.models.registry import CLAUDE_TIERS, ModelRegistry
 from pensieved.wire.errors import NotFound
 
 # One representative client name per tier, resolved like any request.
 TIER_NAMES = {
-    "ANTHROPIC_DEFAULT_OPUS_MODEL": "claude-opus-4-8",
-    "ANTHROPIC_DEFAULT_SONNET_MODEL": "claude-sonnet-4-5",
-    "ANTHROPIC_DEFAULT_HAIKU_MODEL": "claude-haiku-4-5",
+    f"ANTHROPIC_DEFAULT_{tier.upper()}_MODEL": name for tier, name in CLAUDE_TIERS.items()
 }
 BACKUP_SUFFIX = ".pensieve-backup"
 # Left instead of a backup when there was no settings file: undo removes it.

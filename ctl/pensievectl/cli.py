@@ -335,12 +335,24 @@ def _manager(ctx: click.Context, platform: str = sys.platform) -> ServiceManager
 @service.command()
 @click.pass_context
 def install(ctx: click.Context) -> None:
-    """Write the service file and start the daemon; run again after an upgrade to restart it."""
+    """Write the service file and start the daemon; run again after an upgrade to restart it.
+
+    On macOS it loads into gui/UID in a GUI login and user/UID otherwise (ssh,
+    headless); a daemon already loaded is stopped (drained) and loaded again
+    from the new plist. It refuses a checkout or PENSIEVE_HOME in a folder
+    macOS keeps launchd's programs out of (~/Documents, ~/Desktop, ~/Downloads,
+    iCloud Drive, /Volumes). HF_HOME, HF_HUB_CACHE, HF_TOKEN and the proxy
+    variables, when set, are copied into the service's environment; with
+    HF_TOKEN the file is written 0600.
+    """
+    manager = _manager(ctx)
     try:
-        path = _manager(ctx).install()
+        path = manager.install()
     except ServiceError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"installed {path}")
+    for note in manager.notes():
+        click.echo(f"note: {note}", err=True)
 
 
 @service.command()

@@ -10,8 +10,32 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from pathlib import Path
 
 from pensieved.config import ConfigError, ensure_token, load_config
+
+# Where Claude Code's installers put `claude` when it is not on PATH: the
+# native installer's ~/.local/bin (often not exported), `claude
+# migrate-installer`'s ~/.claude/local (reached through a shell alias, which a
+# program cannot see), Homebrew on Apple silicon and on Intel.
+CLAUDE_PLACES = (
+    "~/.local/bin/claude",
+    "~/.claude/local/claude",
+    "/opt/homebrew/bin/claude",
+    "/usr/local/bin/claude",
+)
+
+
+def find_claude(path: str | None = None, home: Path | None = None) -> str | None:
+    """`claude` on PATH, else in the places its installers use; None if nowhere."""
+    if found := shutil.which("claude", path=path):
+        return found
+    home = home or Path.home()
+    for place in CLAUDE_PLACES:
+        candidate = home / place[2:] if place.startswith("~/") else Path(place)
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
 
 
 def main() -> None:
@@ -20,9 +44,13 @@ def main() -> None:
         token = ensure_token(config)
     except ConfigError as exc:
         sys.exit(f"claude-local: {exc}")
-    claude = shutil.which("claude")
+    claude = find_claude()
     if claude is None:
-        sys.exit("claude-local: `claude` is not on PATH (npm install -g @anthropic-ai/claude-code)")
+        sys.exit(
+            "claude-local: Claude Code's `claude` is not on PATH nor in "
+            + ", ".join(CLAUDE_PLACES)
+            + " (install it: curl -fsSL https://claude.ai/install.sh | bash)"
+        )
     env = dict(os.environ)
     env.pop("ANTHROPIC_API_KEY", None)  # it would win over the token
     env["ANTHROPIC_BASE_URL"] = config.base_url

@@ -6,11 +6,15 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
 from pensieved import __version__
 from pensieved.config import Config, ConfigError, config_option, load_config, with_overrides
+from pensieved.service.units import EXIT_CANNOT_START, EXIT_CRASHED, supervisor
+
+log = logging.getLogger("pensieved")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,10 +42,20 @@ def main(
 ) -> None:
     """Serve a warm local MLX model through the Anthropic Messages API.
 
+    Exits 0 once stopped, 1 when it cannot start (port in use, bad config, a
+    model that fails to load, a Mac MLX does not run on), 70 after a crash.
+    Started by launchd (PENSIEVE_SUPERVISOR=launchd), it exits 0 instead of 1:
+    launchd would restart it every 10 s, and starting again fixes none of those.
+
     On Linux, when the system has OpenBLAS, the daemon re-executes itself with
     it preloaded (MLX's CPU backend is several times faster with it); set
     PENSIEVE_OPENBLAS=0 to prevent that.
     """
+    from pensieved.service.preflight import this_host, unsupported
+
+    # Before anything imports MLX, which is not even installed on an Intel Mac.
+    if problem := unsupported(this_host()):
+        _cannot_start(problem)
     from pensieved.engine.cpu import reexec_with_openblas
 
     reexec_with_openblas([sys.executable, "-m", "pensieved", *sys.argv[1:]])
@@ -59,6 +73,22 @@ def main(
 
         code = asyncio.run(serve(current_config(), current_config))
     except (ConfigError, StartupError) as exc:
-        click.echo(f"pensieved: {exc}", err=True)
-        sys.exit(1)
+        _cannot_start(str(exc))
+    except Exception:
+        log.exception("pensieved crashed")
+        sys.exit(EXIT_CRASHED)
     sys.exit(code)
+
+
+def _cannot_start(message: str) -> NoReturn:
+    if supervisor() == "launchd":
+        # Logged, not echoed: under launchd stderr is the unrotated err log,
+        # and the log file (once open) is what `pensievectl logs` shows.
+        log.error(
+            "not starting: %s. launchd will not restart it: fix this, then run "
+            "`pensievectl service install` (or log out and in)",
+            message,
+        )
+        sys.exit(0)
+    click.echo(f"pensieved: {message}", err=True)
+    sys.exit(EXIT_CANNOT_START)

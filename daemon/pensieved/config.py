@@ -105,6 +105,9 @@ class ServiceConfig:
     memory_max: str | None = None
 
 
+IMAGE_MODES = ("placeholder", "reject")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -114,6 +117,10 @@ class ModelConfig:
     context_length: int | None = None
     # Seconds of idleness after which the model is unloaded; None: never.
     keep_alive: float | None = None
+    # Image blocks for a text-only model: "placeholder" shows a short note in
+    # their place (a screenshot in Claude Code's history must not refuse every
+    # later turn), "reject" refuses the request with a 400.
+    images: str = "placeholder"
 
 
 @dataclass(frozen=True)
@@ -268,6 +275,9 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
         keep_alive = _get(table, f"{key}.keep_alive", (int, float), None)
         if keep_alive is not None and keep_alive <= 0:
             raise ConfigError(f"{key}.keep_alive: must be > 0 seconds (leave it out for forever)")
+        images = _get(table, f"{key}.images", str, ModelConfig.images)
+        if images not in IMAGE_MODES:
+            raise ConfigError(f"{key}.images: expected one of {', '.join(IMAGE_MODES)}")
         models.append(
             ModelConfig(
                 name=name,
@@ -276,6 +286,7 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
                 default=_get(table, f"{key}.default", bool, False),
                 context_length=context,
                 keep_alive=None if keep_alive is None else float(keep_alive),
+                images=images,
             )
         )
     if sum(m.default for m in models) > 1:

@@ -1,9 +1,12 @@
 """Logits processors that shape what a request may generate.
 
-- `ToolGrammar`: tool calls whose input matches the tools' JSON schemas,
-  enforced token by token with llguidance. `forced` (tool_choice `any` or
-  `tool`) allows nothing but calls; otherwise text is free until the call
-  marker appears, and from there the call must be valid.
+- `OutputGrammar`: what a reply may be, enforced token by token with
+  llguidance: tool calls whose input matches the tools' JSON schemas, and/or
+  a text reply that is one JSON document valid under a schema (structured
+  output). `forced` (tool_choice `any` or `tool`) allows nothing but calls;
+  otherwise text is free until the call marker appears, and from there the
+  call must be valid. A reasoning model's thinking section, when it has one,
+  stays free: the grammar starts where thinking ends.
 - `ThinkingBudget`: `thinking.budget_tokens`, enforced by writing the model's
   end-of-thinking marker when the budget runs out.
 
@@ -20,70 +23,231 @@ import json
 import logging
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 LogitsProcessor = Any  # (tokens: mx.array, logits: mx.array) -> mx.array
 
+# Compact JSON as json.dumps writes it: a model may not pad a document with
+# whitespace until max_tokens. `lenient`: schema keywords llguidance cannot
+# enforce (Claude Code's schemas use `propertyNames`) are dropped, with a
+# warning, instead of refusing the grammar.
+_JSON_OPTIONS = {
+    "whitespace_flexible": False,
+    "key_separator": ": ",
+    "item_separator": ", ",
+    "lenient": True,
+}
+
 
 @dataclass(frozen=True)
-class ToolGrammar:
-    # (name, input_schema as JSON text): hashable, so compiled grammars cache.
-    tools: tuple[tuple[str, str], ...]
-    forced: bool
-    parallel: bool
-    start: str
-    end: str
-    # Ignore schema keywords llguidance cannot enforce (Claude Code's
-    # schemas use `propertyNames`) instead of refusing the grammar.
-    lenient: bool = True
+class OutputGrammar:
+    """What a reply may be: calls (forced, or lazily once opened) and/or a JSON document."""
 
-    def lark(self, start_token: int | None = None) -> str:
+    # (name, input_schema as JSON text, or None for any object): hashable, so
+    # compiled grammars cache.
+    tools: tuple[tuple[str, str | None], ...] = ()
+    forced: bool = False
+    parallel: bool = True
+    start: str = ""  # the call marker
+    end: str = ""
+    # Structured output: the reply's text is one JSON document valid under
+    # this schema (JSON text), or, when there are tools, calls instead.
+    reply_schema: str | None = None
+    # The model's thinking markers: an optional, free thinking section comes
+    # first (opened already when `thinking_open`).
+    thinking: tuple[str, str] | None = None
+    thinking_open: bool = False
+    # Schemas without the keywords llguidance may fail to compile at all
+    # (look-around in a `pattern`, an unknown `format`, a remote `$ref`):
+    # the fallback when the grammar as asked does not compile.
+    loose: bool = False
+
+    def lark(self, special: dict[str, int] | None = None) -> str:
         """The grammar in llguidance's Lark dialect.
 
-        `start_token`: the id of the start marker when it is one special token
-        (Qwen's `<tool_call>`), which plain text can never spell.
+        `special`: the ids of markers that are one special token (Qwen's
+        `<tool_call>`), which plain text can never spell.
         """
-        marker = f"<[{start_token}]>" if start_token is not None else _quote(self.start)
+        special = special or {}
+
+        def marker(text: str) -> str:
+            return f"<[{special[text]}]>" if text in special else _quote(text)
+
         rules = ["%llguidance {}"]
-        more = ' ("\\n" more)*' if self.parallel else ""
-        if self.forced:
-            rules.append(f'start: {marker} "\\n" call{more}')
+        if self.thinking is None:
+            rules.append("start: reply")
         else:
-            # Free text, then optionally calls. FREE never contains the
+            think_start, think_end = self.thinking
+            opening = "" if self.thinking_open else f"{marker(think_start)} "
+            # Models leave a blank line or two between thinking and the reply.
+            rules.append(f"start: ({opening}thinking GAP?)? reply")
+            rules.append("GAP: /[ \\t\\r\\n]{1,4}/")
+            # Free text up to the end marker. Text cannot spell a special
+            # token, so that one needs no exclusion; a text marker ends the
+            # shortest text that ends with it.
+            lazy = "" if think_end in special else "[lazy]"
+            rules.append(f"thinking{lazy}: /(.|\\n)*/ {marker(think_end)}")
+        calls = bool(self.tools and self.start)
+        if not calls and (self.forced or self.reply_schema is None):
+            raise ValueError("an output grammar needs tools and a call marker, or a reply schema")
+        if self.reply_schema is not None and not self.forced:
+            schema = generation_schema(json.loads(self.reply_schema), self.loose)
+            document = f"%json {_with_options(schema)}"
+            rules.append(f"reply: {document} | calls" if calls else f"reply: {document}")
+        elif self.forced:
+            rules.append("reply: calls")
+        else:
+            # Free text and calls in any order. FREE never contains the
             # marker, and `text` is the shortest text that ends with it, so
             # text is unconstrained until the marker appears and the call
             # after it must be valid.
-            free = "/(.|\\n)*/"
-            marker_text = re.escape(self.start).replace("/", "\\/")
-            rules += [
-                f"start: FREE | text call{more}",
-                f"FREE: {free} & ~/(.|\\n)*{marker_text}(.|\\n)*/",
-                f'text[lazy]: {free} {marker} "\\n"',
-            ]
-        rules.append(f'more: {marker} "\\n" call')
-        names = " | ".join(f"call_{i}" for i in range(len(self.tools)))
-        rules.append(f"call: ({names}) {_quote(chr(10) + self.end)}")
-        for i, (name, schema) in enumerate(self.tools):
-            # Compact JSON as json.dumps writes it: a model may not pad a
-            # call with whitespace until max_tokens.
-            options = {
-                "whitespace_flexible": False,
-                "key_separator": ": ",
-                "item_separator": ", ",
-                "lenient": self.lenient,
-            }
-            schema = json.dumps({**json.loads(schema), "x-guidance": options})
+            more = " reply" if self.parallel else ""
+            rules.append(f"reply: FREE | text call{more}")
+        if calls and (self.forced or self.reply_schema is not None):
+            # Calls only: the first at once, more after whitespace. Text
+            # after a call is allowed so that a model that means to end its
+            # turn with words can (the turn ends there: the assembler's
+            # `calls_only`) instead of being pushed into one more call.
+            rules.append(f'calls: {marker(self.start)} "\\n" call after')
+            rules.append("after: FREE | gap call after" if self.parallel else "after: FREE")
+        if calls:
+            rules += self._text_rules(marker(self.start), self.start in special)
+            names = " | ".join(f"call_{i}" for i in range(len(self.tools)))
+            rules.append(f"call: ({names}) {_quote(chr(10) + self.end)}")
+        for i, (name, schema) in enumerate(self.tools if calls else ()):
+            args = (
+                {"type": "object"}
+                if schema is None
+                else generation_schema(json.loads(schema), self.loose)
+            )
             head = _quote(f'{{"name": {json.dumps(name)}, "arguments": ')
             rules.append(f'call_{i}: {head} args_{i} "}}"')
-            rules.append(f"args_{i}: %json {schema}")
+            rules.append(f"args_{i}: %json {_with_options(args)}")
         return "\n".join(rules)
+
+    def _text_rules(self, call_marker: str, special: bool) -> list[str]:
+        """FREE: text without the call marker; `text`/`gap`: text/whitespace up to a call."""
+        free = "/(.|\\n)*/"
+        space = "/[ \\t\\r\\n]{0,8}/"
+        if special:
+            # Text cannot spell a special token: nothing to exclude.
+            return [
+                f"FREE: {free}",
+                f'text: {free} {call_marker} "\\n"',
+                f'gap: {space} {call_marker} "\\n"',
+            ]
+        marker_text = re.escape(self.start).replace("/", "\\/")
+        return [
+            f"FREE: {free} & ~/(.|\\n)*{marker_text}(.|\\n)*/",
+            f'text[lazy]: {free} {call_marker} "\\n"',
+            f'gap[lazy]: {space} {call_marker} "\\n"',
+        ]
 
 
 def _quote(text: str) -> str:
     return json.dumps(text)
+
+
+def _with_options(schema: Any) -> str:
+    if schema is True or not isinstance(schema, dict):
+        schema = {}
+    return json.dumps({**schema, "x-guidance": _JSON_OPTIONS})
+
+
+_COMBINATORS = ("allOf", "anyOf", "oneOf")
+# Keywords whose values are schemas an instance is checked against as they
+# are; `not`, `if` and `propertyNames` are left alone: closing them would
+# change what they mean.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMAS = ("items", "additionalItems", "additionalProperties", "contains", "unevaluatedItems")
+
+
+def generation_schema(schema: Any, loose: bool = False) -> Any:
+    """The copy of a JSON schema that a grammar generates from.
+
+    Objects get only their declared properties unless they say otherwise:
+    JSON Schema allows undeclared ones by default, and a small model given
+    that freedom invents keys until max_tokens. An object with
+    `additionalProperties` (other than false) keeps what it says.
+    `"format": "text"`, the Anthropic SDK's mark for free text, is dropped
+    (llguidance knows no such format). `loose` drops what may keep a schema
+    from compiling at all: `pattern`, `patternProperties`, `format` and
+    `$ref`s outside the schema.
+    """
+    return _close(schema, schema, partial=False, loose=loose)
+
+
+_LOOSE_DROPS = ("pattern", "patternProperties", "format")
+
+
+def _close(node: Any, root: Any, partial: bool, loose: bool) -> Any:
+    if not isinstance(node, dict):
+        return node
+    out = dict(node)
+    if out.get("format") == "text":
+        del out["format"]
+    if loose:
+        for key in _LOOSE_DROPS:
+            out.pop(key, None)
+        ref = out.get("$ref")
+        if isinstance(ref, str) and not ref.startswith("#"):
+            del out["$ref"]
+    for key in _SCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            out[key] = {name: _close(sub, root, False, loose) for name, sub in node[key].items()}
+    for key in _SCHEMAS:
+        if isinstance(node.get(key), dict):
+            out[key] = _close(node[key], root, False, loose)
+    for key in ("prefixItems", "items"):
+        if isinstance(node.get(key), list):
+            out[key] = [_close(sub, root, False, loose) for sub in node[key]]
+    objectish = _is_object(node)
+    for key in _COMBINATORS:
+        if isinstance(node.get(key), list):
+            # Members of an object's combinator describe parts of one object:
+            # the object closes with all their properties, not each member.
+            out[key] = [_close(sub, root, objectish, loose) for sub in node[key]]
+    if (
+        objectish
+        and not partial
+        and not {"additionalProperties", "unevaluatedProperties"} & set(node)
+    ):
+        properties = dict(out.get("properties") or {})
+        for key in _COMBINATORS:
+            for member in node.get(key) or []:
+                resolved = _resolve(member, root)
+                declared = resolved.get("properties") if isinstance(resolved, dict) else None
+                for name in declared if isinstance(declared, dict) else ():
+                    properties.setdefault(name, {})
+        if properties or "properties" in out:
+            out["properties"] = properties
+        out["additionalProperties"] = False
+    return out
+
+
+def _is_object(node: dict[str, Any]) -> bool:
+    kind = node.get("type")
+    if isinstance(kind, str):
+        return kind == "object"
+    if isinstance(kind, list):
+        return "object" in kind
+    return "properties" in node
+
+
+def _resolve(node: Any, root: Any) -> Any:
+    """A local `$ref` (`#/$defs/Name`) followed once; anything else as it is."""
+    ref = node.get("$ref") if isinstance(node, dict) else None
+    if not isinstance(ref, str) or not ref.startswith("#/"):
+        return node
+    target = root
+    for part in ref[2:].split("/"):
+        if not isinstance(target, dict):
+            return node
+        target = target.get(part.replace("~1", "/").replace("~0", "~"))
+    return target if isinstance(target, dict) else node
 
 
 class GrammarCompiler:
@@ -91,7 +255,8 @@ class GrammarCompiler:
 
     Building the tokenizer takes a few hundred milliseconds, so it is built
     once, on first use. Grammars are checked on the request path, before the
-    response starts, so that a schema llguidance cannot compile is a 400.
+    response starts, so that a grammar llguidance cannot compile leaves the
+    output unconstrained (with a warning) instead of failing mid-stream.
     """
 
     def __init__(self, tokenizer: Any, logits_size: int) -> None:
@@ -102,7 +267,8 @@ class GrammarCompiler:
         # Checked grammars, each with a fresh matcher that requests copy
         # (microseconds) instead of compiling their own (milliseconds for
         # Claude Code's ~24 tool schemas), on the engine thread.
-        self._grammars: dict[ToolGrammar, Any] = {}
+        self._grammars: dict[OutputGrammar, tuple[Any, list[str]]] = {}
+        self._enforceable: dict[OutputGrammar, OutputGrammar | None] = {}
 
     def _ll_tokenizer(self) -> Any:
         with self._lock:
@@ -117,44 +283,152 @@ class GrammarCompiler:
                 )
             return self._ll
 
-    def compile(self, plan: ToolGrammar) -> Any:
-        """A fresh matcher for `plan`'s grammar, checked; raises ValueError naming the problem."""
+    def enforceable(self, plan: OutputGrammar) -> OutputGrammar | None:
+        """`plan` as far as llguidance can enforce it; None: nothing of it (unconstrained).
+
+        Never refused: schema keywords llguidance does not implement are
+        dropped; a schema that still does not compile is tried without its
+        patterns, formats and remote `$ref`s, and then each schema alone, the
+        ones that fail left free. What was dropped is named in one warning,
+        the first time a plan is seen.
+        """
+        with self._lock:
+            if plan in self._enforceable:
+                return self._enforceable[plan]
+        notes: list[str] = []
+        result = self._relaxed(plan, notes)
+        if notes:
+            log.warning("output constraints relaxed: %s", "; ".join(notes))
+        with self._lock:
+            if len(self._enforceable) > 64:
+                self._enforceable.clear()
+            self._enforceable[plan] = result
+        return result
+
+    def _relaxed(self, plan: OutputGrammar, notes: list[str]) -> OutputGrammar | None:
+        try:
+            notes += self._compiled(plan)[1]
+            return plan
+        except ValueError as exc:
+            notes.append(f"{exc} (so patterns, formats and remote $refs are not enforced)")
+        loose = replace(plan, loose=True)
+        try:
+            notes += self._compiled(loose)[1]
+            return loose
+        except ValueError as exc:
+            notes.append(f"{exc} (so that schema is not enforced)")
+
+        def compiles(part: OutputGrammar) -> bool:
+            try:
+                self._compiled(part)
+                return True
+            except ValueError:
+                return False
+
+        # Each schema on its own: those that fail alone leave their part free.
+        tools = tuple(
+            (
+                name,
+                schema
+                if compiles(replace(loose, tools=((name, schema),), reply_schema=None))
+                else None,
+            )
+            for name, schema in loose.tools
+        )
+        schema = loose.reply_schema
+        if schema is not None and not compiles(replace(loose, tools=(), forced=False)):
+            schema = None
+        rest = replace(loose, tools=tools, reply_schema=schema)
+        if (rest.tools or rest.reply_schema is not None) and compiles(rest):
+            return rest
+        return None
+
+    def compile(self, plan: OutputGrammar) -> Any:
+        """A checked matcher for `plan` (shared: copy it); raises ValueError naming the problem."""
+        return self._compiled(plan)[0]
+
+    def _compiled(self, plan: OutputGrammar) -> tuple[Any, list[str]]:
+        """The matcher and llguidance's warnings (what it does not enforce)."""
         import llguidance
 
         cached = self._grammars.get(plan)
         if cached is not None:
             return cached
         ll = self._ll_tokenizer()
-        ids = ll.tokenize_str(plan.start)
-        special = ids[0] if len(ids) == 1 and ll.is_special_token(ids[0]) else None
+        markers = [plan.start, *(plan.thinking or ())]
+        special = {}
+        for marker in filter(None, markers):
+            ids = ll.tokenize_str(marker)
+            if len(ids) == 1 and ll.is_special_token(ids[0]):
+                special[marker] = ids[0]
         grammar = llguidance.LLMatcher.grammar_from_lark(plan.lark(special))
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, ll)
         if failed:
-            raise ValueError("; ".join(messages))
-        if messages:
-            log.info("tool grammar: %s", "; ".join(messages))
+            raise ValueError(_brief(messages))
         matcher = llguidance.LLMatcher(ll, grammar)
         if matcher.is_error():
-            raise ValueError(matcher.get_error())
-        if len(self._grammars) > 64:
-            self._grammars.clear()
-        self._grammars[plan] = matcher
-        return matcher
+            raise ValueError(_brief([matcher.get_error()]))
+        entry = (matcher, [_brief(messages)] if messages else [])
+        with self._lock:
+            if len(self._grammars) > 64:
+                self._grammars.clear()
+            self._grammars[plan] = entry
+        return entry
 
-    def processor(self, plan: ToolGrammar) -> LogitsProcessor:
+    def processor(self, plan: OutputGrammar, budget: int | None = None) -> LogitsProcessor:
+        """A processor enforcing `plan`; with `budget` (max_tokens), one that closes in time."""
         matcher = self.compile(plan).deep_copy()
-        return _GrammarProcessor(matcher, self._ll_tokenizer().vocab_size)
+        # Forced calls and JSON replies are complete wherever the grammar
+        # accepts; a lazily constrained reply is free text there.
+        complete = plan.forced or plan.reply_schema is not None
+        return _GrammarProcessor(matcher, self._ll_tokenizer(), budget, self._closers, complete)
+
+    @functools.cached_property
+    def _closers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The closers that are one token here, and the end tokens."""
+        ll = self._ll_tokenizer()
+        closers = []
+        for text in _CLOSERS:
+            ids = ll.tokenize_str(text)
+            if len(ids) == 1:
+                closers.append(ids[0])
+        return tuple(closers), tuple(sorted(self._tokenizer.eos_token_ids))
+
+
+# Near the end of its budget, a constrained reply is closed instead of cut:
+# the shortest way to a complete document is written (a closing quote, the
+# braces, an end token), so that it still parses. Tried in this order, where
+# the grammar allows; elsewhere (a required key, an enum value) the model
+# chooses among what the grammar allows.
+_CLOSERS = ('"}', '"]', '""', '"', "}", "]", "0", "false", "null", "[]", "{}", ",")
+# How close to the budget's end the closing path is looked for (each look is
+# a few mask computations, so only here).
+CLOSE_WINDOW = 32
 
 
 class _GrammarProcessor:
-    """Masks every token the grammar does not allow next."""
+    """Masks every token the grammar does not allow next; closes the document in time."""
 
-    def __init__(self, matcher: Any, vocab_size: int) -> None:
+    def __init__(
+        self,
+        matcher: Any,
+        ll: Any,
+        budget: int | None = None,
+        closers: tuple[tuple[int, ...], tuple[int, ...]] = ((), ()),
+        complete_when_accepting: bool = False,
+    ) -> None:
         from llguidance.numpy import allocate_token_bitmask
 
         self._matcher = matcher
-        self._bitmask = allocate_token_bitmask(1, vocab_size)
+        self._ll = ll  # llguidance's tokenizer
+        self._bitmask = allocate_token_bitmask(1, ll.vocab_size)
         self._calls = 0
+        self._budget = budget
+        self._closers, self._eos = closers
+        self._complete_when_accepting = complete_when_accepting
+        # The budget was about to run out and the grammar is writing the
+        # shortest ending: the reply ends for max_tokens, not of its own accord.
+        self.closing = False
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         import numpy as np
@@ -168,9 +442,81 @@ class _GrammarProcessor:
             # Cannot happen for tokens the mask allowed; leave the logits be
             # rather than fail the request.
             return logits
-        if bool(np.all(self._bitmask == -1)):
-            return logits  # free text: nothing to mask
-        return _masked(self._bitmask, logits)
+        free = bool(np.all(self._bitmask == -1))  # free text: nothing to mask or close
+        left = CLOSE_WINDOW + 1 if self._budget is None else self._budget - self._calls + 1
+        if left <= CLOSE_WINDOW:  # left: this token included
+            if self._complete_when_accepting and self._matcher.is_accepting():
+                # Complete (a call, the document): end here rather than
+                # start another call that the budget cannot finish.
+                token = self._closing_token(self._matcher, self._bitmask)
+                if token in self._eos:
+                    return _only(token, logits)
+            if self.closing or (not free and self._must_close(left)):
+                self.closing = True
+                token = self._closing_token(self._matcher, self._bitmask)
+                if token is not None:
+                    return _only(token, logits)
+        return logits if free else _masked(self._bitmask, logits)
+
+    def _closing_token(self, matcher: Any, bitmask: Any) -> int | None:
+        """The next token of the shortest ending, where it is clear which; else None."""
+        if matcher.is_accepting():
+            ends = [t for t in self._eos if _allowed(bitmask, t)]
+            if ends:
+                return ends[0]
+        forced = matcher.compute_ff_bytes()  # text the grammar allows no choice in
+        if forced:
+            ids = self._ll.tokenize_bytes(forced)
+            if ids and _allowed(bitmask, ids[0]):
+                return int(ids[0])
+        for token in self._closers:
+            if _allowed(bitmask, token):
+                return token
+        return None
+
+    def _must_close(self, left: int) -> bool:
+        """Whether the shortest ending found from here takes all the tokens left (or one less)."""
+        import numpy as np
+        from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
+        matcher = self._matcher.deep_copy()
+        bitmask = allocate_token_bitmask(1, self._ll.vocab_size)
+        for step in range(left):
+            fill_next_token_bitmask(matcher, bitmask, 0)
+            if matcher.is_error():
+                return False
+            token = self._closing_token(matcher, bitmask)
+            if token in self._eos:
+                return step + 1 >= left - 1
+            if token is None:
+                # No closer fits (a key, an enum value): the lowest token
+                # allowed, a short one in byte-level vocabularies.
+                words = bitmask[0].view(np.uint32)
+                word = int(np.flatnonzero(words)[0]) if words.any() else -1
+                if word < 0:
+                    return False
+                bits = int(words[word])
+                token = 32 * word + (bits & -bits).bit_length() - 1
+            matcher.consume_token(token)
+        return False
+
+
+def _brief(messages: list[str]) -> str:
+    """llguidance's messages without the grammar listing they quote (Claude Code's is ~60 KB)."""
+    # One line each, for the log: what they point at is quoted inline.
+    return "; ".join(sorted({" ".join(m.split("\n   1 | ")[0].split()) for m in messages}))
+
+
+def _allowed(bitmask: Any, token: int) -> bool:
+    return bool((int(bitmask[0, token >> 5]) >> (token & 31)) & 1)
+
+
+def _only(token: int, logits: Any) -> Any:
+    import mlx.core as mx
+
+    mask = mx.full(logits.shape, -float("inf"), dtype=logits.dtype)
+    mask[..., token] = 0
+    return logits + mask
 
 
 def _masked(bitmask: Any, logits: Any) -> Any:

@@ -75,6 +75,88 @@ class _ArgumentScanner:
         return len(text)
 
 
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
+_LITERALS = {"true": True, "false": False, "null": None}
+
+
+def partial_json(text: str) -> Any:
+    """The complete part of a JSON object cut short: `{"a": 1, "b": "x` gives `{"a": 1}`.
+
+    The rule of the Python SDK's stream reader (jiter's partial mode): a
+    value is kept once it is complete, open objects and arrays are closed,
+    and a key whose value was cut is left out. So a call cut by max_tokens
+    has the same `input` streamed and not. Anything unreadable gives `{}`.
+    """
+    try:
+        value, _ = _partial_value(text, _skip_space(text, 0))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class _Cut(ValueError):
+    """The text ended inside this value."""
+
+
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _partial_value(text: str, i: int) -> tuple[Any, int]:
+    """The value starting at `i` and where it ends; containers cut short are closed."""
+    if i >= len(text):
+        raise _Cut
+    char = text[i]
+    if char in "{[":
+        closing = "}" if char == "{" else "]"
+        items: Any = {} if char == "{" else []
+        i = _skip_space(text, i + 1)
+        while i < len(text) and text[i] != closing:
+            try:
+                if char == "{":
+                    key, i = _partial_value(text, i)
+                    i = _skip_space(text, i)
+                    if i >= len(text):
+                        raise _Cut
+                    if text[i] != ":" or not isinstance(key, str):
+                        raise ValueError("expected a key and a colon")
+                    value, i = _partial_value(text, _skip_space(text, i + 1))
+                    items[key] = value
+                else:
+                    value, i = _partial_value(text, i)
+                    items.append(value)
+            except _Cut:
+                return items, len(text)
+            i = _skip_space(text, i)
+            if i < len(text) and text[i] == ",":
+                i = _skip_space(text, i + 1)
+        return items, i + 1
+    if char == '"':
+        end = i + 1
+        while end < len(text) and text[end] != '"':
+            end += 2 if text[end] == "\\" else 1
+        if end >= len(text):
+            raise _Cut
+        return json.loads(text[i : end + 1]), end + 1
+    if char == "-" or char.isdigit():
+        end = i
+        while end < len(text) and text[end] in "0123456789+-.eE":
+            end += 1
+        if not _NUMBER.fullmatch(text, i, end):
+            if end == len(text):
+                raise _Cut  # `1.` or `-` at the very end
+            raise ValueError(f"bad number {text[i:end]!r}")
+        return json.loads(text[i:end]), end
+    for word, literal in _LITERALS.items():
+        if text.startswith(word, i):
+            return literal, i + len(word)
+        if word.startswith(text[i:]):
+            raise _Cut
+    raise ValueError(f"unexpected {char!r}")
+
+
 class ContentAssembler:
     def __init__(
         self,
@@ -85,7 +167,9 @@ class ContentAssembler:
         thinking_open: bool = False,
         constrained: bool = False,
         single_call: bool = False,
+        calls_only: bool = False,
         signer: Callable[[str], str] = lambda _: "",
+        continues_text: bool = False,
     ) -> None:
         self._format = tool_format if tools else None
         self._tool_names = {tool["function"]["name"] for tool in tools}
@@ -93,8 +177,15 @@ class ContentAssembler:
         self._thinking = thinking
         self._constrained = constrained and self._format is not None and self._format.json_body
         self._single_call = single_call
+        # The reply is tool calls only (forced, or calls in place of a JSON
+        # reply): text after a call means the model is done calling, so the
+        # turn ends there.
+        self._calls_only = calls_only
         self._signer = signer
         self.blocks: list[dict[str, Any]] = []
+        # The reply continues a prefilled assistant turn: its leading
+        # whitespace is the prefill's continuation (indentation), not layout.
+        self._keep_leading_space = continues_text
         self._open: dict[str, Any] | None = None
         self._events: list[BlockEvent] = []
         self._mode = "thinking" if thinking is not None and thinking_open else "text"
@@ -118,6 +209,8 @@ class ContentAssembler:
 
     def finish(self) -> list[BlockEvent]:
         """The output has ended: place what was held back and close the last block."""
+        if self._calls_only and self.calls and self._mode == "text":
+            self._pending = ""  # after the calls: nothing but (the start of) another one
         if not self.done:
             self._advance(final=True)
             if self._mode == "call":
@@ -141,6 +234,10 @@ class ContentAssembler:
                 self._close()
                 self._mode = "text"
             elif self._mode == "text":
+                if self._calls_only and self.calls and self._words_after_calls():
+                    self.done = True
+                    self._pending = ""
+                    return
                 marker = self._text_until_marker(final)
                 if marker is None:
                     return
@@ -193,6 +290,13 @@ class ContentAssembler:
         self._pending = self._pending[len(self._pending) - hold :]
         return None
 
+    def _words_after_calls(self) -> bool:
+        """The text after a call is more than whitespace and not the start of another call."""
+        assert self._format is not None
+        text = self._pending.lstrip()
+        start = self._format.start
+        return bool(text) and not (text.startswith(start) or start.startswith(text))
+
     # -- tool calls -------------------------------------------------------
 
     def _advance_call(self) -> None:
@@ -234,6 +338,9 @@ class ContentAssembler:
             try:
                 self._open["input"] = json.loads(self._args)
             except ValueError:
+                # Cut short (max_tokens): the complete part of what was
+                # streamed, as the SDKs read a stream's partial input.
+                self._open["input"] = partial_json(self._args)
                 self.cut_short = True
                 log.info("tool call cut short after %d characters of arguments", len(self._args))
             self._scanner = None
@@ -289,7 +396,8 @@ class ContentAssembler:
             if kind == "text":
                 # Whitespace between blocks (after `</think>`, between
                 # calls) is layout, not an answer.
-                text = text.lstrip()
+                if not (self._keep_leading_space and not self.blocks):
+                    text = text.lstrip()
                 if not text:
                     return
                 self._open_block(protocol.text_block(""))

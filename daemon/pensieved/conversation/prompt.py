@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pensieved.conversation.attachments import BlockText, referenced_tools
 from pensieved.conversation.pieces import PieceTokenizer
 from pensieved.conversation.toolcalls import (
     GENERIC,
@@ -23,23 +24,26 @@ from pensieved.conversation.toolcalls import (
 from pensieved.wire.errors import InvalidRequest
 from pensieved.wire.protocol import (
     CountTokensRequest,
-    DocumentBlock,
-    ImageBlock,
     TextBlock,
     ThinkingAdaptive,
+    ThinkingBlock,
     ThinkingEnabled,
+    Tool,
     ToolChoiceNone,
+    ToolChoiceTool,
     ToolResultBlock,
     ToolUseBlock,
 )
 
 ChatMessage = dict[str, Any]
 
-IMAGE_PLACEHOLDER = "[image omitted: this model is text-only]"
-
 
 def to_chat_messages(
-    request: CountTokensRequest, model_name: str, *, native_tools: bool = False
+    request: CountTokensRequest,
+    model_name: str,
+    *,
+    native_tools: bool = False,
+    images: str = "placeholder",
 ) -> list[ChatMessage]:
     """Flatten an Anthropic request into chat-template turns.
 
@@ -52,7 +56,10 @@ def to_chat_messages(
       expect; without, both are written in the generic text format.
     - thinking blocks from earlier turns are dropped: templates that keep
       reasoning keep only the current turn's.
+    - every other block (images, documents, search results, the cloud's
+      server-tool history) becomes text, or nothing (attachments.py).
     """
+    as_text = BlockText(model_name, images)
     turns: list[ChatMessage] = []
     system = _system_text(request.system)
     if system:
@@ -72,11 +79,6 @@ def to_chat_messages(
             where = f"messages.{index}.content.{block_index}"
             if isinstance(block, TextBlock):
                 texts.append(block.text)
-            elif isinstance(block, ImageBlock | DocumentBlock):
-                kind = "image" if isinstance(block, ImageBlock) else "document"
-                raise InvalidRequest(
-                    f"{where}: model {model_name!r} is text-only and does not accept {kind} input"
-                )
             elif isinstance(block, ToolUseBlock):
                 if native_tools:
                     calls.append(
@@ -89,7 +91,7 @@ def to_chat_messages(
                 else:
                     texts.append(generic_call_text(block.name, block.input))
             elif isinstance(block, ToolResultBlock):
-                body = _tool_result_body(block)
+                body = as_text.parts(block.content, where)
                 name = names.get(block.tool_use_id, "")
                 if not native_tools:
                     texts.append(generic_result_text(name, body, block.is_error))
@@ -106,7 +108,10 @@ def to_chat_messages(
                         "content": content,
                     }
                 )
-            # thinking and redacted_thinking: dropped (see above)
+            elif not isinstance(block, ThinkingBlock):  # thinking: dropped (see above)
+                shown = as_text.text(block, where)
+                if shown:
+                    texts.append(shown)
         turn: ChatMessage = {"role": msg.role, "content": "\n".join(t for t in texts if t)}
         if calls:
             turn["tool_calls"] = calls
@@ -148,12 +153,22 @@ def _system_text(system: str | list[TextBlock] | None) -> str:
     )
 
 
-def _tool_result_body(block: ToolResultBlock) -> str:
-    if isinstance(block.content, str):
-        return block.content
-    return "\n".join(
-        part.text if isinstance(part, TextBlock) else IMAGE_PLACEHOLDER for part in block.content
-    )
+def shown_tools(request: CountTokensRequest) -> list[Tool]:
+    """The tools the model is shown: none under tool_choice "none", and no deferred ones.
+
+    A `defer_loading` tool stays out of the prompt (saving its context) until a
+    tool search names it with a `tool_reference` anywhere in the conversation,
+    or tool_choice forces it.
+    """
+    if isinstance(request.tool_choice, ToolChoiceNone):
+        return []
+    tools = request.tools or []
+    if not any(tool.defer_loading for tool in tools):
+        return tools
+    loaded = referenced_tools(request.messages)
+    if isinstance(request.tool_choice, ToolChoiceTool):
+        loaded.add(request.tool_choice.name)
+    return [tool for tool in tools if not tool.defer_loading or tool.name in loaded]
 
 
 @dataclass(frozen=True)
@@ -173,9 +188,10 @@ class Prompt:
 class PromptBuilder:
     """Renders requests with one model's tokenizer and chat template."""
 
-    def __init__(self, tokenizer: Any, model_name: str) -> None:
+    def __init__(self, tokenizer: Any, model_name: str, images: str = "placeholder") -> None:
         self._tokenizer = tokenizer
         self._model_name = model_name
+        self._images = images
         self.native_format = detect_format(tokenizer)
         self._pieces = PieceTokenizer(tokenizer)
         self.has_thinking = bool(getattr(tokenizer, "has_thinking", False))
@@ -186,8 +202,10 @@ class PromptBuilder:
 
     def build(self, request: CountTokensRequest) -> Prompt:
         native = self.native_format is not None
-        turns = to_chat_messages(request, self._model_name, native_tools=native)
-        shown = [] if isinstance(request.tool_choice, ToolChoiceNone) else (request.tools or [])
+        turns = to_chat_messages(
+            request, self._model_name, native_tools=native, images=self._images
+        )
+        shown = shown_tools(request)
         tools = openai_tools(shown)
         if shown and not native:
             instructions = generic_instructions(shown)

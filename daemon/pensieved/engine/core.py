@@ -24,9 +24,11 @@ from typing import Any
 from pensieved.config import EngineConfig, ModelConfig
 from pensieved.engine.loading import (
     LoadedModel,
+    PromptSide,
     free_memory,
     gb,
     identity,
+    load_prompt_side,
     load_weights,
     models_to_evict,
     persisted_cache_path,
@@ -39,7 +41,7 @@ from pensieved.engine.stream import (
     GenerationRequest,
     GenerationStream,
 )
-from pensieved.models.registry import materialize
+from pensieved.models.registry import local_model_dir, materialize
 from pensieved.models.residency import Resident
 from pensieved.wire.errors import Overloaded
 
@@ -70,6 +72,8 @@ class Engine:
         self._kv_counted_at = 0.0
         self.prefix_cache = PrefixCache(gb(self._settings.prompt_cache_gb))
         self._samplers = SamplerPool()
+        # Tokenizers of models not loaded yet, to check a request before a load.
+        self._prompt_sides: dict[ModelConfig, PromptSide] = {}
         # Free memory to keep when loading a model: the memory guard's reject line.
         self.memory_floor_bytes = 0
         self._stopping = False
@@ -90,6 +94,25 @@ class Engine:
         self._settings = settings
         self.prefix_cache.max_bytes = gb(settings.prompt_cache_gb)
         self._put(("call", lambda: self.prefix_cache.shrink(self.prefix_cache.max_bytes)))
+
+    def prompt_side(self, config: ModelConfig) -> PromptSide | None:
+        """The tokenizer side of `config`'s model, without loading its weights.
+
+        Safe on any thread (no MLX arrays); None when the model would first
+        need importing, which only the engine thread may do.
+        """
+        path = local_model_dir(config, self._models_dir)
+        if path is None:
+            return None
+        with self._accepting:
+            side = self._prompt_sides.get(config)
+        if side is None:
+            side = load_prompt_side(config, path)
+            with self._accepting:
+                if len(self._prompt_sides) >= 8:
+                    self._prompt_sides.clear()
+                self._prompt_sides[config] = side
+        return side
 
     def cached_length(self, model: LoadedModel, tokens: list[int]) -> int:
         """How many of `tokens` the prefix cache would serve now (for `usage` up front)."""

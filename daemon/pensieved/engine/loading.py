@@ -6,6 +6,7 @@ engine decides when to call them and keeps what they return.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ def load_weights(config: ModelConfig, path: str | Path, settings: EngineConfig) 
         model,
         tokenizer,
         context,
-        PromptBuilder(tokenizer, config.name),
+        PromptBuilder(tokenizer, config.name, config.images),
         len(tokenizer),
         int(getattr(getattr(model, "args", None), "vocab_size", 0) or len(tokenizer)),
         dequantized,
@@ -111,9 +112,10 @@ def free_memory() -> None:
 
 
 def new_generator(loaded: LoadedModel, settings: EngineConfig) -> Any:
+    import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
 
-    return BatchGenerator(
+    generator = BatchGenerator(
         loaded.model,
         stop_tokens=[[t] for t in sorted(loaded.tokenizer.eos_token_ids)],
         prefill_step_size=settings.prefill_chunk,
@@ -121,14 +123,47 @@ def new_generator(loaded: LoadedModel, settings: EngineConfig) -> Any:
         completion_batch_size=settings.max_sequences,
         prefill_batch_size=min(settings.max_sequences, 8),
     )
+    # mlx-lm's constructor wires 100% of Metal's recommended working set and
+    # puts its saved value back when the generator is closed or collected.
+    # The limit is the memory guard's (`[memory] wired_limit_percent`, set
+    # before any model loads): put back the one in force before, and keep
+    # this generator from restoring an older one later.
+    previous = generator._old_wired_limit
+    generator._old_wired_limit = None
+    if previous is not None:
+        mx.synchronize()  # MLX: never change the wired limit during an async eval
+        mx.set_wired_limit(previous)
+    return generator
+
+
+@dataclass(frozen=True)
+class PromptSide:
+    """What a request can be checked with before its model's weights load."""
+
+    builder: PromptBuilder
+    context_length: int
+
+
+def load_prompt_side(config: ModelConfig, path: Path) -> PromptSide:
+    """The tokenizer and context of the model in `path`, without its weights (any thread)."""
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(path)  # type: ignore[no-untyped-call]
+    try:
+        declared = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        declared = None
+    context = config.context_length or _context_length(declared, tokenizer)
+    return PromptSide(PromptBuilder(tokenizer, config.name, config.images), context)
 
 
 def context_length(model: Any, tokenizer: Any) -> int:
     args = getattr(model, "args", None)
-    for value in (
-        getattr(args, "max_position_embeddings", None),
-        getattr(tokenizer, "model_max_length", None),
-    ):
+    return _context_length(getattr(args, "max_position_embeddings", None), tokenizer)
+
+
+def _context_length(declared: Any, tokenizer: Any) -> int:
+    for value in (declared, getattr(tokenizer, "model_max_length", None)):
         if isinstance(value, int) and 0 < value < 10_000_000:
             return value
     return 4096

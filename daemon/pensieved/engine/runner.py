@@ -75,6 +75,7 @@ class Job:
     stops: StopMatcher
     output_tokens: int = 0
     cached_tokens: int = 0
+    grammar: Any = None  # the request's grammar processor, if any
 
 
 @dataclass
@@ -110,12 +111,15 @@ class Runner:
             budget = thinking_processor(request.thinking, loaded.tokenizer)
             if budget is not None:
                 processors.append(budget)
+        grammar = None
         if request.grammar is not None:
-            processors.append(loaded.grammars.processor(request.grammar))
+            grammar = loaded.grammars.processor(request.grammar, budget=request.max_tokens)
+            processors.append(grammar)
         cache, cached = self.prefix_cache.fetch(loaded.config, request.prompt)
         (uid,) = self.generator.insert(
             [request.prompt[cached:]],
-            max_tokens=[request.max_tokens],
+            # max_tokens 0 is a cache pre-warm: one token is decoded and dropped.
+            max_tokens=[max(request.max_tokens, 1)],
             caches=[cache],
             all_tokens=[request.prompt[:cached]],
             samplers=[self.samplers.get(request.sampling, loaded.logits_size)],
@@ -125,9 +129,12 @@ class Runner:
         self.jobs[uid] = Job(
             stream,
             request,
-            loaded.tokenizer.detokenizer,
+            _untrimmed(loaded.tokenizer.detokenizer)
+            if request.keep_leading_space
+            else loaded.tokenizer.detokenizer,
             StopMatcher(request.stop_sequences),
             cached_tokens=cached,
+            grammar=grammar,
         )
         stream._deliver(Admitted(cached))
 
@@ -174,6 +181,10 @@ class Runner:
 
     def _advance(self, uid: int, job: Job, token: int, finish_reason: str | None) -> None:
         """Turn one token into text for `job`, ending it at a stop or a limit."""
+        if job.request.max_tokens == 0:
+            # The prompt is prefilled, and kept in the prefix cache on removal.
+            self._finish(uid, Finished("max_tokens", None, 0, job.cached_tokens))
+            return
         job.output_tokens += 1
         if token >= self.loaded.vocab_size:
             # The detokenizer would quietly turn it into junk text.
@@ -199,7 +210,10 @@ class Runner:
             job.stream._deliver(TextDelta(text, job.output_tokens))
         if finish_reason is None:
             return
-        if finish_reason == "stop":
+        # A grammar that closed its document as the budget ran out ended it,
+        # not the model: the reply is complete JSON, cut short all the same.
+        closed = job.grammar is not None and job.grammar.closing
+        if finish_reason == "stop" and not closed:
             reason = "end_turn"
         elif job.request.context_limited:
             reason = "model_context_window_exceeded"
@@ -233,3 +247,16 @@ class Runner:
         for job in self.jobs.values():
             job.stream._deliver(event)
         self.jobs.clear()
+
+
+def _untrimmed(detokenizer: Any) -> Any:
+    """A detokenizer that keeps the first token's leading space.
+
+    mlx-lm's SPM and BPE detokenizers drop it, which suits the start of a
+    reply but loses a continued turn's indentation.
+    """
+    if hasattr(detokenizer, "trim_space"):  # SPMStreamingDetokenizer
+        detokenizer.trim_space = False
+    if hasattr(detokenizer, "_maybe_trim_space"):  # BPEStreamingDetokenizer
+        detokenizer._maybe_trim_space = lambda text: text
+    return detokenizer

@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-from pensieved.conversation.constraints import ThinkingBudget, ToolGrammar
+from pensieved.conversation.constraints import OutputGrammar, ThinkingBudget
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,11 @@ class GenerationRequest:
     stop_sequences: tuple[str, ...] = ()
     # max_tokens was cut to fit the context: running out means the window ended.
     context_limited: bool = False
-    grammar: ToolGrammar | None = None
+    grammar: OutputGrammar | None = None
     thinking: ThinkingBudget | None = None
+    # The reply continues a prefilled assistant turn: its first token's
+    # leading space is part of the text (a code prefill's indentation).
+    keep_leading_space: bool = False
 
 
 # Events the engine sends to a request's stream.

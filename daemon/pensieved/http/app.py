@@ -7,7 +7,6 @@ import logging
 import os
 import secrets
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import falcon
@@ -22,6 +21,7 @@ from pensieved.engine.loading import LoadedModel
 from pensieved.http.asgi import json_response
 from pensieved.http.messages import CountTokensResource, MessagesResource, PromptPreparer
 from pensieved.http.metrics import Metrics, MetricsMiddleware, MetricsResource
+from pensieved.http.models import ModelsResource
 from pensieved.http.origin import HostOriginGuard
 from pensieved.memory.admission import AdmissionMiddleware
 from pensieved.memory.guard import Level, MemoryGuard
@@ -62,6 +62,7 @@ class AuthMiddleware:
             )
         if not hmac.compare_digest(provided.encode(), self._token):
             raise AuthenticationFailed("invalid x-api-key")
+        req.context.credential = provided  # message threads are held per token
 
 
 class RootResource:
@@ -156,49 +157,6 @@ def _model_health(model: ModelConfig, loaded: LoadedModel | None) -> dict[str, A
     }
 
 
-class ModelsResource:
-    def __init__(self, registry: ModelRegistry, engine: Engine, started: float) -> None:
-        self._registry = registry
-        self._engine = engine
-        self._created = datetime.fromtimestamp(started, UTC).isoformat().replace("+00:00", "Z")
-
-    def _info(self, model: ModelConfig) -> dict[str, Any]:
-        loaded = {m.config: m for m in self._engine.loaded()}
-        context = model.context_length or (
-            loaded[model].context_length if model in loaded else None
-        )
-        return {
-            "type": "model",
-            "id": model.name,
-            "display_name": model.name,
-            "created_at": self._created,
-            "lifecycle": "active",
-            "max_input_tokens": context,
-            "max_tokens": context,
-            "capabilities": None,
-            "deprecated_at": None,
-            "retires_at": None,
-            "line": None,
-        }
-
-    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        data = [self._info(m) for m in self._registry.models]
-        json_response(
-            resp,
-            {
-                "data": data,
-                "has_more": False,
-                "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None,
-            },
-        )
-
-    async def on_get_one(
-        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, model_id: str
-    ) -> None:
-        json_response(resp, self._info(self._registry.get(model_id)))
-
-
 def _write_error(
     req: falcon.asgi.Request,
     resp: falcon.asgi.Response,
@@ -206,6 +164,7 @@ def _write_error(
     error_type: str,
     message: str,
     headers: dict[str, str] | None = None,
+    details: dict[str, Any] | None = None,
 ) -> None:
     request_id = getattr(req.context, "request_id", None)
     if request_id is None:  # failed before the middleware ran
@@ -213,7 +172,7 @@ def _write_error(
         resp.set_header("request-id", request_id)
     for name, value in (headers or {}).items():
         resp.set_header(name, value)
-    json_response(resp, error_body(error_type, message, request_id), status)
+    json_response(resp, error_body(error_type, message, request_id, details), status)
 
 
 async def _handle_api_error(
@@ -227,7 +186,7 @@ async def _handle_api_error(
         ex.status,
         ex.message,
     )
-    _write_error(req, resp, ex.status, ex.error_type, ex.message, ex.headers)
+    _write_error(req, resp, ex.status, ex.error_type, ex.message, ex.headers, ex.details)
 
 
 async def _handle_http_error(
@@ -278,7 +237,7 @@ def create_app(
         cors_enable=False,
     )
     app.req_options.strip_url_path_trailing_slash = True
-    models = ModelsResource(registry, engine, started)
+    models = ModelsResource(registry, engine)
     app.add_route("/", RootResource())
     app.add_route("/health", HealthResource(registry, engine, started, guard))
     app.add_route("/metrics", MetricsResource(metrics))

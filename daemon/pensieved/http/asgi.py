@@ -13,6 +13,8 @@ from pensieved.wire.errors import InvalidRequest, RequestTooLarge
 
 # The Anthropic API's own limit for a Messages request.
 MAX_BODY_BYTES = 32 * 1024 * 1024
+# An oversized body is read (and dropped) up to this size so that its 413 reaches the client.
+DRAIN_BYTES = 4 * MAX_BODY_BYTES
 
 
 def json_response(resp: falcon.asgi.Response, payload: Any, status: int = 200) -> None:
@@ -29,15 +31,24 @@ async def read_body(req: falcon.asgi.Request, limit: int = MAX_BODY_BYTES) -> by
         # without a CORS preflight.
         raise InvalidRequest(f"content-type must be application/json, not {content_type!r}")
     too_large = RequestTooLarge(f"request body exceeds the {limit // (1024 * 1024)} MB limit")
-    if req.content_length is not None and req.content_length > limit:
-        raise too_large
+    if req.content_length is not None and req.content_length > DRAIN_BYTES:
+        raise too_large  # past what is worth reading only to refuse it
     chunks: list[bytes] = []
     size = 0
     async for chunk in req.stream:
         size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+        if size > DRAIN_BYTES:
+            break
+        if size <= limit:
+            chunks.append(chunk)
+        # Past the limit the rest is read and dropped before answering:
+        # closing on a client that is still sending resets the connection,
+        # and the client then sees a broken pipe (and retries), not the 413.
+    if size > limit:
+        raise too_large
+    if req.content_length is not None and size < req.content_length:
+        # The client stopped sending (or went away) mid-body.
+        raise InvalidRequest(f"request body ended after {size} of {req.content_length} bytes")
     return b"".join(chunks)
 
 

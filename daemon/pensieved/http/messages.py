@@ -6,14 +6,15 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import falcon
 import falcon.asgi
 from falcon.asgi import SSEvent
 
-from pensieved.conversation.constraints import ThinkingBudget, ToolGrammar
+from pensieved.config import ModelConfig
+from pensieved.conversation.constraints import OutputGrammar, ThinkingBudget
 from pensieved.conversation.content import ContentAssembler, ThinkingMarkers
 from pensieved.conversation.prompt import Prompt
 from pensieved.conversation.toolcalls import GENERIC, ToolFormat
@@ -24,6 +25,7 @@ from pensieved.http.asgi import disconnected, json_response, read_body
 from pensieved.http.metrics import Metrics
 from pensieved.http.reply import Reply, sign_thinking
 from pensieved.http.sse import events_when_ready, message_events
+from pensieved.http.threads import ThreadStore, ThreadTurn
 from pensieved.models.registry import ModelRegistry
 from pensieved.wire import protocol
 from pensieved.wire.errors import ApiError, Busy, EngineFailure, Overloaded, prompt_too_long
@@ -72,6 +74,19 @@ class PromptPreparer:
             prompt = await asyncio.to_thread(loaded.builder.build, request)
         return PreparedPrompt(loaded, prompt)
 
+    async def check_before_load(self, request: MessagesRequest, config: ModelConfig) -> None:
+        """Refuse now what would be refused once the model loads (content, length).
+
+        A streamed request to a cold model answers 200 and pings while the
+        weights load; an error found after that could only be an `event:
+        error`, which the SDKs report with status 200. The tokenizer alone
+        finds these, so they get their real status first.
+        """
+        side = await asyncio.to_thread(self._engine.prompt_side, config)
+        if side is not None:
+            prompt = await asyncio.to_thread(side.builder.build, request)
+            check_fits(len(prompt.tokens), side.context_length)
+
 
 class CountTokensResource:
     def __init__(self, preparer: PromptPreparer) -> None:
@@ -81,7 +96,13 @@ class CountTokensResource:
         body = await read_body(req)
         request = decode_request(body, CountTokensRequest)
         prepared = await self._preparer.prepare(request, inline=len(body) <= INLINE_BYTES)
-        json_response(resp, {"input_tokens": len(prepared.prompt.tokens)})
+        json_response(resp, protocol.token_count(len(prepared.prompt.tokens)))
+
+
+def check_fits(input_tokens: int, context_length: int) -> None:
+    # One token of room is the least a reply needs.
+    if input_tokens > context_length - 1:
+        raise prompt_too_long(input_tokens, context_length - 1)
 
 
 @dataclass(frozen=True)
@@ -100,7 +121,9 @@ class MessagesResource:
         engine: Engine,
         registry: ModelRegistry,
         metrics: Metrics | None = None,
+        threads: ThreadStore | None = None,
     ) -> None:
+        self._threads = threads or ThreadStore()
         self._preparer = preparer
         self._engine = engine
         self._metrics = metrics
@@ -108,18 +131,23 @@ class MessagesResource:
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         body = await read_body(req)
+        # A thread's `continue` becomes the full conversation before it is checked.
+        body, thread = self._threads.expand(body, req.context.credential)
         request = decode_request(body, MessagesRequest)
         small = len(body) <= INLINE_BYTES
         request_id: str = req.context.request_id
         if request.stream:
-            cold = not self._engine.is_loaded(self._registry.resolve(request.model))
-            events = None if cold else await self._stream(req, request, small)
+            config = self._registry.resolve(request.model)
+            cold = not self._engine.is_loaded(config)
+            if cold:
+                await self._preparer.check_before_load(request, config)
+            events = None if cold else await self._stream(req, request, small, thread)
             resp.content_type = "text/event-stream"
             resp.set_header("Cache-Control", "no-cache")
             if events is None:
                 # A cold model: the stream starts now, with pings while it
                 # loads, instead of leaving the client without a byte.
-                starting = asyncio.ensure_future(self._stream(req, request, small))
+                starting = asyncio.ensure_future(self._stream(req, request, small, thread))
                 resp.sse = events_when_ready(
                     starting,
                     ping_interval=self._registry.config.server.ping_interval,
@@ -129,7 +157,7 @@ class MessagesResource:
             resp.sse = events
             return
         message_id, started = await self._start(req, request, small)
-        reply, model, input_tokens = started.reply, started.model, started.input_tokens
+        reply, model = started.reply, started.model
         gone = started.gone
         try:
             async for event in reply.events(gone):
@@ -145,6 +173,7 @@ class MessagesResource:
         finally:
             reply.stream.cancel()
         assert isinstance(event, Finished)
+        self._threads.record(thread, message_id, reply.assembler.blocks)
         json_response(
             resp,
             protocol.message(
@@ -153,17 +182,19 @@ class MessagesResource:
                 reply.assembler.blocks,
                 event.stop_reason,
                 event.stop_sequence,
-                protocol.usage(
-                    input_tokens - event.cached_tokens, event.output_tokens, event.cached_tokens
-                ),
+                reply.usage(event),
             ),
         )
 
     async def _stream(
-        self, req: falcon.asgi.Request, request: MessagesRequest, small: bool
+        self,
+        req: falcon.asgi.Request,
+        request: MessagesRequest,
+        small: bool,
+        thread: ThreadTurn | None = None,
     ) -> AsyncIterator[SSEvent]:
         message_id, started = await self._start(req, request, small)
-        return message_events(
+        events = message_events(
             started.reply,
             message_id=message_id,
             model=started.model.name,
@@ -173,6 +204,11 @@ class MessagesResource:
             request_id=req.context.request_id,
             gone=started.gone,
         )
+        if thread is None:
+            return events
+        return self._threads.recording(
+            thread, events, message_id, lambda: started.reply.assembler.blocks
+        )
 
     async def _start(
         self, req: falcon.asgi.Request, request: MessagesRequest, small: bool
@@ -181,10 +217,7 @@ class MessagesResource:
         prepared = await self._preparer.prepare(request, inline=small)
         model = prepared.model
         input_tokens = len(prepared.prompt.tokens)
-        # One token of room is the least a reply needs.
-        maximum = model.context_length - 1
-        if input_tokens > maximum:
-            raise prompt_too_long(input_tokens, maximum)
+        check_fits(input_tokens, model.context_length)
         # Claude Code asks for 64000; clamp to what fits, never reject.
         max_tokens = min(request.max_tokens, model.context_length - input_tokens)
         sampling = Sampling(
@@ -199,7 +232,7 @@ class MessagesResource:
             cached = self._engine.cached_length(model, prepared.prompt.tokens)
             return plan_output(request, prepared), cached
 
-        if small and not prepared.prompt.tools:
+        if small and not prepared.prompt.tools and reply_schema(request) is None:
             plan, cached = plan_and_look_up()  # no grammar, a short prefix walk: microseconds
         else:
             plan, cached = await asyncio.to_thread(plan_and_look_up)
@@ -211,6 +244,7 @@ class MessagesResource:
             context_limited=max_tokens < request.max_tokens,
             grammar=plan.grammar,
             thinking=plan.thinking,
+            keep_leading_space=prepared.prompt.continues_assistant,
         )
         message_id = protocol.new_message_id()
         request_id: str = req.context.request_id
@@ -235,11 +269,12 @@ class MessagesResource:
         gone = disconnected(req)
         reply = Reply(
             self._engine.submit(model, generation),
-            plan.assembler(),
+            plan.assembler(continues_text=prepared.prompt.continues_assistant),
             request_id=request_id,
             prompt_tokens=input_tokens,
             metrics=self._metrics,
             coalesce=self._registry.config.server.text_interval_ms / 1000,
+            thinking_end=plan.thinking_markers.end if plan.thinking_markers else None,
         )
         return message_id, _Started(reply, model, input_tokens, cached, gone)
 
@@ -251,35 +286,36 @@ class OutputPlan:
     tools: list[dict[str, Any]]
     tool_format: ToolFormat | None
     forced: bool
-    grammar: ToolGrammar | None
+    grammar: OutputGrammar | None
     thinking: ThinkingBudget | None
     thinking_markers: ThinkingMarkers | None
     thinking_open: bool
     single_call: bool
 
-    def assembler(self) -> ContentAssembler:
+    def assembler(self, continues_text: bool = False) -> ContentAssembler:
+        grammar = self.grammar
+        calls = grammar is not None and bool(grammar.tools)
+        json_reply = grammar is not None and grammar.reply_schema is not None
         return ContentAssembler(
             tool_format=self.tool_format,
             tools=self.tools,
             thinking=self.thinking_markers,
             thinking_open=self.thinking_open,
-            constrained=self.grammar is not None,
+            constrained=calls,
             single_call=self.single_call,
+            # Where the grammar allows calls or nothing else (forced, or
+            # calls instead of the JSON reply), words after them end the turn.
+            calls_only=calls and (self.forced or json_reply),
             signer=sign_thinking,
+            continues_text=continues_text,
         )
 
 
-def _checked_grammar(loaded: LoadedModel, grammar: ToolGrammar) -> ToolGrammar | None:
-    """`grammar` if llguidance can enforce it; else a lenient one; else None (unconstrained)."""
-    try:
-        loaded.grammars.compile(grammar)
-        return grammar
-    except ValueError as exc:
-        if not grammar.lenient:
-            log.info("tool schemas enforced leniently: %s", exc)
-            return _checked_grammar(loaded, replace(grammar, lenient=True))
-        log.warning("tool calls left unconstrained: %s", exc)
-        return None
+def reply_schema(request: MessagesRequest) -> dict[str, Any] | None:
+    """The JSON schema the reply's text must follow (structured output), if any."""
+    config = request.output_config
+    output_format = config.format if config is not None and config.format else request.output_format
+    return output_format.schema if output_format is not None else None
 
 
 def plan_output(request: MessagesRequest, prepared: PreparedPrompt) -> OutputPlan:
@@ -293,42 +329,59 @@ def plan_output(request: MessagesRequest, prepared: PreparedPrompt) -> OutputPla
         tools = [t for t in tools if t["function"]["name"] == choice.name]
     single = bool(getattr(choice, "disable_parallel_tool_use", False))
     tool_format = prompt.tool_format
-    grammar = None
-    # Text before a lazily constrained call must be free, but llguidance
-    # never lets special tokens through free text, and reasoning models'
-    # markers often are special tokens: those models' optional calls stay
-    # unconstrained (and are parsed whole).
+    thinks = loaded.builder.has_thinking
+    strict = {tool.name for tool in request.tools or () if tool.strict}
+    # A prefilled reply is the client's own start, which a grammar for a
+    # whole document cannot continue: it is left free.
+    schema = None if forced or prompt.continues_assistant else reply_schema(request)
+    # Calls under tool_choice auto are constrained once they open, where the
+    # format's body is JSON. Text before them must be free, and llguidance
+    # lets no special token through free text: a reasoning model's thinking
+    # markers are written into the grammar, but its optional calls stay
+    # unconstrained (and are parsed whole) unless a tool asks to be strict or
+    # the reply must be JSON (then its calls are in the grammar, as any object).
     lazy = (
         tool_format is not None
         and tool_format.json_body
         and not tool_format.start_in_body
-        and not loaded.builder.has_thinking
+        and (
+            not thinks or schema is not None or any(t["function"]["name"] in strict for t in tools)
+        )
     )
-    if tools and tool_format is not None and (forced or lazy):
-        if forced:
-            # Forced calls are written in the generic format, whatever the
-            # template's own: the grammar guarantees it, so it parses.
-            tool_format = GENERIC
-        grammar = _checked_grammar(
-            loaded,
-            ToolGrammar(
+    if forced:
+        # Forced calls are written in the generic format, whatever the
+        # template's own: the grammar guarantees it, so it parses.
+        tool_format = GENERIC
+    tokenizer = loaded.tokenizer
+    markers = ThinkingMarkers(tokenizer.think_start, tokenizer.think_end) if thinks else None
+    budget = None
+    if thinks and isinstance(request.thinking, ThinkingEnabled):
+        budget = ThinkingBudget(request.thinking.budget_tokens, prompt.thinking_open)
+    called = tools if tool_format is not None and (forced or lazy) else []
+    grammar = None
+    if called or schema is not None:
+        grammar = loaded.grammars.enforceable(
+            OutputGrammar(
                 tools=tuple(
-                    (t["function"]["name"], json.dumps(t["function"]["parameters"])) for t in tools
+                    (
+                        t["function"]["name"],
+                        # A reasoning model's calls are constrained only to strict tools.
+                        json.dumps(t["function"]["parameters"])
+                        if forced or not thinks or t["function"]["name"] in strict
+                        else None,
+                    )
+                    for t in called
                 ),
                 forced=forced,
                 parallel=not single,
-                start=tool_format.start,
-                end=tool_format.end,
-                lenient=not forced,
+                start=tool_format.start if called and tool_format else "",
+                end=tool_format.end if called and tool_format else "",
+                reply_schema=None if schema is None else json.dumps(schema),
+                # Thinking stays free: the grammar starts where it ends.
+                thinking=(markers.start, markers.end) if markers and not forced else None,
+                thinking_open=prompt.thinking_open,
             ),
         )
-    tokenizer = loaded.tokenizer
-    markers = None
-    budget = None
-    if loaded.builder.has_thinking:
-        markers = ThinkingMarkers(tokenizer.think_start, tokenizer.think_end)
-        if isinstance(request.thinking, ThinkingEnabled):
-            budget = ThinkingBudget(request.thinking.budget_tokens, prompt.thinking_open)
     return OutputPlan(
         tools=tools,
         tool_format=tool_format,
@@ -337,5 +390,5 @@ def plan_output(request: MessagesRequest, prepared: PreparedPrompt) -> OutputPla
         thinking=budget,
         thinking_markers=markers,
         thinking_open=prompt.thinking_open,
-        single_call=single and grammar is None,
+        single_call=single and (grammar is None or not grammar.tools),
     )

@@ -18,10 +18,12 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 from pensieved.conversation.content import BlockEvent, ContentAssembler
 from pensieved.engine.stream import Admitted, Failed, Finished, GenerationStream, TextDelta
 from pensieved.http.metrics import Metrics
+from pensieved.wire import protocol
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,14 @@ class Reply:
         prompt_tokens: int = 0,
         metrics: Metrics | None = None,
         coalesce: float = 0.0,
+        thinking_end: str | None = None,
     ) -> None:
         self._coalesce = coalesce
+        # The marker that closes reasoning, and the output token count at
+        # the delta that carried it (None until then).
+        self._thinking_end = thinking_end
+        self._thinking_ended_at: int | None = None
+        self._recent = ""  # the last text seen, to find a marker split across deltas
         self.stream = stream
         self.assembler = assembler
         self._request_id = request_id
@@ -55,6 +63,46 @@ class Reply:
         self._started = time.perf_counter()
         self._first_token: float | None = None
         self._cached = 0
+
+    def thinking_tokens(self, output_tokens: int) -> int:
+        """How many of the output tokens were reasoning, its closing marker included.
+
+        Counted as generated: up to the token that closed the reasoning, or
+        all of them if it never closed.
+        """
+        if not any(block["type"] == "thinking" for block in self.assembler.blocks):
+            return 0
+        if self._thinking_ended_at is None:
+            return output_tokens
+        return min(self._thinking_ended_at, output_tokens)
+
+    def _watch_thinking(self, delta: TextDelta) -> None:
+        marker = self._thinking_end
+        if marker is None or self._thinking_ended_at is not None:
+            return
+        # Reasoning comes first, so the first marker is the one that closes it.
+        seen = self._recent + delta.text
+        if marker in seen:
+            self._thinking_ended_at = delta.output_tokens
+        self._recent = seen[-(len(marker) - 1) :] if len(marker) > 1 else ""
+
+    def usage(self, event: Finished) -> dict[str, Any]:
+        """The finished message's `usage`."""
+        return protocol.usage(
+            self._prompt_tokens - event.cached_tokens,
+            event.output_tokens,
+            event.cached_tokens,
+            self.thinking_tokens(event.output_tokens),
+        )
+
+    def delta_usage(self, event: Finished) -> dict[str, Any]:
+        """The closing `message_delta`'s `usage` of a stream."""
+        return protocol.delta_usage(
+            self._prompt_tokens - event.cached_tokens,
+            event.output_tokens,
+            event.cached_tokens,
+            self.thinking_tokens(event.output_tokens),
+        )
 
     def _finished(self, event: Finished) -> None:
         """One log line and the metrics for a finished message."""
@@ -107,11 +155,13 @@ class Reply:
                 if self._first_token is None:
                     self._first_token = time.perf_counter()
                 text = event.text
+                self._watch_thinking(event)
                 # Tokens that came while we were busy go out as one delta
                 # (as Anthropic's own deltas hold several tokens).
                 while (more := self.stream.take_text()) is not None:
                     text += more.text
                     event = more
+                    self._watch_thinking(event)
                 sent = False
                 for block_event in assembler.feed(text):
                     last = clock()

@@ -57,25 +57,20 @@ async def message_events(
             elif isinstance(event, tuple):
                 yield sse_event(*event)
             elif isinstance(event, Finished):
-                yield sse_event(
-                    "message_delta",
-                    {
-                        "type": "message_delta",
-                        "delta": {
-                            "stop_reason": event.stop_reason,
-                            "stop_sequence": event.stop_sequence,
-                            "stop_details": None,
-                            "container": None,
-                        },
-                        "usage": {
-                            "input_tokens": input_tokens - event.cached_tokens,
-                            "output_tokens": event.output_tokens,
-                            "cache_creation_input_tokens": 0,
-                            "cache_read_input_tokens": event.cached_tokens,
-                            "server_tool_use": None,
-                        },
-                    },
-                )
+                delta = {
+                    "stop_reason": event.stop_reason,
+                    "stop_sequence": event.stop_sequence,
+                    "stop_details": None,
+                    "container": None,
+                }
+                payload = {
+                    "type": "message_delta",
+                    "delta": delta,
+                    "usage": reply.delta_usage(event),
+                    # Required by the beta event (`?beta=true`); the other allows it.
+                    "context_management": None,
+                }
+                yield sse_event("message_delta", payload)
                 yield sse_event("message_stop", {"type": "message_stop"})
                 completed = True
             else:

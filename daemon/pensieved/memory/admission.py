@@ -3,17 +3,32 @@
 Two checks, both cheap enough for every request (`bench/admission.py`):
 
 - `AdmissionMiddleware`: at the reject or shutdown level (or while
-  draining), new `/v1/messages` requests get 503 before their body is read or
+  draining), new `/v1/messages` requests get 529 before their body is read or
   a model loaded.
 - `Admission.admit`: just before prefill, the request's peak memory is
-  estimated (KV cache for prompt + allowed output, plus activations) and it is
-  refused with 503 if it would take available memory below the reject line,
-  or the daemon past `[memory] budget_gb`.
+  estimated (KV cache for its prompt and the output it will likely write,
+  plus activations) and it is refused with 529 if it would take available
+  memory below the reject line, the daemon past `[memory] budget_gb`, or (on
+  Metal) MLX past the GPU's recommended working set, even once the caches
+  were given back.
+
+Serve what fits. Claude Code asks for 32000-64000 `max_tokens` on every turn
+and writes a few hundred to a few thousand, so the estimate counts
+`min(max_tokens, EXPECTED_OUTPUT_TOKENS)` of output, not the whole window; a
+reply that grows past that is watched while it decodes by the memory levels
+(warn gives caches back, past `budget_gb` too; reject stops new work;
+shutdown ends the streams). The prefix cache and MLX's buffer cache are
+memory the daemon can give back at once: when a request fits only without
+them, it is admitted and they are shrunk right after the request has taken
+its copy of the prefix it reuses, so that entry becomes part of the request's
+KV instead of sitting on top of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -38,6 +53,11 @@ ACTIVATION_BYTES = 4
 # Decoding keeps the logits, the log-probabilities and the sampler's
 # working copies of one row of vocabulary-sized floats per sequence.
 LOGIT_COPIES = 8
+# Output tokens a request is expected to write, at most, for the estimate.
+# Clients ask for far more than they use (Claude Code: 32000-64000 on every
+# turn, clamped to the whole context window); counting that would refuse
+# turns that fit. Growth past it is watched by the memory levels.
+EXPECTED_OUTPUT_TOKENS = 4096
 
 ROUTES = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 
@@ -129,9 +149,15 @@ def activation_bytes(
     return (scores + states + logits) * ACTIVATION_BYTES
 
 
+def expected_output(max_tokens: int) -> int:
+    """The output tokens the estimate counts for a request allowed `max_tokens`."""
+    return min(max_tokens, EXPECTED_OUTPUT_TOKENS)
+
+
 def estimate_bytes(shape: ModelShape, prompt_tokens: int, max_tokens: int) -> int:
-    """The peak memory one request alone needs."""
-    return kv_bytes(shape, 1, prompt_tokens + max_tokens) + activation_bytes(shape, prompt_tokens)
+    """The peak memory one request alone is expected to need."""
+    tokens = prompt_tokens + expected_output(max_tokens)
+    return kv_bytes(shape, 1, tokens) + activation_bytes(shape, prompt_tokens)
 
 
 @dataclass(frozen=True)
@@ -139,7 +165,7 @@ class _Admitted:
     stream: GenerationStream
     model: ModelConfig
     shape: ModelShape
-    tokens: int  # prompt + allowed output
+    tokens: int  # prompt + expected output
     activations: int
 
 
@@ -156,7 +182,7 @@ class Admission:
     def admit(
         self, model: LoadedModel, request: GenerationRequest, stream: GenerationStream
     ) -> None:
-        """Let `request` start, or raise `Overloaded` (503). The engine calls this."""
+        """Let `request` start, or raise `Overloaded` (529). The engine calls this."""
         shape = self._shapes.get(model.config)
         if shape is None:
             shape = self._shapes[model.config] = model_shape(model.model)
@@ -190,43 +216,80 @@ class Admission:
         reading = guard.reading
         assert reading is not None
         self._forget_finished()
+        output = expected_output(max_tokens)
         new = _Admitted(
             stream,
             model,
             shape,
-            prompt_tokens + max_tokens,
+            prompt_tokens + output,
             activation_bytes(shape, prompt_tokens, self.prefill_chunk),
         )
         before = self._projected(self._admitted)
-        after = self._projected([*self._admitted, new])
-        # The engine's KV at the time of the reading is already out of
-        # `available`; what admitted requests have yet to grow is not.
-        still_to_come = max(0, after - guard.kv_at_reading)
+        own = self._projected([*self._admitted, new]) - before
         settings = guard.settings
+        # The engine's KV at the time of the reading is already counted in
+        # it; what admitted requests have yet to grow is not, and neither is
+        # this one (even when the others outgrew their estimates). Nor is
+        # MLX's buffer cache filling back up: a growing KV cache leaves each
+        # old copy there, never reused for the larger ones that follow, until
+        # the cache's limit (a short request leaves less than it needs).
+        cache_room = max(0, int(settings.cache_limit_gb * GB) - reading.mlx_cache)
+        cache_refill = min(cache_room, own)
+        still_to_come = max(0, before - guard.kv_at_reading) + own + cache_refill
+        reclaimable = guard.reclaimable()
+        what = (
+            f"it needs about {own / GB:.2f} GB ({prompt_tokens} prompt + {output} "
+            f"expected output tokens)"
+        )
+        after_freeing = ""
+        if reclaimable:
+            after_freeing = f" once {reclaimable / GB:.2f} GB of caches are freed"
+        shortfall = 0
+        # Available memory stays above the reject line.
         left = reading.available - still_to_come
-        own = after - before
-        if left < settings.reject_below_gb * GB:
+        short = int(settings.reject_below_gb * GB) - left
+        if short > reclaimable:
             raise Overloaded(
-                f"not enough memory for this request: it needs about {own / GB:.2f} GB "
-                f"({prompt_tokens} prompt + {max_tokens} output tokens), which would leave "
-                f"{max(left, 0) / GB:.2f} GB available, below the "
+                f"not enough memory for this request: {what}, which would leave "
+                f"{max(left + reclaimable, 0) / GB:.2f} GB available{after_freeing}, below the "
                 f"{settings.reject_below_gb:g} GB reject line; retry later or ask for "
                 "fewer max_tokens",
                 {"retry-after": RETRY_AFTER_LOW_MEMORY},
             )
-        if (
-            settings.budget_gb > 0
-            and reading.daemon_bytes + still_to_come > settings.budget_gb * GB
-        ):
-            raise Overloaded(
-                f"not enough memory for this request: it needs about {own / GB:.2f} GB "
-                f"({prompt_tokens} prompt + {max_tokens} output tokens), which would take "
-                f"the daemon to {(reading.daemon_bytes + still_to_come) / GB:.2f} GB, past "
-                f"its {settings.budget_gb:g} GB budget; retry later or ask for fewer "
-                "max_tokens",
-                {"retry-after": RETRY_AFTER_LOW_MEMORY},
-            )
+        shortfall = max(shortfall, short)
+        # The daemon stays within its budget.
+        if settings.budget_gb > 0:
+            total = reading.daemon_bytes + still_to_come
+            short = total - int(settings.budget_gb * GB)
+            if short > reclaimable:
+                raise Overloaded(
+                    f"not enough memory for this request: {what}, which would take the "
+                    f"daemon to {(total - reclaimable) / GB:.2f} GB{after_freeing}, past its "
+                    f"{settings.budget_gb:g} GB budget; retry later or ask for fewer max_tokens",
+                    {"retry-after": RETRY_AFTER_LOW_MEMORY},
+                )
+            shortfall = max(shortfall, short)
+        # Metal: MLX's buffers stay within the GPU's working set, or the
+        # command buffer fails and MLX aborts the process (no exception).
+        if reading.gpu_working_set > 0:
+            total = reading.mlx_active + reading.mlx_cache + still_to_come
+            short = total - reading.gpu_working_set
+            if short > reclaimable:
+                raise Overloaded(
+                    f"not enough GPU memory for this request: {what}, which would take MLX "
+                    f"to {(total - reclaimable) / GB:.2f} GB{after_freeing}, past the GPU's "
+                    f"recommended working set of {reading.gpu_working_set / GB:.2f} GB; retry "
+                    "later or ask for fewer max_tokens",
+                    {"retry-after": RETRY_AFTER_LOW_MEMORY},
+                )
+            shortfall = max(shortfall, short)
         self._admitted.append(new)
+        if shortfall > 0:
+            log.info(
+                "admitting a request that fits once %.1f MB of caches are given back",
+                shortfall / 1024**2,
+            )
+            _after_submit(lambda: guard.reclaim(shortfall))
 
     def _forget_finished(self) -> None:
         self._admitted = [
@@ -245,6 +308,22 @@ class Admission:
             total += kv_bytes(batch[0].shape, len(batch), longest)
             total += sum(a.activations for a in batch)
         return total
+
+
+def _after_submit(function: Callable[[], None]) -> None:
+    """Run `function` once the request being admitted is queued on the engine.
+
+    `Engine.submit` queues the request as soon as admission returns, on this
+    event-loop turn; a callback scheduled now runs on the next one, so what it
+    queues reaches the engine thread after the request has taken its
+    prefix-cache copy.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # called outside the event loop (tests): nothing to wait for
+        function()
+        return
+    loop.call_soon(function)
 
 
 class AdmissionMiddleware:

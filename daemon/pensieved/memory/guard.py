@@ -6,7 +6,7 @@ seconds; the request path only reads the level it left behind. Levels:
 - normal: serve.
 - warn: log once, shrink caches (`shrink_callbacks`, then MLX's buffer
   cache), keep serving.
-- reject: new requests get 503 `overloaded_error`; in-flight ones go on.
+- reject: new requests get 529 `overloaded_error`; in-flight ones go on.
 - shutdown: stop accepting, end in-flight streams with an `error` event,
   free the model, exit 0 (launchd does not restart a clean exit straight
   back into the same pressure).
@@ -15,18 +15,22 @@ Levels are entered as soon as available memory falls below a line and left
 only once it is `hysteresis_gb` above it, so a reading that hovers at a line
 does not flap. The kernel's own pressure verdict (macOS
 `kern.memorystatus_vm_pressure_level`, Linux PSI) raises the level too:
-critical counts as reject, warn as warn.
+critical counts as reject, warn as warn. On macOS the kernel's verdict comes
+first: "available" there is an estimate (darwin.py), so the shutdown line
+alone only rejects; the daemon shuts down when the kernel also says critical.
+A daemon past its `budget_gb` (a request that grew past its admission
+estimate while decoding) is at warn at least, which gives its caches back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import enum
 import logging
-import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -34,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import psutil
 
 from pensieved.config import MemoryConfig
+from pensieved.memory.darwin import DarwinMemory, PageCounts
 from pensieved.wire.errors import Overloaded
 
 if TYPE_CHECKING:
@@ -68,6 +73,12 @@ class MemoryReading:
     mlx_active: int
     mlx_cache: int
     mlx_peak: int
+    # macOS: `available` is an estimate, so shutting down takes the kernel's
+    # "critical" too (when the kernel gives a verdict at all).
+    kernel_first: bool = False
+    # Metal's max_recommended_working_set_size: what MLX's buffers may take
+    # before the GPU runs out (0: no such ceiling, as on the CPU backend).
+    gpu_working_set: int = 0
 
     @property
     def daemon_bytes(self) -> int:
@@ -79,15 +90,6 @@ class Probe(Protocol):
     """Where readings come from: the seam tests use to script pressure and hysteresis."""
 
     def read(self) -> MemoryReading: ...
-
-
-Runner = Callable[[Sequence[str]], str]
-
-
-def run_command(argv: Sequence[str]) -> str:
-    return subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=2.0, check=True
-    ).stdout
 
 
 # kern.memorystatus_vm_pressure_level, from xnu's kern_memorystatus.h.
@@ -116,50 +118,89 @@ def parse_psi(text: str) -> str:
     return "normal"
 
 
+class DarwinReader(Protocol):
+    """The macOS readings (darwin.py): the seam tests script pressure and page counts through."""
+
+    def pressure_level(self) -> int: ...
+
+    def page_counts(self) -> PageCounts: ...
+
+
 class MemoryProbe:
-    """Real readings: psutil, the kernel's pressure level, and MLX's allocator counters."""
+    """Real readings: the system's memory, the kernel's pressure level, MLX's allocator counters."""
 
     def __init__(
         self,
         *,
         platform: str = sys.platform,
-        runner: Runner = run_command,
+        darwin: DarwinReader | None = None,
         psi_path: Path = PSI_PATH,
     ) -> None:
         self._platform = platform
-        self._runner = runner
+        self._darwin = darwin
         self._psi_path = psi_path
         self._process = psutil.Process()
         self._pressure_failed = False
+        self._pages_failed = False
+        self._gpu_working_set: int | None = None
+
+    def _darwin_reader(self) -> DarwinReader:
+        if self._darwin is None:
+            self._darwin = DarwinMemory()  # binds libSystem: only ever on a Mac
+        return self._darwin
 
     def read(self) -> MemoryReading:
         import mlx.core as mx  # allocator counters only: no array work
 
         vm = psutil.virtual_memory()
         return MemoryReading(
-            available=int(vm.available),
+            available=self.available(int(vm.available)),
             total=int(vm.total),
             pressure=self.pressure(),
             resident=int(self._process.memory_info().rss),
             mlx_active=int(mx.get_active_memory()),
             mlx_cache=int(mx.get_cache_memory()),
             mlx_peak=int(mx.get_peak_memory()),
+            kernel_first=self._platform == "darwin",
+            gpu_working_set=self.gpu_working_set(),
         )
+
+    def available(self, psutil_available: int) -> int:
+        """Bytes the system can hand out: macOS's own count there, psutil's elsewhere."""
+        if self._platform != "darwin":
+            return psutil_available  # Linux: MemAvailable, which is what it says
+        try:
+            return self._darwin_reader().page_counts().available
+        except (OSError, ValueError, AttributeError) as exc:
+            if not self._pages_failed:
+                log.warning("cannot read the kernel's page counts (%s); using psutil's", exc)
+                self._pages_failed = True
+            return psutil_available
 
     def pressure(self) -> str | None:
         try:
             if self._platform == "darwin":
-                # psutil's `available` (free + inactive) overstates what macOS
-                # can give; its pressure level is the better first signal.
-                value = int(self._runner(["sysctl", "-n", "kern.memorystatus_vm_pressure_level"]))
+                value = self._darwin_reader().pressure_level()
                 return MACOS_PRESSURE.get(value, "critical" if value > 4 else "normal")
             if self._platform == "linux" and self._psi_path.exists():
                 return parse_psi(self._psi_path.read_text())
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        except (OSError, ValueError, AttributeError) as exc:
             if not self._pressure_failed:
                 log.warning("cannot read the kernel's memory pressure: %s", exc)
                 self._pressure_failed = True
         return None
+
+    def gpu_working_set(self) -> int:
+        """Metal's recommended ceiling for MLX's buffers; 0 where there is none (read once)."""
+        if self._gpu_working_set is None:
+            import mlx.core as mx
+
+            size = 0
+            if mx.metal.is_available():
+                info: dict[str, Any] = mx.device_info()
+                size = int(info.get("max_recommended_working_set_size", 0))
+            self._gpu_working_set = size
+        return self._gpu_working_set
 
 
 def classify(reading: MemoryReading, current: Level, settings: MemoryConfig) -> Level:
@@ -180,7 +221,21 @@ def classify(reading: MemoryReading, current: Level, settings: MemoryConfig) -> 
         by_kernel = {"critical": Level.REJECT, "warn": Level.WARN}.get(
             reading.pressure or "", Level.NORMAL
         )
-    return max(by_memory, by_kernel)
+        if (
+            by_memory is Level.SHUTDOWN
+            and reading.kernel_first
+            and reading.pressure is not None
+            and reading.pressure != "critical"
+        ):
+            # Shutting down is not undone (launchd does not restart a clean
+            # exit): on an estimate of available memory, only with the kernel.
+            by_memory = Level.REJECT
+    by_budget = Level.NORMAL
+    if settings.budget_gb > 0:
+        margin = settings.hysteresis_gb if current >= Level.WARN else 0.0
+        if reading.daemon_bytes > (settings.budget_gb - margin) * GB:
+            by_budget = Level.WARN
+    return max(by_memory, by_kernel, by_budget)
 
 
 def describe(reading: MemoryReading, settings: MemoryConfig) -> str:
@@ -192,7 +247,31 @@ def describe(reading: MemoryReading, settings: MemoryConfig) -> str:
         f"kernel pressure {reading.pressure or 'unknown'}, "
         f"daemon {reading.resident / GB:.2f} GB resident, "
         f"MLX {reading.mlx_active / GB:.2f} GB active + {reading.mlx_cache / GB:.2f} GB cache"
+        + (f" (budget {settings.budget_gb:g} GB)" if settings.budget_gb > 0 else "")
     )
+
+
+# glibc's mallopt parameter for the size from which malloc maps memory of its own.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 128 * 1024  # glibc's default, kept fixed
+
+
+def hand_back_freed_buffers(platform: str = sys.platform) -> bool:
+    """Make freed large buffers go back to the system at once (Linux, glibc); True if set.
+
+    MLX's CPU backend allocates with malloc. glibc raises its mmap threshold
+    each time a mapped block is freed (up to 32 MB), after which KV-cache-sized
+    buffers come from the heap and stay in the process when freed: the
+    daemon's resident size, which `budget_gb` and the levels read, would
+    count memory it no longer uses. Setting the threshold turns that off.
+    """
+    if platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def _run_here(function: Callable[[], None]) -> None:
@@ -284,6 +363,32 @@ class MemoryGuard:
             except Overloaded:
                 return  # the engine is stopping: everything is being freed anyway
 
+    def reclaimable(self) -> int:
+        """Bytes the daemon can give back for good: its prefix cache.
+
+        MLX's buffer cache is emptied too, but refills as KV caches grow, so
+        admission counts it at its limit instead.
+        """
+        return self._engine.prefix_cache.nbytes if self._engine is not None else 0
+
+    def reclaim(self, nbytes: int) -> None:
+        """Give back `nbytes` of caches: least recently used prefix-cache entries, then MLX's.
+
+        Runs on the engine thread, in order with the requests queued before.
+        """
+        engine = self._engine
+
+        def free() -> None:
+            import mlx.core as mx
+
+            if engine is not None:
+                cache = engine.prefix_cache
+                cache.shrink(max(0, cache.nbytes - nbytes))
+            mx.clear_cache()  # evicted entries land here first
+
+        with contextlib.suppress(Overloaded):  # stopping: everything is being freed anyway
+            self._run_on_engine(free)
+
     def configure(self, settings: MemoryConfig) -> None:
         """New lines (from `reload`): applied to the last reading at once."""
         self._settings = settings
@@ -302,10 +407,13 @@ class MemoryGuard:
                 info: dict[str, Any] = mx.device_info()
                 working_set = int(info.get("max_recommended_working_set_size", 0))
                 if working_set:
+                    # MLX: the wired limit must not change during an async eval.
+                    mx.synchronize()
                     mx.set_wired_limit(int(working_set * settings.wired_limit_percent / 100))
 
         with contextlib.suppress(Overloaded):  # stopping: nothing left to limit
             self._run_on_engine(apply)
+        hand_back_freed_buffers()
 
     def start(self) -> Level:
         """Take the first reading, then keep sampling in the background."""
@@ -324,7 +432,7 @@ class MemoryGuard:
         while True:
             await asyncio.sleep(self._settings.sample_interval)
             try:
-                # sysctl is a subprocess on macOS: keep it off the event loop.
+                # psutil reads /proc and the kernel: keep it off the event loop.
                 reading = await asyncio.to_thread(self._probe.read)
             except Exception:
                 if not self._read_failed:
@@ -372,4 +480,5 @@ class MemoryGuard:
             "reject_below_gb": settings.reject_below_gb,
             "shutdown_below_gb": settings.shutdown_below_gb,
             "budget_gb": settings.budget_gb or None,
+            "gpu_working_set_gb": round(reading.gpu_working_set / GB, 3) or None,
         }

@@ -24,6 +24,15 @@ log = logging.getLogger(__name__)
 
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# One name Claude Code sends for each of its model tiers, resolved like any
+# request's: which local model serves a tier (`pensievectl claude` settings,
+# the `claude-` entries of `GET /v1/models`).
+CLAUDE_TIERS = {
+    "opus": "claude-opus-4-8",
+    "sonnet": "claude-sonnet-4-6",
+    "haiku": "claude-haiku-4-5",
+}
+
 
 class ModelRegistry:
     """The config in force, and model-name resolution under it. `apply` swaps both."""
@@ -76,6 +85,13 @@ class ModelRegistry:
             )
         return self._fallback
 
+    def tier(self, tier: str) -> ModelConfig | None:
+        """The model serving a Claude tier (a key of `CLAUDE_TIERS`), if any."""
+        try:
+            return self.resolve(CLAUDE_TIERS[tier])
+        except NotFound:
+            return None
+
 
 def fallback_model(config: Config) -> ModelConfig | None:
     """The model that serves unmatched names (see the module docstring for the rule)."""
@@ -116,6 +132,20 @@ def materialize(model: ModelConfig, models_dir: Path) -> str:
         log.info("importing %s into %s", gguf_file, target)
         import_gguf(gguf_file, target)
     return str(target)
+
+
+def local_model_dir(model: ModelConfig, models_dir: Path) -> Path | None:
+    """The directory `materialize` would return without importing anything, if there is one."""
+    source = model.source
+    if source == BUILTIN_SOURCE or source == "builtin":
+        gguf_file, target = builtin_gguf_path(), models_dir / BUILTIN_SOURCE.split(":", 1)[1]
+    elif source.lower().endswith(".gguf"):
+        gguf_file, target = Path(source).expanduser().resolve(), models_dir / model.name
+    elif Path(source).expanduser().is_dir():
+        return Path(source).expanduser().resolve()
+    else:
+        return None  # a Hugging Face repo id: only mlx_lm.load knows where it lies
+    return target if _imported_from(target, gguf_file) else None
 
 
 def _imported_from(target: Path, gguf_file: Path) -> bool:

@@ -5,7 +5,7 @@ map to its own local model. Models load on first use and stay warm; before
 one loads, its weight size is read from its files, and if it would not fit
 in `[engine] models_budget_gb`, or would take available memory below the
 memory guard's reject line, the least recently used idle models are unloaded
-first. A model that cannot fit even alone is refused (503) with the sizes,
+first. A model that cannot fit even alone is refused (529) with the sizes,
 before any of it is read.
 """
 

@@ -2,10 +2,12 @@
 
 One request object per line (`{"command": "status"}`), one response object
 per line (`{"ok": true, ...}` or `{"ok": false, "error": "..."}`). The socket
-is 0600 in a 0700 directory, and a peer of another uid is refused
-(SO_PEERCRED on Linux, LOCAL_PEERCRED on macOS). A socket file left by a
-crash is found by a connect probe and replaced; one that answers means a
-daemon is already running, and it is never taken over.
+is 0600 in a 0700 directory of this user's, and a peer of another uid is
+refused (SO_PEERCRED on Linux, LOCAL_PEERCRED on macOS). A socket file left
+by a crash is found by a connect probe and replaced; one that answers means a
+daemon is already running, and it is never taken over. A path too long for
+`sun_path` (paths.py keeps the default ones short) is refused with a sentence,
+not a traceback: under launchd a traceback would be a respawn every 10 s.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from pensieved.paths import private_dir
+from pensieved.paths import max_socket_path, private_dir, socket_path_fits
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,11 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_LINE = 64 * 1024
 
 
-class AlreadyRunning(RuntimeError):
+class ControlSocketError(RuntimeError):
+    """The control socket cannot be served; the message says why (a startup error)."""
+
+
+class AlreadyRunning(ControlSocketError):
     """Another daemon answers on the control socket."""
 
 
@@ -58,10 +64,18 @@ def peer_uid(sock: socket.socket) -> int | None:
 
 
 class ControlServer:
-    def __init__(self, path: Path, handlers: dict[str, Handler], uid: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        handlers: dict[str, Handler],
+        uid: int | None = None,
+        *,
+        platform: str = sys.platform,
+    ) -> None:
         self._path = path
         self._handlers = handlers
         self._uid = os.getuid() if uid is None else uid
+        self._platform = platform  # whose sun_path limit applies
         self._server: asyncio.base_events.Server | None = None
 
     @property
@@ -69,19 +83,34 @@ class ControlServer:
         return self._path
 
     async def start(self) -> None:
-        private_dir(self._path.parent)
-        if self._path.exists() or self._path.is_symlink():
-            if socket_answers(self._path):
+        path = self._path
+        if not socket_path_fits(path, self._platform):
+            raise ControlSocketError(
+                f"the control socket path {path} is {len(os.fsencode(path))} bytes, longer than "
+                f"the {max_socket_path(self._platform)} a Unix socket path may have on "
+                f"{self._platform}; use a shorter PENSIEVE_HOME"
+            )
+        try:
+            private_dir(path.parent)
+        except OSError as exc:
+            raise ControlSocketError(
+                f"cannot use {path.parent} for the control socket: {exc}"
+            ) from exc
+        if path.exists() or path.is_symlink():
+            if socket_answers(path):
                 raise AlreadyRunning(
-                    f"a Pensieve daemon is already running (its control socket {self._path} "
+                    f"a Pensieve daemon is already running (its control socket {path} "
                     "answers); `pensievectl stop` stops it"
                 )
-            log.info("removing stale control socket %s", self._path)
-            self._path.unlink()
-        self._server = await asyncio.start_unix_server(
-            self._serve_client, path=str(self._path), limit=MAX_LINE
-        )
-        os.chmod(self._path, 0o600)
+            log.info("removing stale control socket %s", path)
+            path.unlink()
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve_client, path=str(path), limit=MAX_LINE
+            )
+        except OSError as exc:
+            raise ControlSocketError(f"cannot serve the control socket {path}: {exc}") from exc
+        os.chmod(path, 0o600)
 
     async def close(self) -> None:
         if self._server is not None:

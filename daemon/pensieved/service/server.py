@@ -16,6 +16,7 @@ import logging.handlers
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,8 +32,9 @@ from pensieved.memory.admission import Admission
 from pensieved.memory.guard import Level, MemoryGuard, describe
 from pensieved.models.registry import ModelRegistry
 from pensieved.paths import private_dir
-from pensieved.service.control import AlreadyRunning, ControlServer
+from pensieved.service.control import ControlServer, ControlSocketError
 from pensieved.service.notify import sd_notify
+from pensieved.service.units import STDERR_LOG, STDOUT_LOG, supervisor
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +55,31 @@ class _RotatingLog(logging.handlers.RotatingFileHandler):
         return self.stream is not None and self.maxBytes > 0 and self.stream.tell() >= self.maxBytes
 
 
-def log_to_file(path: Path) -> None:
-    """Also log to `path` (rotated), which `pensievectl logs` reads on every platform."""
+LOG_BYTES = 10 * 1024**2
+
+
+def log_to_file(path: Path, supervised_by: str | None = None) -> None:
+    """Also log to `path` (rotated), which `pensievectl logs` reads on every platform.
+
+    Under launchd stderr is pensieved.err.log, a file launchd appends to and
+    nothing rotates: the log then goes to `path` alone, each line once, and
+    stderr keeps only what bypasses logging (a crash's traceback, native
+    libraries' output). An out or err log past LOG_BYTES anyway is moved to
+    `.1` at start; this run keeps writing there, the next one starts afresh.
+    """
     private_dir(path.parent)
-    handler = _RotatingLog(path, maxBytes=10 * 1024**2, backupCount=3)
+    handler = _RotatingLog(path, maxBytes=LOG_BYTES, backupCount=3)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
+    root = logging.getLogger()
+    if supervised_by == "launchd":
+        for stderr in [h for h in root.handlers if getattr(h, "stream", None) is sys.stderr]:
+            root.removeHandler(stderr)
+        for name in (STDOUT_LOG, STDERR_LOG):
+            output = path.with_name(name)
+            with contextlib.suppress(OSError):
+                if output.stat().st_size > LOG_BYTES:
+                    os.replace(output, output.with_name(f"{name}.1"))
+    root.addHandler(handler)
 
 
 class StartupError(RuntimeError):
@@ -66,6 +87,21 @@ class StartupError(RuntimeError):
 
 
 def check_port_free(host: str, port: int) -> None:
+    """Refuse a port that something already serves, with a message saying so.
+
+    Two probes, as neither is enough alone. A connect finds any listener that
+    would take this address's connections: on macOS and the BSDs a bind with
+    SO_REUSEADDR to 127.0.0.1 succeeds while another process listens on
+    *:PORT, and then the two split the port by address. The bind finds what
+    a connect cannot (a socket bound but not listening yet); it keeps
+    SO_REUSEADDR so that a previous run's TIME_WAIT connections do not count.
+    """
+    in_use = StartupError(
+        f"{host}:{port} is already in use (another Pensieve? "
+        "`pensievectl env` shows the configured address)"
+    )
+    if _something_answers(host, port):
+        raise in_use
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -73,11 +109,18 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise StartupError(
-                    f"{host}:{port} is already in use (another Pensieve? "
-                    "`pensievectl env` shows the configured address)"
-                ) from exc
+                raise in_use from exc
             raise StartupError(f"cannot listen on {host}:{port}: {exc}") from exc
+
+
+def _something_answers(host: str, port: int) -> bool:
+    """Whether a connection to host:port is accepted (a wildcard host: its loopback)."""
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    try:
+        with socket.create_connection((target, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
 
 
 async def serve(config: Config, reread_config: Callable[[], Config] | None = None) -> int:
@@ -86,7 +129,7 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
     `reread_config` gives the config as it is now (file and flags), for `reload`.
     """
     token = ensure_token(config)
-    log_to_file(config.paths.log_dir / LOG_FILE)
+    log_to_file(config.paths.log_dir / LOG_FILE, supervisor())
     started_at = time.time()
     host = config.server.host
     if not is_loopback(host):
@@ -139,7 +182,7 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
     control = ControlServer(config.paths.control_socket, {**handlers, "load": load})
     try:
         await control.start()
-    except AlreadyRunning as exc:
+    except ControlSocketError as exc:  # already running, path too long, not ours
         raise StartupError(str(exc)) from exc
     try:
         return await _serve(registry, token, engine, guard, stop_requested, started_at)
@@ -276,7 +319,7 @@ async def _serve(
             return
         log.log(logging.INFO if drain_first else logging.WARNING, "%s; stopping", reason)
         stopping.set()
-        guard.draining = True  # new requests get 503 from here on
+        guard.draining = True  # new requests get 529 from here on
         sd_notify("STOPPING=1")
         if not drain_first:
             cut_drain.set()

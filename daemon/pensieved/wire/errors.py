@@ -10,6 +10,8 @@ class ApiError(Exception):
 
     status: ClassVar[int] = 500
     error_type: ClassVar[str] = "api_error"
+    # `error.details`: an `error_code` the SDKs act on (a lost thread is replayed).
+    details: ClassVar[dict[str, Any] | None] = None
 
     def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -53,14 +55,21 @@ class EngineFailure(ApiError):
 
 
 class Overloaded(ApiError):
-    status = 503
+    """Refused for memory, load or shutdown: Anthropic's 529, which clients back off and retry.
+
+    Claude Code and the SDKs retry a 529 `overloaded_error` with backoff; a
+    503 reads to them as a server fault. Every refusal says when to retry.
+    """
+
+    status = 529
     error_type = "overloaded_error"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, {"retry-after": "5", **(headers or {})})
 
 
 class Busy(Overloaded):
-    """Every place in the batch and the queue is taken (Anthropic's 529)."""
-
-    status = 529
+    """Every place in the batch and the queue is taken."""
 
 
 # Falcon raises its own HTTPErrors for routing problems; map them by status.
@@ -87,12 +96,16 @@ def error_type_for_status(status: int) -> str:
     return "invalid_request_error" if 400 <= status < 500 else "api_error"
 
 
-def error_body(error_type: str, message: str, request_id: str | None) -> dict[str, Any]:
-    return {
-        "type": "error",
-        "error": {"type": error_type, "message": message},
-        "request_id": request_id,
-    }
+def error_body(
+    error_type: str,
+    message: str,
+    request_id: str | None,
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    error: dict[str, Any] = {"type": error_type, "message": message}
+    if details is not None:
+        error["details"] = details
+    return {"type": "error", "error": error, "request_id": request_id}
 
 
 def prompt_too_long(prompt_tokens: int, maximum: int) -> InvalidRequest:

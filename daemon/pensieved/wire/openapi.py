@@ -32,7 +32,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return {str(status): _json("Error", "An Anthropic-shaped error") for status in statuses}
 
 
-PROTECTED_ERRORS = (400, 401, 403, 404, 413, 500, 503)
+# 529: refused for memory, load, a full batch and queue, or shutdown.
+PROTECTED_ERRORS = (400, 401, 403, 404, 413, 500, 529)
 
 RESPONSE_SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -89,10 +90,12 @@ RESPONSE_SCHEMAS: dict[str, Any] = {
     },
     "ModelList": {
         "type": "object",
-        "required": ["data", "has_more"],
+        "required": ["data", "has_more", "first_id", "last_id"],
         "properties": {
             "data": {"type": "array", "items": {"$ref": REF.format(name="ModelInfo")}},
             "has_more": {"type": "boolean"},
+            "first_id": {"type": ["string", "null"]},
+            "last_id": {"type": ["string", "null"]},
         },
     },
     "Health": {
@@ -190,9 +193,18 @@ def build_openapi() -> dict[str, Any]:
             "/v1/models": {
                 "get": {
                     "operationId": "listModels",
+                    "parameters": [
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        },
+                        {"name": "after_id", "in": "query", "schema": {"type": "string"}},
+                        {"name": "before_id", "in": "query", "schema": {"type": "string"}},
+                    ],
                     "responses": {
-                        "200": _json("ModelList", "The configured models"),
-                        **_errors(401, 403),
+                        "200": _json("ModelList", "The configured models and Claude tiers"),
+                        **_errors(400, 401, 403),
                     },
                 }
             },
@@ -230,8 +242,7 @@ def build_openapi() -> dict[str, Any]:
                                 "text/event-stream": {"schema": {"type": "string"}},
                             },
                         },
-                        # 529: every place in the batch and its queue is taken.
-                        **_errors(*PROTECTED_ERRORS, 529),
+                        **_errors(*PROTECTED_ERRORS),
                     },
                 }
             },

@@ -3,18 +3,25 @@
 Requests are decoded with msgspec straight from bytes; its error paths
 (`$.messages[0].content`) become Anthropic-style field names
 (`messages.0.content`). Unknown fields are ignored, as Claude Code and newer
-SDKs send many (`context_management`, `output_config`, `speed`, ...).
+SDKs send many (`context_management`, `output_config`, `speed`, ...), and so
+are block types newer than this server in assistant turns and tool results:
+a conversation begun in the cloud must go on here. The checks after decoding
+refuse what the API refuses, in its own words.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import msgspec
 
+from pensieved.wire.client_tools import KNOWN_CLIENT_TOOL_TYPES, client_tool_definition
 from pensieved.wire.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
 
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 
@@ -31,9 +38,27 @@ class ImageBlock(msgspec.Struct, tag="image", tag_field="type"):
 
 
 class DocumentBlock(msgspec.Struct, tag="document", tag_field="type"):
+    # text, content, base64 (PDF or plain text), url or file: see conversation/attachments.py.
     source: Any = None
     cache_control: Any = None
     title: str | None = None
+    context: str | None = None
+    citations: Any = None
+
+
+class SearchResultBlock(msgspec.Struct, tag="search_result", tag_field="type"):
+    source: str
+    title: str
+    content: list[TextBlock]
+    cache_control: Any = None
+    citations: Any = None
+
+
+class ToolReferenceBlock(msgspec.Struct, tag="tool_reference", tag_field="type"):
+    """Tool search's answer, inside a tool result: the named tool becomes available."""
+
+    tool_name: str
+    cache_control: Any = None
 
 
 class ToolUseBlock(msgspec.Struct, tag="tool_use", tag_field="type"):
@@ -43,9 +68,12 @@ class ToolUseBlock(msgspec.Struct, tag="tool_use", tag_field="type"):
     cache_control: Any = None
 
 
+ToolResultContent = TextBlock | ImageBlock | DocumentBlock | SearchResultBlock | ToolReferenceBlock
+
+
 class ToolResultBlock(msgspec.Struct, tag="tool_result", tag_field="type"):
     tool_use_id: str
-    content: str | list[TextBlock | ImageBlock | DocumentBlock] = ""
+    content: str | list[ToolResultContent] = ""
     is_error: bool = False
     cache_control: Any = None
 
@@ -59,14 +87,104 @@ class RedactedThinkingBlock(msgspec.Struct, tag="redacted_thinking", tag_field="
     data: str = ""
 
 
+# History that only Anthropic's cloud produces: a conversation begun there
+# continues here. These are shown to the model as short text (or dropped),
+# never refused; their inner shapes vary by tool and version, so they are
+# read loosely.
+
+
+class ServerToolUseBlock(msgspec.Struct, tag="server_tool_use", tag_field="type"):
+    id: str
+    name: str
+    input: Any = None
+    cache_control: Any = None
+
+
+class ServerToolResultBlock(msgspec.Struct, tag_field="type"):
+    tool_use_id: str
+    content: Any = None
+    cache_control: Any = None
+
+
+class WebSearchToolResultBlock(ServerToolResultBlock, tag="web_search_tool_result"):
+    pass
+
+
+class WebFetchToolResultBlock(ServerToolResultBlock, tag="web_fetch_tool_result"):
+    pass
+
+
+class CodeExecutionToolResultBlock(ServerToolResultBlock, tag="code_execution_tool_result"):
+    pass
+
+
+class BashCodeExecutionToolResultBlock(
+    ServerToolResultBlock, tag="bash_code_execution_tool_result"
+):
+    pass
+
+
+class TextEditorCodeExecutionToolResultBlock(
+    ServerToolResultBlock, tag="text_editor_code_execution_tool_result"
+):
+    pass
+
+
+class ToolSearchToolResultBlock(ServerToolResultBlock, tag="tool_search_tool_result"):
+    pass
+
+
+class McpToolUseBlock(msgspec.Struct, tag="mcp_tool_use", tag_field="type"):
+    id: str
+    name: str
+    server_name: str = ""
+    input: Any = None
+    cache_control: Any = None
+
+
+class McpToolResultBlock(msgspec.Struct, tag="mcp_tool_result", tag_field="type"):
+    tool_use_id: str
+    content: str | list[TextBlock] = ""
+    is_error: bool = False
+    cache_control: Any = None
+
+
+class ContainerUploadBlock(msgspec.Struct, tag="container_upload", tag_field="type"):
+    file_id: str = ""
+    cache_control: Any = None
+
+
+class CompactionBlock(msgspec.Struct, tag="compaction", tag_field="type"):
+    """The cloud's summary of the conversation before it (context management)."""
+
+    content: str | None = None
+    cache_control: Any = None
+
+
+CloudBlock = (
+    ServerToolUseBlock
+    | WebSearchToolResultBlock
+    | WebFetchToolResultBlock
+    | CodeExecutionToolResultBlock
+    | BashCodeExecutionToolResultBlock
+    | TextEditorCodeExecutionToolResultBlock
+    | ToolSearchToolResultBlock
+    | McpToolUseBlock
+    | McpToolResultBlock
+    | ContainerUploadBlock
+    | CompactionBlock
+)
+
 ContentBlock = (
     TextBlock
     | ImageBlock
     | DocumentBlock
+    | SearchResultBlock
     | ToolUseBlock
     | ToolResultBlock
     | ThinkingBlock
     | RedactedThinkingBlock
+    | CloudBlock
 )
 
 
@@ -76,17 +194,24 @@ class InputMessage(msgspec.Struct):
 
 
 class Tool(msgspec.Struct):
-    name: str
+    # Required, but checked after `type`: toolsets (computer_toolset_...) have none.
+    name: str = ""
     description: str = ""
     input_schema: Any = None
-    # Client tools have no type or "custom"; Anthropic's server tools
-    # (web_search_..., code_execution_...) name theirs and run remotely.
+    # Client tools have no type or "custom". Anthropic-defined tools the client
+    # runs (bash_..., text_editor_..., memory_..., computer_...) get their
+    # documented schema (client_tools.py); server tools (web_search_...,
+    # code_execution_...) run on Anthropic's side and are refused.
     type: str | None = None
     cache_control: Any = None
     # Constrain this tool's input to its schema even under tool_choice auto.
     strict: bool | None = None
     # Left out of the prompt until a tool_reference block names it (tool search).
     defer_loading: bool | None = None
+    # computer_...: the screen the client drives.
+    display_width_px: int | None = None
+    display_height_px: int | None = None
+    enable_zoom: bool | None = None
 
 
 class ToolChoiceAuto(msgspec.Struct, tag="auto", tag_field="type"):
@@ -111,17 +236,25 @@ ToolChoice = ToolChoiceAuto | ToolChoiceAny | ToolChoiceTool | ToolChoiceNone
 
 class ThinkingEnabled(msgspec.Struct, tag="enabled", tag_field="type"):
     budget_tokens: Annotated[int, msgspec.Meta(ge=1024)]
+    display: str | None = None
 
 
 class ThinkingAdaptive(msgspec.Struct, tag="adaptive", tag_field="type"):
-    pass
+    # "summarized" or "omitted" in the API; any value is accepted, as newer
+    # clients may send more.
+    display: str | None = None
+
+
+class ThinkingBetweenTools(ThinkingAdaptive, tag="between_tools"):
+    """Thinking between tool calls (a Claude Code beta): adaptive thinking here."""
 
 
 class ThinkingDisabled(msgspec.Struct, tag="disabled", tag_field="type"):
     pass
 
 
-Thinking = ThinkingEnabled | ThinkingAdaptive | ThinkingDisabled
+Thinking = ThinkingEnabled | ThinkingAdaptive | ThinkingBetweenTools | ThinkingDisabled
+
 
 class JsonOutputFormat(msgspec.Struct, tag="json_schema", tag_field="type"):
     """Structured output: the reply's text is JSON valid under `schema`."""
@@ -148,16 +281,30 @@ class CountTokensRequest(msgspec.Struct):
     output_config: OutputConfig | None = None
     # The older, top-level spelling of output_config.format.
     output_format: JsonOutputFormat | None = None
+    # The MCP connector: remote servers the API would call. Refused when set.
+    mcp_servers: list[Any] | None = None
+
+
+class ThreadCreate(msgspec.Struct, tag="create", tag_field="type"):
+    """Hold this conversation under the reply's id (the message-threads beta)."""
+
+
+class ThreadContinue(msgspec.Struct, tag="continue", tag_field="type"):
+    """Carry on from a held reply: `messages` holds only the new turns."""
+
+    previous_message_id: str
 
 
 class MessagesRequest(CountTokensRequest, kw_only=True):
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)]
+    # 0: prefill only, a cache pre-warm (the API documents it); the reply is empty.
+    max_tokens: Annotated[int, msgspec.Meta(ge=0)]
     temperature: Probability | None = None
     top_p: Probability | None = None
     top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
     stop_sequences: list[str] | None = None
     stream: bool = False
     metadata: dict[str, Any] | None = None
+    thread: ThreadCreate | ThreadContinue | None = None
 
 
 RequestT = TypeVar("RequestT", CountTokensRequest, MessagesRequest)
@@ -170,11 +317,14 @@ def decode_request(body: bytes, kind: type[RequestT]) -> RequestT:
     if not body.strip():
         raise InvalidRequest("request body is empty; expected a JSON object")
     try:
-        request = msgspec.json.decode(body, type=kind)
+        request = _decode(body, kind)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(_field_message(str(exc))) from exc
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        # msgspec checks UTF-8 only inside strings, and raises this, not DecodeError.
+        raise InvalidRequest(f"request body is not valid UTF-8: {exc.reason}") from exc
     except RecursionError as exc:
         # msgspec stops at Python's recursion limit (~1000 levels).
         raise InvalidRequest("request body is nested too deeply") from exc
@@ -184,12 +334,14 @@ def decode_request(body: bytes, kind: type[RequestT]) -> RequestT:
         if not stop:
             raise InvalidRequest(f"stop_sequences.{i}: must not be empty")
     _check_tools(request)
-    _check_tool_results(request)
+    _check_messages(request.messages)
+    _check_tool_pairs(request.messages)
     thinking = request.thinking
     if (
         isinstance(request, MessagesRequest)
         and isinstance(thinking, ThinkingEnabled)
-        and thinking.budget_tokens >= request.max_tokens
+        # max_tokens 0 only prefills: there is no budget to compare.
+        and 0 < request.max_tokens <= thinking.budget_tokens
     ):
         raise InvalidRequest(
             "thinking.budget_tokens: must be less than max_tokens "
@@ -198,15 +350,95 @@ def decode_request(body: bytes, kind: type[RequestT]) -> RequestT:
     return request
 
 
+def _decode(body: bytes, kind: type[RequestT]) -> RequestT:
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError:
+        # Perhaps a block type newer than this server in the history: read
+        # the body untyped, drop those, and try again; else the first error.
+        data = msgspec.json.decode(body)
+        if not _drop_unknown_blocks(data):
+            raise
+    return msgspec.convert(data, kind)
+
+
+_KNOWN_BLOCKS = {block.__struct_config__.tag for block in get_args(ContentBlock)}
+_KNOWN_RESULT_PARTS = {part.__struct_config__.tag for part in get_args(ToolResultContent)}
+
+
+def _drop_unknown_blocks(data: Any) -> int:
+    """Drop blocks of unknown types from assistant turns and tool results; how many.
+
+    A conversation begun in the cloud may hold blocks newer than this server
+    (beta tools, fallbacks): in the history they are no request, and the
+    model could not use them anyway. A user turn's own unknown blocks are
+    still an error.
+    """
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if not isinstance(messages, list):
+        return 0
+    dropped: list[str] = []
+
+    def known(block: Any, tags: set[Any]) -> bool:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if isinstance(kind, str) and kind not in tags:
+            dropped.append(kind)
+            return False
+        return True
+
+    kept = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            kept.append(message)
+            continue
+        for block in content:
+            if (
+                isinstance(block, dict)
+                and block.get("type") == "tool_result"
+                and isinstance(block.get("content"), list)
+            ):
+                block["content"] = [b for b in block["content"] if known(b, _KNOWN_RESULT_PARTS)]
+        if message.get("role") == "assistant":
+            message["content"] = [b for b in content if known(b, _KNOWN_BLOCKS)]
+            if content and not message["content"]:
+                continue  # nothing left of it to show
+        kept.append(message)
+    data["messages"] = kept
+    if dropped:
+        log.info("history blocks of unknown types dropped: %s", ", ".join(sorted(set(dropped))))
+    return len(dropped)
+
+
 def _check_tools(request: CountTokensRequest) -> None:
+    if request.mcp_servers:
+        raise InvalidRequest(
+            "mcp_servers: MCP connector servers are not supported: this server does not "
+            "call remote MCP servers; connect them to the client instead"
+        )
     seen: set[str] = set()
     for i, tool in enumerate(request.tools or []):
         where = f"tools.{i}"
         if tool.type not in (None, "custom"):
-            raise InvalidRequest(
-                f"{where}: tool {tool.name!r} has type {tool.type!r}, a server tool that "
-                "runs on Anthropic's side; this server runs client tools only"
+            definition = client_tool_definition(
+                tool.type,
+                width=tool.display_width_px,
+                height=tool.display_height_px,
+                zoom=bool(tool.enable_zoom),
             )
+            if definition is None:
+                # The API's own words where a platform lacks a tool type.
+                expected = ", ".join(repr(name) for name in KNOWN_CLIENT_TOOL_TYPES)
+                raise InvalidRequest(
+                    f"{where}: Input tag {tool.type!r} found using 'type' does not match any "
+                    f"of the expected tags: {expected}. Server tools run on Anthropic's "
+                    "side; this server runs client tools only."
+                )
+            # The client sends the type alone: give the model the documented tool.
+            tool.description = tool.description or definition[0]
+            tool.input_schema = definition[1]
+        if not tool.name:
+            raise InvalidRequest(f"{where}.name: Field required")
         if not TOOL_NAME.match(tool.name):
             raise InvalidRequest(
                 f"{where}.name: tool name {tool.name!r} must match ^[a-zA-Z0-9_-]{{1,128}}$"
@@ -235,22 +467,84 @@ def _check_tools(request: CountTokensRequest) -> None:
             )
 
 
-def _check_tool_results(request: CountTokensRequest) -> None:
-    """Each `tool_result` answers a `tool_use` of the assistant turn just before it."""
-    previous_calls: set[str] = set()
-    for index, msg in enumerate(request.messages):
-        blocks = msg.content if isinstance(msg.content, list) else []
-        if msg.role == "user":
-            for block_index, block in enumerate(blocks):
-                if isinstance(block, ToolResultBlock) and block.tool_use_id not in previous_calls:
+def _check_messages(messages: list[InputMessage]) -> None:
+    """Content the API refuses, in its words: empty turns, blank text, a prefill ending in space."""
+    last = len(messages) - 1
+    for index, msg in enumerate(messages):
+        prefill = index == last and msg.role == "assistant"
+        if not msg.content and not prefill:
+            raise InvalidRequest(
+                f"messages.{index}: all messages must have non-empty content except for "
+                "the optional final assistant message"
+            )
+        if isinstance(msg.content, str):
+            if msg.content.isspace() and not prefill:
+                raise InvalidRequest(
+                    f"messages.{index}.content: text content blocks must contain "
+                    "non-whitespace text"
+                )
+            tail = msg.content
+        else:
+            for block_index, block in enumerate(msg.content):
+                if not isinstance(block, TextBlock):
+                    continue
+                where = f"messages.{index}.content.{block_index}.text"
+                if not block.text:
+                    raise InvalidRequest(f"{where}: text content blocks must be non-empty")
+                if block.text.isspace():
                     raise InvalidRequest(
-                        f"messages.{index}.content.{block_index}: unexpected `tool_use_id` "
-                        f"found in `tool_result` blocks: {block.tool_use_id}. Each "
-                        "`tool_result` block must have a corresponding `tool_use` block "
-                        "in the previous message."
+                        f"{where}: text content blocks must contain non-whitespace text"
                     )
-        if msg.role != "system":
-            previous_calls = {b.id for b in blocks if isinstance(b, ToolUseBlock)}
+            end = msg.content[-1] if msg.content else None
+            tail = end.text if isinstance(end, TextBlock) else ""
+        if prefill and tail[-1:].isspace():
+            raise InvalidRequest("final assistant content cannot end with trailing whitespace")
+
+
+def _check_tool_pairs(messages: list[InputMessage]) -> None:
+    """Each `tool_use` is answered by a `tool_result` in the next turn, and only those are.
+
+    Consecutive turns of one role count as one turn, as the API merges them
+    before it checks (tool results split over two user turns, or text then
+    results); `role: "system"` turns in between are passed over.
+    """
+    turns: list[tuple[str, int, list[tuple[str, ContentBlock]]]] = []
+    for index, msg in enumerate(messages):
+        if msg.role == "system":
+            continue
+        content = msg.content if isinstance(msg.content, list) else []
+        blocks = [
+            (f"messages.{index}.content.{block_index}", block)
+            for block_index, block in enumerate(content)
+        ]
+        if turns and turns[-1][0] == msg.role:
+            turns[-1][2].extend(blocks)
+        else:
+            turns.append((msg.role, index, blocks))
+    calls: list[str] = []
+    for role, first, blocks in turns:
+        if role == "assistant":
+            calls = [block.id for _, block in blocks if isinstance(block, ToolUseBlock)]
+            continue
+        answered: set[str] = set()
+        for where, block in blocks:
+            if not isinstance(block, ToolResultBlock):
+                continue
+            if block.tool_use_id not in calls:
+                raise InvalidRequest(
+                    f"{where}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                    f"{block.tool_use_id}. Each `tool_result` block must have a "
+                    "corresponding `tool_use` block in the previous message."
+                )
+            answered.add(block.tool_use_id)
+        missing = [call for call in calls if call not in answered]
+        if missing:
+            raise InvalidRequest(
+                f"messages.{first}: `tool_use` ids were found without `tool_result` blocks "
+                f"immediately after: {', '.join(missing)}. Each `tool_use` block must have a "
+                "corresponding `tool_result` block in the next message."
+            )
+        calls = []
 
 
 def _field_message(error: str) -> str:
@@ -270,17 +564,43 @@ def new_message_id() -> str:
     return f"msg_{secrets.token_hex(12)}"
 
 
-def usage(input_tokens: int, output_tokens: int, cache_read: int = 0) -> dict[str, Any]:
-    """Every field of the official `Usage` shape, so strictly typed clients validate."""
+def usage(
+    input_tokens: int, output_tokens: int, cache_read: int = 0, thinking_tokens: int = 0
+) -> dict[str, Any]:
+    """Every field of the official `Usage` shape, and of `BetaUsage`, so strict clients validate.
+
+    One shape serves `/v1/messages` and `?beta=true` alike: each schema
+    requires its own fields and allows the other's.
+    """
     return {
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": cache_read,
         "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        "output_tokens_details": {"thinking_tokens": thinking_tokens},
         "server_tool_use": None,
         "service_tier": "standard",
         "inference_geo": None,
+        "speed": "standard",
+        "iterations": None,
+        "fallback_credit": None,
+    }
+
+
+def delta_usage(
+    input_tokens: int, output_tokens: int, cache_read: int = 0, thinking_tokens: int = 0
+) -> dict[str, Any]:
+    """A stream's closing counts: the official `MessageDeltaUsage` (and its beta) shape."""
+    return {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cache_read,
+        "output_tokens_details": {"thinking_tokens": thinking_tokens},
+        "server_tool_use": None,
+        "iterations": None,
+        "fallback_credit": None,
     }
 
 
@@ -302,12 +622,22 @@ def message(
         "stop_sequence": stop_sequence,
         "stop_details": None,
         "container": None,
+        # Required by `BetaMessage` (`?beta=true`, as Claude Code calls).
+        "context_management": None,
+        "diagnostics": None,
         "usage": usage_,
     }
 
 
+def token_count(input_tokens: int) -> dict[str, Any]:
+    """A `count_tokens` answer; `context_management` is required by the beta shape."""
+    return {"input_tokens": input_tokens, "context_management": None}
+
+
 def text_block(text: str) -> dict[str, Any]:
-    return {"type": "text", "text": text, "citations": None}
+    # The schema requires the key and allows a list or null; the Vercel AI
+    # SDK rejects null. An empty list satisfies both.
+    return {"type": "text", "text": text, "citations": []}
 
 
 def new_tool_use_id() -> str:
@@ -315,7 +645,15 @@ def new_tool_use_id() -> str:
 
 
 def tool_use_block(block_id: str, name: str, input_: Any) -> dict[str, Any]:
-    return {"type": "tool_use", "id": block_id, "name": name, "input": input_, "caller": None}
+    # Called by the model itself: the schema's default caller, as the API sends it.
+    # No branch of the schema accepts null (nor does the Vercel AI SDK).
+    return {
+        "type": "tool_use",
+        "id": block_id,
+        "name": name,
+        "input": input_,
+        "caller": {"type": "direct"},
+    }
 
 
 def thinking_block(thinking: str, signature: str) -> dict[str, Any]:

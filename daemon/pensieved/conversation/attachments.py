@@ -1,0 +1,234 @@
+"""Blocks that are not plain text, as text a text-only model can read.
+
+A session must never brick on content the model cannot use: Claude Code keeps
+a pasted screenshot in every later turn, and a conversation begun in the cloud
+carries server-tool history. So images become a short placeholder (unless the
+model's config says `images = "reject"`), documents and search results are
+inlined with their titles and sources (PDFs through pypdf), a tool search's
+`tool_reference` becomes a line naming the tool, and the cloud's own blocks
+become short text or nothing. Only an explicit `reject` refuses.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import logging
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import pypdf
+
+from pensieved.wire.errors import InvalidRequest
+from pensieved.wire.protocol import (
+    CompactionBlock,
+    ContainerUploadBlock,
+    DocumentBlock,
+    ImageBlock,
+    InputMessage,
+    McpToolResultBlock,
+    McpToolUseBlock,
+    SearchResultBlock,
+    ServerToolResultBlock,
+    ServerToolUseBlock,
+    TextBlock,
+    ToolReferenceBlock,
+    ToolResultBlock,
+    ToolSearchToolResultBlock,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_PLACEHOLDER = "[image omitted: this model cannot see images]"
+
+
+class BlockText:
+    """Renders one model's non-text blocks; `images` is its config's "placeholder" or "reject"."""
+
+    def __init__(self, model_name: str, images: str = "placeholder") -> None:
+        self._model_name = model_name
+        self._images = images
+
+    def text(self, block: Any, where: str) -> str:
+        """`block` as text for the prompt; "" when it is better left out."""
+        if isinstance(block, TextBlock):
+            return block.text
+        if isinstance(block, ImageBlock):
+            return self.image(where)
+        if isinstance(block, DocumentBlock):
+            return self._document(block.source, block.title, block.context, where)
+        if isinstance(block, SearchResultBlock):
+            body = "\n".join(part.text for part in block.content)
+            return f"[search result: {block.title}]\nSource: {block.source}\n{body}".rstrip()
+        if isinstance(block, ToolReferenceBlock):
+            return f"[tool available: {block.tool_name}]"
+        return self._cloud(block)
+
+    def image(self, where: str) -> str:
+        if self._images == "reject":
+            raise InvalidRequest(
+                f"{where}: model {self._model_name!r} is text-only and does not accept image input"
+            )
+        return IMAGE_PLACEHOLDER
+
+    def parts(self, parts: str | list[Any], where: str) -> str:
+        """A tool result's content (a string or blocks) as one text."""
+        if isinstance(parts, str):
+            return parts
+        texts = (self.text(part, f"{where}.content.{i}") for i, part in enumerate(parts))
+        return "\n".join(text for text in texts if text)
+
+    def _document(self, source: Any, title: str | None, context: str | None, where: str) -> str:
+        head = f"[document: {title}]" if title else "[document]"
+        body = self._document_body(source if isinstance(source, dict) else {}, where)
+        return "\n".join(part for part in (head, context, body) if part)
+
+    def _document_body(self, source: dict[str, Any], where: str) -> str:
+        kind = source.get("type")
+        data = source.get("data")
+        if kind == "text" and isinstance(data, str):
+            return data
+        if kind == "content":
+            content = source.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return "\n".join(self._content_part(part, where) for part in content)
+        if kind == "base64" and isinstance(data, str):
+            media = source.get("media_type", "")
+            if media == "application/pdf":
+                text = pdf_text(data)
+                if text is None:
+                    return "[PDF omitted: its text could not be extracted]"
+                return text or "[PDF omitted: it holds no text, only images]"
+            if isinstance(media, str) and media.startswith("text/"):
+                try:
+                    return base64.b64decode(data).decode("utf-8", errors="replace")
+                except (binascii.Error, ValueError):
+                    return "[document omitted: its base64 data is not valid]"
+        if kind == "url":
+            # No route fetches URLs from request data (local-server security).
+            return f"[document omitted: {source.get('url', '')} is a URL; this server fetches none]"
+        if kind == "file":
+            return (
+                "[document omitted: it is in Anthropic's Files API, which this server cannot read]"
+            )
+        return f"[document omitted: a {kind!r} source is not supported]"
+
+    def _content_part(self, part: Any, where: str) -> str:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            return self.image(where)
+        text = part.get("text") if isinstance(part, dict) else None
+        return text if isinstance(text, str) else ""
+
+    def _cloud(self, block: Any) -> str:
+        """History only the cloud produces (server tools, MCP, compaction) as short text."""
+        if isinstance(block, ServerToolUseBlock):
+            return f"[server tool call {block.name}: {_json(block.input)}]"
+        if isinstance(block, ServerToolResultBlock):
+            tag = type(block).__struct_config__.tag
+            return self._server_result(str(tag), block.content)
+        if isinstance(block, McpToolUseBlock):
+            server = f"{block.server_name}." if block.server_name else ""
+            return f"[MCP tool call {server}{block.name}: {_json(block.input)}]"
+        if isinstance(block, McpToolResultBlock):
+            body = self.parts(block.content, "mcp_tool_result")
+            return f"[MCP tool {'error' if block.is_error else 'result'}]\n{body}".rstrip()
+        if isinstance(block, ContainerUploadBlock):
+            return f"[file {block.file_id} uploaded to the code execution container]"
+        if isinstance(block, CompactionBlock):
+            # The cloud's summary of everything before it: the model needs it.
+            return block.content or ""
+        return ""  # redacted thinking and anything else: nothing the model can use
+
+    def _server_result(self, kind: str, content: Any) -> str:
+        name = kind.removesuffix("_tool_result").replace("_", " ")
+        if isinstance(content, list):  # web search: a list of results
+            lines = [
+                f"- {item.get('title', '')} ({item.get('url', '')})"
+                for item in content
+                if isinstance(item, dict)
+            ]
+            return "\n".join([f"[{name} results]", *lines])
+        if not isinstance(content, dict):
+            return f"[{name} result]"
+        if "error_code" in content:
+            return f"[{name} failed: {content['error_code']}]"
+        if content.get("type") == "web_fetch_result":
+            document = content.get("content")
+            source = document.get("source") if isinstance(document, dict) else None
+            body = self._document_body(source, kind) if isinstance(source, dict) else ""
+            return f"[{name} of {content.get('url', '')}]\n{body}".rstrip()
+        if "tool_references" in content:
+            return f"[tools available: {', '.join(_tool_names(content))}]"
+        if "stdout" in content or "stderr" in content:
+            parts = [f"[{name}: return code {content.get('return_code')}]"]
+            parts += [str(content[key]) for key in ("stdout", "stderr") if content.get(key)]
+            return "\n".join(parts)
+        if isinstance(content.get("content"), str):  # a text editor's view
+            return f"[{name}]\n{content['content']}"
+        return f"[{name} result]"
+
+
+def referenced_tools(messages: list[InputMessage]) -> set[str]:
+    """Tools named by a tool search anywhere in the conversation (`tool_reference` blocks)."""
+    names: set[str] = set()
+    for msg in messages:
+        for block in msg.content if isinstance(msg.content, list) else []:
+            if isinstance(block, ToolResultBlock) and isinstance(block.content, list):
+                names.update(
+                    part.tool_name for part in block.content if isinstance(part, ToolReferenceBlock)
+                )
+            elif isinstance(block, ToolSearchToolResultBlock) and isinstance(block.content, dict):
+                names.update(_tool_names(block.content))
+    return names
+
+
+def _tool_names(result: dict[str, Any]) -> list[str]:
+    """The names in a cloud tool search's result (read loosely, as all cloud history)."""
+    references = result.get("tool_references")
+    return [
+        ref["tool_name"]
+        for ref in (references if isinstance(references, list) else [])
+        if isinstance(ref, dict) and isinstance(ref.get("tool_name"), str)
+    ]
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+# Every turn resends the whole conversation, PDFs included: extract each once.
+_PDF_CACHE_ENTRIES = 32
+_pdf_texts: OrderedDict[bytes, str | None] = OrderedDict()
+_pdf_lock = threading.Lock()  # prompts render on worker threads
+
+
+def pdf_text(data: str) -> str | None:
+    """The text of a base64 PDF, page by page; None when it cannot be read."""
+    key = hashlib.sha256(data.encode()).digest()
+    with _pdf_lock:
+        if key in _pdf_texts:
+            _pdf_texts.move_to_end(key)
+            return _pdf_texts[key]
+    text = _extract_pdf(data)
+    with _pdf_lock:
+        _pdf_texts[key] = text
+        while len(_pdf_texts) > _PDF_CACHE_ENTRIES:
+            _pdf_texts.popitem(last=False)
+    return text
+
+
+def _extract_pdf(data: str) -> str | None:
+    try:
+        reader = pypdf.PdfReader(io.BytesIO(base64.b64decode(data)))
+        pages = [(page.extract_text() or "").strip() for page in reader.pages]
+    except Exception as exc:  # pypdf raises many kinds on a damaged or odd file
+        log.info("PDF text could not be extracted: %s: %s", type(exc).__name__, exc)
+        return None
+    return "\n\n".join(page for page in pages if page)
