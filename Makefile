@@ -35,6 +35,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
+	@$(BIN)/python -m pensievectl.doctor
 	$(BIN)/pensieved
 
 # Start the daemon at login (LaunchAgent on macOS, systemd --user unit on Linux).

@@ -29,7 +29,8 @@ from pensieved.config import BUILTIN_SOURCE, EngineConfig, MemoryConfig, ModelCo
 from pensieved.engine.core import Engine  # noqa: E402
 from pensieved.engine.stream import GenerationRequest, GenerationStream  # noqa: E402
 from pensieved.memory.admission import Admission  # noqa: E402
-from pensieved.memory.guard import MemoryGuard, MemoryProbe  # noqa: E402
+from pensieved.memory.guard import MemoryGuard  # noqa: E402
+from pensieved.memory.probe import MemoryProbe  # noqa: E402
 from pensieved.wire.errors import Overloaded  # noqa: E402
 
 # The cost does not depend on the sizes; these keep 64 such requests

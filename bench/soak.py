@@ -1,9 +1,11 @@
 """Long-day behaviour: thousands of mixed requests to a tiny model, memory sampled.
 
 Bounded in count and time, loopback only. Prints the request mix, the
-unexpected responses (should be 0), the daemon's RSS and MLX memory at start,
-after warm-up and at the end, and the RSS slope after warm-up: a server that
-leaks shows a slope that does not flatten.
+unexpected responses (should be 0), the daemon's RSS, MLX memory and the
+prompt cache's bytes and entries at start, once the cache is full and at the
+end, and the slope of memory beyond the cache from then on: the cache may
+grow to its budget, nothing else may. A slope within a few MB per 1000
+requests is flat. Prompts vary (a number in each), so the cache fills.
 Run: `make soak` (or `.venv/bin/python bench/soak.py --help`).
 """
 
@@ -56,9 +58,10 @@ TOOL_HISTORY = [
 ]
 
 
-def one_request(http: httpx.Client, kind: str) -> tuple[str, bool]:
+def one_request(http: httpx.Client, kind: str, n: int = 0) -> tuple[str, bool]:
     """Send one request of `kind`; return (kind, whether the outcome was the expected one)."""
-    base = {"model": "claude-opus-4-8", "max_tokens": 8, "messages": USER}
+    user = [{"role": "user", "content": f"Tell me about the sea, story {n}."}]
+    base = {"model": "claude-opus-4-8", "max_tokens": 8, "messages": user}
     if kind == "create":
         return kind, http.post("/v1/messages", json=base).status_code == 200
     if kind == "stream":
@@ -90,18 +93,26 @@ WEIGHTS = [3, 3, 2, 2, 2, 1, 1]
 
 
 def sample(daemon: Daemon, process: psutil.Process, done: int) -> dict[str, float]:
-    memory = httpx.get(f"{daemon.base_url}/health").json()["memory"]
+    health = httpx.get(f"{daemon.base_url}/health").json()
+    memory, cache = health["memory"], health["prompt_cache"]
+    rss = process.memory_info().rss / MB
+    active = memory["mlx_active_gb"] * 1024
+    cached = cache["bytes"] / MB
     return {
         "requests": done,
-        "rss_mb": process.memory_info().rss / MB,
-        "mlx_active_mb": memory["mlx_active_gb"] * 1024,
+        "rss_mb": rss,
+        "mlx_active_mb": active,
         "mlx_cache_mb": memory["mlx_cache_gb"] * 1024,
+        "prompt_cache_mb": cached,
+        "prompt_cache_entries": cache["entries"],
+        "rss_beyond_cache_mb": rss - cached,
+        "active_beyond_cache_mb": active - cached,
     }
 
 
-def slope_per_1000(points: list[dict[str, float]]) -> float:
+def slope_per_1000(points: list[dict[str, float]], key: str = "rss_mb") -> float:
     xs = [p["requests"] for p in points]
-    ys = [p["rss_mb"] for p in points]
+    ys = [p[key] for p in points]
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
     var = sum((x - mean_x) ** 2 for x in xs)
     if var == 0:
@@ -111,16 +122,23 @@ def slope_per_1000(points: list[dict[str, float]]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--seconds", type=float, default=300)
+    parser.add_argument("--requests", type=int, default=8000)
+    parser.add_argument("--seconds", type=float, default=900)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument(
+        "--prompt-cache-mb", type=float, default=32, help="the prompt cache's budget"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="pensieve-soak-"))
     smollm = import_gguf(builtin_gguf_path(), work / "smollm2")
     tiny = build_tiny_model(work / "tiny", smollm)
     daemon = start_daemon(
-        work / "home", {"models": {"tiny": {"source": str(tiny), "context_length": 512}}}
+        work / "home",
+        {
+            "models": {"tiny": {"source": str(tiny), "context_length": 512}},
+            "engine": {"prompt_cache_gb": args.prompt_cache_mb / 1024},
+        },
     )
     process = psutil.Process(daemon.process.pid)
     rng = random.Random(0)
@@ -139,8 +157,9 @@ def main() -> None:
                         return
                     kind = local.choices(KINDS, WEIGHTS)[0]
                     counts[kind] += 1
+                    n = sum(counts.values())
                 try:
-                    _, ok = one_request(http, kind)
+                    _, ok = one_request(http, kind, n)
                 except httpx.HTTPError:
                     ok = False
                 if not ok:
@@ -162,16 +181,35 @@ def main() -> None:
     elapsed = time.monotonic() - started
 
     total = sum(counts.values())
-    warm = [s for s in samples if s["requests"] >= total * 0.2] or samples
+    # From the first sample with the cache at 90% of its budget (or 20% of the run).
+    full = [s for s in samples if s["prompt_cache_mb"] >= 0.9 * args.prompt_cache_mb]
+    warm = full or [s for s in samples if s["requests"] >= total * 0.2] or samples
     print(
         f"{total} requests in {elapsed:.0f} s, concurrency {args.concurrency}, daemon exit {code}"
     )
     print("mix: " + ", ".join(f"{k} {counts[k]}" for k in KINDS))
     print(f"unexpected responses: {sum(unexpected.values())} {dict(unexpected) or ''}")
-    print(f"{'':22}{'start':>10}{'warm (20%)':>12}{'end':>10}")
-    for key in ("rss_mb", "mlx_active_mb", "mlx_cache_mb"):
-        print(f"{key:22}{samples[0][key]:10.1f}{warm[0][key]:12.1f}{samples[-1][key]:10.1f}")
-    print(f"RSS slope after warm-up: {slope_per_1000(warm):+.2f} MB per 1000 requests")
+    when = f"cache full at {warm[0]['requests']:.0f}" if full else "warm (20%)"
+    print(f"prompt cache budget {args.prompt_cache_mb:g} MB")
+    print(f"{'':24}{'start':>10}{when:>22}{'end':>10}")
+    for key in (
+        "rss_mb",
+        "mlx_active_mb",
+        "mlx_cache_mb",
+        "prompt_cache_mb",
+        "prompt_cache_entries",
+        "rss_beyond_cache_mb",
+        "active_beyond_cache_mb",
+    ):
+        print(f"{key:24}{samples[0][key]:10.1f}{warm[0][key]:22.1f}{samples[-1][key]:10.1f}")
+    rss_slope = slope_per_1000(warm, "rss_beyond_cache_mb")
+    active_slope = slope_per_1000(warm, "active_beyond_cache_mb")
+    print(
+        f"slope beyond the cache since {when}: RSS {rss_slope:+.2f}, "
+        f"MLX active {active_slope:+.2f} MB per 1000 requests"
+    )
+    flat = abs(rss_slope) <= 5 and abs(active_slope) <= 5
+    print(f"verdict: {'flat' if flat and full else 'NOT flat' if full else 'cache never filled'}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pensieved.config import ModelConfig  # noqa: E402
-from pensieved.conversation.constraints import CLOSE_WINDOW, OutputGrammar  # noqa: E402
+from pensieved.conversation.constraints import CLOSE_WINDOW  # noqa: E402
+from pensieved.conversation.grammar import OutputGrammar  # noqa: E402
 from pensieved.conversation.toolcalls import GENERIC  # noqa: E402
 from pensieved.engine import cpu  # noqa: E402
 from pensieved.engine.core import Engine  # noqa: E402

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from pensieved.conversation.attachments import IMAGE_PLACEHOLDER
 from pensieved.conversation.prompt import shown_tools, to_chat_messages
 from pensieved.conversation.stops import StopMatcher
+from pensieved.wire.decode import decode_request
 from pensieved.wire.errors import InvalidRequest
-from pensieved.wire.protocol import MessagesRequest, decode_request
+from pensieved.wire.protocol import MessagesRequest
 from tests.documents import pdf_block
 
 

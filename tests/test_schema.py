@@ -24,7 +24,7 @@ import falcon.testing
 import httpx
 import pytest
 
-from pensieved.wire import protocol
+from pensieved.wire import responses
 from pensieved.wire.errors import error_body
 from tests.daemon import Daemon, running_daemon, sse_events
 from tests.models import THINKING_TEMPLATE, build_tiny_model
@@ -45,8 +45,8 @@ WEATHER = {
 
 
 def full_message(*content: dict[str, Any], thinking_tokens: int = 0) -> dict[str, Any]:
-    usage = protocol.usage(10, 7, 3, thinking_tokens)
-    return protocol.message("msg_1", "tiny", list(content), "end_turn", None, usage)
+    usage = responses.usage(10, 7, 3, thinking_tokens)
+    return responses.message("msg_1", "tiny", list(content), "end_turn", None, usage)
 
 
 # -- the oracle ---------------------------------------------------------------
@@ -63,9 +63,9 @@ def test_the_document_is_anthropics() -> None:
 def test_pensieves_shapes_are_valid(beta: str) -> None:
     schema = official_schema()
     message = full_message(
-        protocol.thinking_block("hmm", "c2ln"),
-        protocol.text_block("Hello"),
-        protocol.tool_use_block(protocol.new_tool_use_id(), "get_weather", {"city": "Paris"}),
+        responses.thinking_block("hmm", "c2ln"),
+        responses.text_block("Hello"),
+        responses.tool_use_block(responses.new_tool_use_id(), "get_weather", {"city": "Paris"}),
         thinking_tokens=2,
     )
     schema.check(f"{beta}Message", message)
@@ -76,7 +76,7 @@ def test_pensieves_shapes_are_valid(beta: str) -> None:
     delta = {
         "type": "message_delta",
         "delta": {"stop_reason": "tool_use", "stop_sequence": None},
-        "usage": protocol.delta_usage(10, 7, 3),
+        "usage": responses.delta_usage(10, 7, 3),
         "context_management": None,
     }
     delta["delta"] |= {"stop_details": None, "container": None}
@@ -101,7 +101,7 @@ def test_pensieves_shapes_are_valid(beta: str) -> None:
 )
 def test_the_oracle_rejects_what_the_document_forbids(break_it: Any, reason: str) -> None:
     message = full_message(
-        protocol.text_block("Hello"), protocol.tool_use_block("toolu_1", "get_weather", {})
+        responses.text_block("Hello"), responses.tool_use_block("toolu_1", "get_weather", {})
     )
     official_schema().check("Message", message)
     break_it(message)
@@ -112,7 +112,7 @@ def test_the_oracle_rejects_what_the_document_forbids(break_it: Any, reason: str
 # -- the monitor, against a server that answers wrongly ------------------------
 
 BAD_MESSAGE = full_message(
-    protocol.text_block("Hi"), {"type": "tool_use", "id": "toolu_1", "name": "x", "input": {}}
+    responses.text_block("Hi"), {"type": "tool_use", "id": "toolu_1", "name": "x", "input": {}}
 )
 BAD_MESSAGE["content"][1]["caller"] = None
 

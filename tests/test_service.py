@@ -16,16 +16,14 @@ from pathlib import Path
 import pytest
 
 from pensieved.config import Config
+from pensieved.service.manager import ServiceError, ServiceManager, tcc_protected
 from pensieved.service.units import (
     LABEL,
     SYSTEMD_UNIT,
     ServiceDescription,
-    ServiceError,
-    ServiceManager,
     describe,
     render_plist,
     render_systemd_unit,
-    tcc_protected,
 )
 from tests.daemon import daemon_env, free_port
 

@@ -22,12 +22,16 @@ import pytest
 from mlx_lm.utils import load_tokenizer
 
 from pensieved.config import EngineConfig, ModelConfig
-from pensieved.conversation.constraints import GrammarCompiler, OutputGrammar, generation_schema
-from pensieved.conversation.content import ContentAssembler, partial_json
+from pensieved.conversation.arguments import partial_json
+from pensieved.conversation.constraints import GrammarCompiler
+from pensieved.conversation.content import ContentAssembler
+from pensieved.conversation.grammar import OutputGrammar
+from pensieved.conversation.schemas import generation_schema
 from pensieved.conversation.toolcalls import GENERIC
 from pensieved.engine.loading import load_weights
 from pensieved.http.messages import PreparedPrompt, plan_output
-from pensieved.wire.protocol import MessagesRequest, decode_request
+from pensieved.wire.decode import decode_request
+from pensieved.wire.protocol import MessagesRequest
 from tests.daemon import Daemon, running_daemon, sse_events
 from tests.models import THINKING_TEMPLATE, build_tiny_model
 

@@ -30,9 +30,11 @@ from mlx_lm.models.cache import KVCache
 
 from pensieved.config import ModelConfig, parse_config
 from pensieved.engine.core import Engine
+from pensieved.engine.prefix_cache import PrefixCache
 from pensieved.engine.stream import GenerationStream
 from pensieved.memory.admission import Admission, ModelShape
-from pensieved.memory.guard import GB, MemoryGuard, MemoryReading
+from pensieved.memory.guard import GB, MemoryGuard
+from pensieved.memory.probe import MemoryReading
 from pensieved.paths import default_paths
 from pensieved.service import control
 from pensieved.wire.errors import Overloaded
@@ -133,6 +135,8 @@ def refusal(mac: MacConfig, tier: ModelConfig, prompt: int, tmp_path: Path) -> s
     models = [REAL_MODELS[m.source] for m in config.models]
     weights = sum(m.weight_bytes for m in models)
     engine = Engine(tmp_path, engine_settings)  # never started: its prefix cache and queue
+    # Entries sized as on a Mac but never allocated: copying them compact would.
+    engine.prefix_cache = PrefixCache(engine.prefix_cache.max_bytes, compact=False)
     main, quick = config.models
     # The prefix cache full: this conversation's entry, the rest the haiku tier's.
     conversation = kv_entry(REAL_MODELS[main.source], MAIN_PROMPTS[0])

@@ -30,7 +30,8 @@ from pensieved.config import (
     parse_config,
 )
 from pensieved.service import control
-from pensieved.service.units import ServiceError, ServiceManager, describe
+from pensieved.service.manager import ServiceError, ServiceManager
+from pensieved.service.units import describe
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -404,6 +405,26 @@ def prepare(ctx: click.Context) -> None:
         except (GGUFImportError, FileNotFoundError) as exc:
             raise click.ClickException(f"{model.name}: {exc}") from exc
         click.echo(f"{model.name}: {location}")
+
+
+@main.command()
+@click.pass_context
+def doctor(ctx: click.Context) -> None:
+    """Check what makes Claude Code work on Pensieve, and say how to fix what fails.
+
+    Asks the running daemon and this machine: the daemon and its token, Claude
+    Code's install and version, this shell's environment against `env
+    --model-tiers`, and for each tier's model its context against Claude
+    Code's prompt rendered through its template, its tool-call format,
+    structured output, memory for weights plus a Claude-Code-sized KV, and a
+    two-turn prompt-cache check. Exits 1 when Claude Code cannot work.
+    """
+    from pensievectl import doctor as checks
+
+    results = checks.run_checks(_config(ctx))
+    click.echo(checks.table(results))
+    if checks.cannot_work(results):
+        raise click.exceptions.Exit(1)
 
 
 for command in model_commands.COMMANDS:

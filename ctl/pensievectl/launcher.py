@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from pensievectl.claude_settings import model_tiers
 from pensieved.config import ConfigError, ensure_token, load_config
 
 # Where Claude Code's installers put `claude` when it is not on PATH: the
@@ -55,6 +56,9 @@ def main() -> None:
     env.pop("ANTHROPIC_API_KEY", None)  # it would win over the token
     env["ANTHROPIC_BASE_URL"] = config.base_url
     env["ANTHROPIC_AUTH_TOKEN"] = token
+    # Pinned model names and the local model's compaction window, as
+    # `pensievectl env --model-tiers` prints them.
+    env.update(model_tiers(config))
     os.execve(claude, [claude, *sys.argv[1:]], env)
 
 

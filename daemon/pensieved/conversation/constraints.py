@@ -1,12 +1,9 @@
 """Logits processors that shape what a request may generate.
 
-- `OutputGrammar`: what a reply may be, enforced token by token with
-  llguidance: tool calls whose input matches the tools' JSON schemas, and/or
-  a text reply that is one JSON document valid under a schema (structured
-  output). `forced` (tool_choice `any` or `tool`) allows nothing but calls;
-  otherwise text is free until the call marker appears, and from there the
-  call must be valid. A reasoning model's thinking section, when it has one,
-  stays free: the grammar starts where thinking ends.
+- The output grammar (grammar.py's `OutputGrammar`): compiled and checked by
+  `GrammarCompiler`, relaxed where llguidance cannot enforce it, and
+  enforced token by token with llguidance; near max_tokens the document is
+  closed instead of cut.
 - `ThinkingBudget`: `thinking.budget_tokens`, enforced by writing the model's
   end-of-thinking marker when the budget runs out.
 
@@ -19,235 +16,16 @@ token fed to that step; the first call's last token is the prompt's own.
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import re
 import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pensieved.conversation.grammar import OutputGrammar
+
 log = logging.getLogger(__name__)
 
 LogitsProcessor = Any  # (tokens: mx.array, logits: mx.array) -> mx.array
-
-# Compact JSON as json.dumps writes it: a model may not pad a document with
-# whitespace until max_tokens. `lenient`: schema keywords llguidance cannot
-# enforce (Claude Code's schemas use `propertyNames`) are dropped, with a
-# warning, instead of refusing the grammar.
-_JSON_OPTIONS = {
-    "whitespace_flexible": False,
-    "key_separator": ": ",
-    "item_separator": ", ",
-    "lenient": True,
-}
-
-
-@dataclass(frozen=True)
-class OutputGrammar:
-    """What a reply may be: calls (forced, or lazily once opened) and/or a JSON document."""
-
-    # (name, input_schema as JSON text, or None for any object): hashable, so
-    # compiled grammars cache.
-    tools: tuple[tuple[str, str | None], ...] = ()
-    forced: bool = False
-    parallel: bool = True
-    start: str = ""  # the call marker
-    end: str = ""
-    # Structured output: the reply's text is one JSON document valid under
-    # this schema (JSON text), or, when there are tools, calls instead.
-    reply_schema: str | None = None
-    # The model's thinking markers: an optional, free thinking section comes
-    # first (opened already when `thinking_open`).
-    thinking: tuple[str, str] | None = None
-    thinking_open: bool = False
-    # Schemas without the keywords llguidance may fail to compile at all
-    # (look-around in a `pattern`, an unknown `format`, a remote `$ref`):
-    # the fallback when the grammar as asked does not compile.
-    loose: bool = False
-
-    def lark(self, special: dict[str, int] | None = None) -> str:
-        """The grammar in llguidance's Lark dialect.
-
-        `special`: the ids of markers that are one special token (Qwen's
-        `<tool_call>`), which plain text can never spell.
-        """
-        special = special or {}
-
-        def marker(text: str) -> str:
-            return f"<[{special[text]}]>" if text in special else _quote(text)
-
-        rules = ["%llguidance {}"]
-        if self.thinking is None:
-            rules.append("start: reply")
-        else:
-            think_start, think_end = self.thinking
-            opening = "" if self.thinking_open else f"{marker(think_start)} "
-            # Models leave a blank line or two between thinking and the reply.
-            rules.append(f"start: ({opening}thinking GAP?)? reply")
-            rules.append("GAP: /[ \\t\\r\\n]{1,4}/")
-            # Free text up to the end marker. Text cannot spell a special
-            # token, so that one needs no exclusion; a text marker ends the
-            # shortest text that ends with it.
-            lazy = "" if think_end in special else "[lazy]"
-            rules.append(f"thinking{lazy}: /(.|\\n)*/ {marker(think_end)}")
-        calls = bool(self.tools and self.start)
-        if not calls and (self.forced or self.reply_schema is None):
-            raise ValueError("an output grammar needs tools and a call marker, or a reply schema")
-        if self.reply_schema is not None and not self.forced:
-            schema = generation_schema(json.loads(self.reply_schema), self.loose)
-            document = f"%json {_with_options(schema)}"
-            rules.append(f"reply: {document} | calls" if calls else f"reply: {document}")
-        elif self.forced:
-            rules.append("reply: calls")
-        else:
-            # Free text and calls in any order. FREE never contains the
-            # marker, and `text` is the shortest text that ends with it, so
-            # text is unconstrained until the marker appears and the call
-            # after it must be valid.
-            more = " reply" if self.parallel else ""
-            rules.append(f"reply: FREE | text call{more}")
-        if calls and (self.forced or self.reply_schema is not None):
-            # Calls only: the first at once, more after whitespace. Text
-            # after a call is allowed so that a model that means to end its
-            # turn with words can (the turn ends there: the assembler's
-            # `calls_only`) instead of being pushed into one more call.
-            rules.append(f'calls: {marker(self.start)} "\\n" call after')
-            rules.append("after: FREE | gap call after" if self.parallel else "after: FREE")
-        if calls:
-            rules += self._text_rules(marker(self.start), self.start in special)
-            names = " | ".join(f"call_{i}" for i in range(len(self.tools)))
-            rules.append(f"call: ({names}) {_quote(chr(10) + self.end)}")
-        for i, (name, schema) in enumerate(self.tools if calls else ()):
-            args = (
-                {"type": "object"}
-                if schema is None
-                else generation_schema(json.loads(schema), self.loose)
-            )
-            head = _quote(f'{{"name": {json.dumps(name)}, "arguments": ')
-            rules.append(f'call_{i}: {head} args_{i} "}}"')
-            rules.append(f"args_{i}: %json {_with_options(args)}")
-        return "\n".join(rules)
-
-    def _text_rules(self, call_marker: str, special: bool) -> list[str]:
-        """FREE: text without the call marker; `text`/`gap`: text/whitespace up to a call."""
-        free = "/(.|\\n)*/"
-        space = "/[ \\t\\r\\n]{0,8}/"
-        if special:
-            # Text cannot spell a special token: nothing to exclude.
-            return [
-                f"FREE: {free}",
-                f'text: {free} {call_marker} "\\n"',
-                f'gap: {space} {call_marker} "\\n"',
-            ]
-        marker_text = re.escape(self.start).replace("/", "\\/")
-        return [
-            f"FREE: {free} & ~/(.|\\n)*{marker_text}(.|\\n)*/",
-            f'text[lazy]: {free} {call_marker} "\\n"',
-            f'gap[lazy]: {space} {call_marker} "\\n"',
-        ]
-
-
-def _quote(text: str) -> str:
-    return json.dumps(text)
-
-
-def _with_options(schema: Any) -> str:
-    if schema is True or not isinstance(schema, dict):
-        schema = {}
-    return json.dumps({**schema, "x-guidance": _JSON_OPTIONS})
-
-
-_COMBINATORS = ("allOf", "anyOf", "oneOf")
-# Keywords whose values are schemas an instance is checked against as they
-# are; `not`, `if` and `propertyNames` are left alone: closing them would
-# change what they mean.
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SCHEMAS = ("items", "additionalItems", "additionalProperties", "contains", "unevaluatedItems")
-
-
-def generation_schema(schema: Any, loose: bool = False) -> Any:
-    """The copy of a JSON schema that a grammar generates from.
-
-    Objects get only their declared properties unless they say otherwise:
-    JSON Schema allows undeclared ones by default, and a small model given
-    that freedom invents keys until max_tokens. An object with
-    `additionalProperties` (other than false) keeps what it says.
-    `"format": "text"`, the Anthropic SDK's mark for free text, is dropped
-    (llguidance knows no such format). `loose` drops what may keep a schema
-    from compiling at all: `pattern`, `patternProperties`, `format` and
-    `$ref`s outside the schema.
-    """
-    return _close(schema, schema, partial=False, loose=loose)
-
-
-_LOOSE_DROPS = ("pattern", "patternProperties", "format")
-
-
-def _close(node: Any, root: Any, partial: bool, loose: bool) -> Any:
-    if not isinstance(node, dict):
-        return node
-    out = dict(node)
-    if out.get("format") == "text":
-        del out["format"]
-    if loose:
-        for key in _LOOSE_DROPS:
-            out.pop(key, None)
-        ref = out.get("$ref")
-        if isinstance(ref, str) and not ref.startswith("#"):
-            del out["$ref"]
-    for key in _SCHEMA_MAPS:
-        if isinstance(node.get(key), dict):
-            out[key] = {name: _close(sub, root, False, loose) for name, sub in node[key].items()}
-    for key in _SCHEMAS:
-        if isinstance(node.get(key), dict):
-            out[key] = _close(node[key], root, False, loose)
-    for key in ("prefixItems", "items"):
-        if isinstance(node.get(key), list):
-            out[key] = [_close(sub, root, False, loose) for sub in node[key]]
-    objectish = _is_object(node)
-    for key in _COMBINATORS:
-        if isinstance(node.get(key), list):
-            # Members of an object's combinator describe parts of one object:
-            # the object closes with all their properties, not each member.
-            out[key] = [_close(sub, root, objectish, loose) for sub in node[key]]
-    if (
-        objectish
-        and not partial
-        and not {"additionalProperties", "unevaluatedProperties"} & set(node)
-    ):
-        properties = dict(out.get("properties") or {})
-        for key in _COMBINATORS:
-            for member in node.get(key) or []:
-                resolved = _resolve(member, root)
-                declared = resolved.get("properties") if isinstance(resolved, dict) else None
-                for name in declared if isinstance(declared, dict) else ():
-                    properties.setdefault(name, {})
-        if properties or "properties" in out:
-            out["properties"] = properties
-        out["additionalProperties"] = False
-    return out
-
-
-def _is_object(node: dict[str, Any]) -> bool:
-    kind = node.get("type")
-    if isinstance(kind, str):
-        return kind == "object"
-    if isinstance(kind, list):
-        return "object" in kind
-    return "properties" in node
-
-
-def _resolve(node: Any, root: Any) -> Any:
-    """A local `$ref` (`#/$defs/Name`) followed once; anything else as it is."""
-    ref = node.get("$ref") if isinstance(node, dict) else None
-    if not isinstance(ref, str) or not ref.startswith("#/"):
-        return node
-    target = root
-    for part in ref[2:].split("/"):
-        if not isinstance(target, dict):
-            return node
-        target = target.get(part.replace("~1", "/").replace("~0", "~"))
-    return target if isinstance(target, dict) else node
 
 
 class GrammarCompiler:

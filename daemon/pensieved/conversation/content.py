@@ -24,9 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pensieved.conversation.arguments import ArgumentScanner, partial_json
 from pensieved.conversation.stops import held_suffix
 from pensieved.conversation.toolcalls import ToolFormat
-from pensieved.wire import protocol
+from pensieved.wire import responses
 
 log = logging.getLogger(__name__)
 
@@ -42,119 +43,6 @@ _CALL_HEAD = re.compile(
 class ThinkingMarkers:
     start: str
     end: str
-
-
-class _ArgumentScanner:
-    """Finds where a JSON object ends, one character at a time."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.in_string = False
-        self.escaped = False
-        self.done = False
-
-    def feed(self, text: str) -> int:
-        """Consume `text`; return how many characters belong to the object."""
-        for i, char in enumerate(text):
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif char == "\\":
-                    self.escaped = True
-                elif char == '"':
-                    self.in_string = False
-            elif char == '"':
-                self.in_string = True
-            elif char in "{[":
-                self.depth += 1
-            elif char in "}]":
-                self.depth -= 1
-                if self.depth == 0:
-                    self.done = True
-                    return i + 1
-        return len(text)
-
-
-_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
-_LITERALS = {"true": True, "false": False, "null": None}
-
-
-def partial_json(text: str) -> Any:
-    """The complete part of a JSON object cut short: `{"a": 1, "b": "x` gives `{"a": 1}`.
-
-    The rule of the Python SDK's stream reader (jiter's partial mode): a
-    value is kept once it is complete, open objects and arrays are closed,
-    and a key whose value was cut is left out. So a call cut by max_tokens
-    has the same `input` streamed and not. Anything unreadable gives `{}`.
-    """
-    try:
-        value, _ = _partial_value(text, _skip_space(text, 0))
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-class _Cut(ValueError):
-    """The text ended inside this value."""
-
-
-def _skip_space(text: str, i: int) -> int:
-    while i < len(text) and text[i] in " \t\r\n":
-        i += 1
-    return i
-
-
-def _partial_value(text: str, i: int) -> tuple[Any, int]:
-    """The value starting at `i` and where it ends; containers cut short are closed."""
-    if i >= len(text):
-        raise _Cut
-    char = text[i]
-    if char in "{[":
-        closing = "}" if char == "{" else "]"
-        items: Any = {} if char == "{" else []
-        i = _skip_space(text, i + 1)
-        while i < len(text) and text[i] != closing:
-            try:
-                if char == "{":
-                    key, i = _partial_value(text, i)
-                    i = _skip_space(text, i)
-                    if i >= len(text):
-                        raise _Cut
-                    if text[i] != ":" or not isinstance(key, str):
-                        raise ValueError("expected a key and a colon")
-                    value, i = _partial_value(text, _skip_space(text, i + 1))
-                    items[key] = value
-                else:
-                    value, i = _partial_value(text, i)
-                    items.append(value)
-            except _Cut:
-                return items, len(text)
-            i = _skip_space(text, i)
-            if i < len(text) and text[i] == ",":
-                i = _skip_space(text, i + 1)
-        return items, i + 1
-    if char == '"':
-        end = i + 1
-        while end < len(text) and text[end] != '"':
-            end += 2 if text[end] == "\\" else 1
-        if end >= len(text):
-            raise _Cut
-        return json.loads(text[i : end + 1]), end + 1
-    if char == "-" or char.isdigit():
-        end = i
-        while end < len(text) and text[end] in "0123456789+-.eE":
-            end += 1
-        if not _NUMBER.fullmatch(text, i, end):
-            if end == len(text):
-                raise _Cut  # `1.` or `-` at the very end
-            raise ValueError(f"bad number {text[i:end]!r}")
-        return json.loads(text[i:end]), end
-    for word, literal in _LITERALS.items():
-        if text.startswith(word, i):
-            return literal, i + len(word)
-        if word.startswith(text[i:]):
-            raise _Cut
-    raise ValueError(f"unexpected {char!r}")
 
 
 class ContentAssembler:
@@ -192,7 +80,7 @@ class ContentAssembler:
         self._pending = ""  # text not yet placed in a block
         self._body = ""  # the current call's text after its start marker
         self._args = ""  # a streaming call's argument text so far
-        self._scanner: _ArgumentScanner | None = None
+        self._scanner: ArgumentScanner | None = None
         self.calls = 0
         # A call has closed and only one was allowed: the rest is ignored.
         self.done = False
@@ -316,9 +204,9 @@ class ContentAssembler:
             head = _CALL_HEAD.match(self._body)
             if head is None:
                 return
-            self._scanner = _ArgumentScanner()
+            self._scanner = ArgumentScanner()
             name = json.loads(f'"{head.group("name")}"')
-            self._open_block(protocol.tool_use_block(protocol.new_tool_use_id(), name, {}))
+            self._open_block(responses.tool_use_block(responses.new_tool_use_id(), name, {}))
             self._body = self._body[head.end() :]
         if self._scanner.done:
             return
@@ -358,7 +246,7 @@ class ContentAssembler:
             self._emit("text", f"{start}{self._body}{end}")
             return
         for call in calls:
-            block = protocol.tool_use_block(protocol.new_tool_use_id(), call["name"], {})
+            block = responses.tool_use_block(responses.new_tool_use_id(), call["name"], {})
             self._open_block(block)
             arguments = json.dumps(call["arguments"], ensure_ascii=False)
             self._delta({"type": "input_json_delta", "partial_json": arguments})
@@ -400,9 +288,9 @@ class ContentAssembler:
                     text = text.lstrip()
                 if not text:
                     return
-                self._open_block(protocol.text_block(""))
+                self._open_block(responses.text_block(""))
             else:
-                self._open_block(protocol.thinking_block("", ""))
+                self._open_block(responses.thinking_block("", ""))
         assert self._open is not None
         if kind == "text":
             self._open["text"] += text

@@ -76,6 +76,8 @@ class Engine:
         self._prompt_sides: dict[ModelConfig, PromptSide] = {}
         # Free memory to keep when loading a model: the memory guard's reject line.
         self.memory_floor_bytes = 0
+        # What the system can hand out now, as the memory guard reads it.
+        self.available_memory: Callable[[], int] | None = None
         self._stopping = False
         self._accepting = threading.Lock()
         # Called with each request before it is queued; raises to refuse it
@@ -322,7 +324,9 @@ class Engine:
             )
             for c, runner in self._runners.items()
         ]
-        evict = models_to_evict(config, path, self._settings, resident, self.memory_floor_bytes)
+        evict = models_to_evict(
+            config, path, self._settings, resident, self.memory_floor_bytes, self.available_memory
+        )
         for name in evict:
             self._drop(next(c for c in self._runners if c.name == name))
             log.info(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -83,6 +84,7 @@ def models_to_evict(
     settings: EngineConfig,
     resident: list[Resident],
     memory_floor_bytes: int,
+    available_memory: Callable[[], int] | None = None,
 ) -> list[str]:
     """The resident models to unload, least recently used first, so that `config` fits.
 
@@ -97,7 +99,11 @@ def models_to_evict(
     )
     need = expected_weight_bytes(path, dequantizes)
     budget = gb(settings.models_budget_gb) or None
-    available = psutil.virtual_memory().available if memory_floor_bytes else None
+    available = None
+    if memory_floor_bytes:
+        # The memory guard's reading where it is wired in (on macOS, the
+        # kernel's own count, not psutil's free + inactive).
+        available = available_memory() if available_memory else psutil.virtual_memory().available
     return plan_room(config.name, need, resident, budget, available, memory_floor_bytes)
 
 

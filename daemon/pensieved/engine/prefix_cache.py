@@ -25,12 +25,22 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# An older entry that shares a prefix with a new one and holds at most this
+# many tokens beyond it is dropped when the new one is stored: a short reply
+# (a one-off exchange, a side request) is rarely continued, and the shared
+# prefix, which is what later prompts hit, lives on in the new entry. A
+# conversation's own entry differs from its siblings by far more and is kept.
+SIBLING_TAIL = 512
+
 
 class PrefixCache:
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, compact: bool = True) -> None:
         from mlx_lm.models.cache import LRUPromptCache
 
         self.max_bytes = max_bytes
+        # Entries are copied to exactly what they cover; off only where a
+        # test sizes entries it never means to allocate (lazy arrays).
+        self._compact = compact
         self._lru = LRUPromptCache(max_size=1 << 30, max_bytes=max(max_bytes, 0))
         self._lock = threading.Lock()
         self.hit_tokens = 0  # prompt tokens served from the cache, all time
@@ -82,13 +92,33 @@ class PrefixCache:
         """Keep `cache` (covering exactly `tokens`) for later requests."""
         if not tokens or not cache:
             return
+        if self._compact:
+            _compact(cache)
         size = sum(int(c.nbytes) for c in cache)
         if size > self.max_bytes:
             log.debug("prefix cache: %d bytes for %d tokens exceed the budget", size, len(tokens))
             return
         with self._lock:
+            self._drop_short_sibling(model, tokens)
             # Evicts least recently used entries until the total fits.
             self._lru.insert_cache(model, tokens, cache)
+
+    def _drop_short_sibling(self, model: Any, tokens: list[int]) -> None:
+        """Forget the entry that shares a prefix with `tokens` and adds little beyond it."""
+        found = self._lru._trie.search(model, tokens)
+        sibling = found.longer
+        if sibling is None or found.exact is not None or found.common_prefix >= len(tokens):
+            return  # none, or `tokens` is a prefix of it: it holds more than the new one
+        if len(sibling) - found.common_prefix > SIBLING_TAIL:
+            return
+        self._forget(model, sibling)
+
+    def _forget(self, model: Any, tokens: list[int]) -> None:
+        keep = self._lru
+        entry = keep._trie.pop(model, tokens)
+        keep._lru.remove(model, tokens)
+        keep._n_bytes -= entry.nbytes
+        keep._n_bytes_by_type[entry.cache_type] -= entry.nbytes
 
     def shrink(self, max_bytes: int) -> None:
         """Evict least recently used entries until at most `max_bytes` remain."""
@@ -98,18 +128,14 @@ class PrefixCache:
     def drop(self, model: Any) -> None:
         """Forget every entry of `model` (it was unloaded)."""
         with self._lock:
-            keep = self._lru
             entries = [
                 tokens
-                for lru in keep._lru._lrus.values()
+                for lru in self._lru._lru._lrus.values()
                 for owner, tokens in list(lru)
                 if owner == model
             ]
             for tokens in entries:
-                entry = keep._trie.pop(model, tokens)
-                keep._lru.remove(model, tokens)
-                keep._n_bytes -= entry.nbytes
-                keep._n_bytes_by_type[entry.cache_type] -= entry.nbytes
+                self._forget(model, tokens)
 
     # -- persistence ------------------------------------------------------
 
@@ -155,3 +181,29 @@ class PrefixCache:
             return 0
         self.store(model, tokens, cache)
         return len(tokens)
+
+
+def _compact(cache: list[Any]) -> None:
+    """Make each layer of `cache` own exactly what it counts, evaluated.
+
+    A cache taken out of a batch is a lazy slice of the batch's buffers (all
+    its sequences, allocated in steps of 256 tokens): until evaluated it keeps
+    that whole buffer alive, several times what `nbytes` counts (issue 17).
+    A plain `KVCache` is cut to its `offset` tokens and copied; other kinds
+    (rotating, quantized) count their whole buffers already and are only
+    evaluated.
+    """
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    for layer in cache:
+        if type(layer) is KVCache and layer.keys is not None:
+            end = layer.offset
+            # `+ 0` makes a new array of exactly the slice's size; a view, or
+            # `mx.contiguous` of an already contiguous slice, would share the
+            # batch's buffer.
+            keys, values = layer.keys, layer.values
+            assert values is not None
+            layer.keys = keys[..., :end, :] + 0
+            layer.values = values[..., :end, :] + 0
+    mx.eval([layer.state for layer in cache if not layer.empty()])

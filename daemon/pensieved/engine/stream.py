@@ -12,7 +12,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-from pensieved.conversation.constraints import OutputGrammar, ThinkingBudget
+from pensieved.conversation.constraints import ThinkingBudget
+from pensieved.conversation.grammar import OutputGrammar
 
 
 @dataclass(frozen=True)

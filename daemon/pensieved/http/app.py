@@ -154,6 +154,10 @@ def _model_health(model: ModelConfig, loaded: LoadedModel | None) -> dict[str, A
         "context_length": loaded.context_length if loaded else None,
         "dequantized": loaded.dequantized if loaded else None,
         "memory_gb": round(loaded.weight_bytes / GB, 3) if loaded else None,
+        # Tool calls in the model's own template format, or Pensieve's generic one.
+        "tool_format": (
+            ("native" if loaded.builder.native_format else "generic") if loaded else None
+        ),
     }
 
 

@@ -14,8 +14,9 @@ import falcon.asgi
 from falcon.asgi import SSEvent
 
 from pensieved.config import ModelConfig
-from pensieved.conversation.constraints import OutputGrammar, ThinkingBudget
+from pensieved.conversation.constraints import ThinkingBudget
 from pensieved.conversation.content import ContentAssembler, ThinkingMarkers
+from pensieved.conversation.grammar import OutputGrammar
 from pensieved.conversation.prompt import Prompt
 from pensieved.conversation.toolcalls import GENERIC, ToolFormat
 from pensieved.engine.core import Engine
@@ -27,7 +28,8 @@ from pensieved.http.reply import Reply, sign_thinking
 from pensieved.http.sse import events_when_ready, message_events
 from pensieved.http.threads import ThreadStore, ThreadTurn
 from pensieved.models.registry import ModelRegistry
-from pensieved.wire import protocol
+from pensieved.wire import responses
+from pensieved.wire.decode import decode_request
 from pensieved.wire.errors import ApiError, Busy, EngineFailure, Overloaded, prompt_too_long
 from pensieved.wire.protocol import (
     CountTokensRequest,
@@ -35,7 +37,6 @@ from pensieved.wire.protocol import (
     ThinkingEnabled,
     ToolChoiceAny,
     ToolChoiceTool,
-    decode_request,
 )
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class CountTokensResource:
         body = await read_body(req)
         request = decode_request(body, CountTokensRequest)
         prepared = await self._preparer.prepare(request, inline=len(body) <= INLINE_BYTES)
-        json_response(resp, protocol.token_count(len(prepared.prompt.tokens)))
+        json_response(resp, responses.token_count(len(prepared.prompt.tokens)))
 
 
 def check_fits(input_tokens: int, context_length: int) -> None:
@@ -176,7 +177,7 @@ class MessagesResource:
         self._threads.record(thread, message_id, reply.assembler.blocks)
         json_response(
             resp,
-            protocol.message(
+            responses.message(
                 message_id,
                 model.name,
                 reply.assembler.blocks,
@@ -246,7 +247,7 @@ class MessagesResource:
             thinking=plan.thinking,
             keep_leading_space=prepared.prompt.continues_assistant,
         )
-        message_id = protocol.new_message_id()
+        message_id = responses.new_message_id()
         request_id: str = req.context.request_id
         log.info(
             "%s %s model=%s→%s prompt=%d max_tokens=%d%s%s",

@@ -23,7 +23,7 @@ from typing import Any
 from pensieved.conversation.content import BlockEvent, ContentAssembler
 from pensieved.engine.stream import Admitted, Failed, Finished, GenerationStream, TextDelta
 from pensieved.http.metrics import Metrics
-from pensieved.wire import protocol
+from pensieved.wire import responses
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Reply:
 
     def usage(self, event: Finished) -> dict[str, Any]:
         """The finished message's `usage`."""
-        return protocol.usage(
+        return responses.usage(
             self._prompt_tokens - event.cached_tokens,
             event.output_tokens,
             event.cached_tokens,
@@ -97,7 +97,7 @@ class Reply:
 
     def delta_usage(self, event: Finished) -> dict[str, Any]:
         """The closing `message_delta`'s `usage` of a stream."""
-        return protocol.delta_usage(
+        return responses.delta_usage(
             self._prompt_tokens - event.cached_tokens,
             event.output_tokens,
             event.cached_tokens,

@@ -18,7 +18,7 @@ from falcon.asgi import SSEvent
 
 from pensieved.engine.stream import ClientGone, Finished
 from pensieved.http.reply import Reply
-from pensieved.wire import protocol
+from pensieved.wire import responses
 from pensieved.wire.errors import ApiError, error_body
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ async def message_events(
     """Translate a reply's events into Anthropic SSE events for one message."""
     completed = False
     try:
-        usage = protocol.usage(input_tokens - cached_estimate, 0, cached_estimate)
-        start = protocol.message(message_id, model, [], None, None, usage)
+        usage = responses.usage(input_tokens - cached_estimate, 0, cached_estimate)
+        start = responses.message(message_id, model, [], None, None, usage)
         yield sse_event("message_start", {"type": "message_start", "message": start})
         yield sse_event("ping", PING)
         # A ping goes out when nothing was written for a whole interval;

@@ -146,6 +146,7 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
     # A model is loaded only if available memory stays above the reject line.
     engine.memory_floor_bytes = int(config.memory.reject_below_gb * 1024**3)
     engine.admission = Admission(guard).admit
+    engine.available_memory = guard.available_memory
     # Under memory pressure the prefix cache gives back half of what it holds.
     guard.shrink_callbacks.append(
         lambda: engine.prefix_cache.shrink(engine.prefix_cache.nbytes // 2)

@@ -1,0 +1,119 @@
+"""`pensievectl doctor` against real daemons, and the Claude Code variables `env` prints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pensievectl.claude_settings import compact_at
+from pensievectl.doctor import captured_request
+from tests.daemon import Daemon, daemon_env, free_port, run_pensievectl, running_daemon
+from tests.models import build_tiny_model
+
+LONG_CONTEXT = 65536
+
+
+@pytest.fixture(scope="module")
+def long_daemon(tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path) -> Iterator[Daemon]:
+    """A daemon whose only model is tiny but declares a 64k context, as a real coder does."""
+    long_dir = build_tiny_model(
+        tmp_path_factory.mktemp("models") / "long", smollm_dir, context=LONG_CONTEXT
+    )
+    config = {
+        "models": {"long": {"source": str(long_dir), "aliases": ["claude-*"], "default": True}}
+    }
+    yield from running_daemon(tmp_path_factory.mktemp("long-daemon"), config)
+
+
+def doctor(daemon: Daemon, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`pensievectl doctor` from a shell with a stand-in `claude` on PATH and nothing else set."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    claude = bin_dir / "claude"
+    claude.write_text('#!/bin/sh\necho "2.1.197 (Claude Code)"\n')
+    claude.chmod(0o755)
+    env = {**daemon_env(daemon.home), "PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    for name in ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY"):
+        env.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-m", "pensievectl", "--config", str(daemon.config_path), "doctor"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def rows(output: str) -> dict[str, str]:
+    return {line.split("  ")[0]: line for line in output.splitlines()[1:]}
+
+
+def test_the_captured_request_is_claude_codes_first_turn() -> None:
+    request = captured_request()
+    assert set(request) == {"model", "system", "messages", "tools"}
+    assert len(request["tools"]) == 24 and len(json.dumps(request)) < 100_000
+
+
+def test_doctor_on_a_model_too_small_for_claude_code(tiny_daemon: Daemon, tmp_path: Path) -> None:
+    result = doctor(tiny_daemon, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    table = rows(result.stdout)
+    assert "2.1.197 (Claude Code)" in table["claude code"]
+    context = table["opus tiny context"]
+    assert " fail " in context and "256 tokens: too small for Claude Code" in context
+    prompt = int(context.split("whose prompt is ")[1].split()[0])
+    assert 15_000 < prompt < 40_000  # Claude Code's system text and 24 tool schemas
+    assert "pensievectl pull mlx-community/" in context
+    assert "shell env" in table and " warn " in table["shell env"]
+    assert " ok " in table["opus tiny cache"]
+
+
+def test_doctor_on_a_model_that_fits(long_daemon: Daemon, tmp_path: Path) -> None:
+    result = doctor(long_daemon, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = rows(result.stdout)
+    assert " ok " in table["daemon"]
+    assert (
+        " ok " in table["opus long context"]
+        and f"{LONG_CONTEXT} tokens" in table["opus long context"]
+    )
+    assert " ok " in table["opus long memory"]
+    assert "second turn read" in table["opus long cache"]
+    assert "tool-call format" in table["opus long tools"]
+    assert "checked above" in table["haiku tier"]
+    assert not any(" fail " in line for line in table.values())
+
+
+def test_doctor_with_the_daemon_down(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    config = home / "config.toml"
+    config.write_text(f"[server]\nport = {free_port()}\n")
+    result = run_pensievectl(home, "--config", str(config), "doctor")
+    assert result.returncode == 1
+    daemon_row = rows(result.stdout)["daemon"]
+    assert " fail " in daemon_row and "model checks were skipped" in daemon_row
+    assert "make run" in daemon_row
+
+
+def test_env_sets_the_compact_window_and_pins_the_models(long_daemon: Daemon) -> None:
+    result = run_pensievectl(long_daemon, "env", "--model-tiers")
+    assert result.returncode == 0, result.stderr
+    variables = dict(
+        line.removeprefix("export ").split("=", 1) for line in result.stdout.split("\n") if line
+    )
+    assert variables["ANTHROPIC_MODEL"] == "long"
+    assert variables["ANTHROPIC_DEFAULT_HAIKU_MODEL"] == "long"
+    # Claude Code's window floor is 100k: the percentage lands before 64k.
+    assert variables["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "100000"
+    percent = int(variables["CLAUDE_AUTOCOMPACT_PCT_OVERRIDE"])
+    assert percent * 1000 < LONG_CONTEXT and percent * 1000 > LONG_CONTEXT // 2
+    assert compact_at(200_000) == {
+        "CLAUDE_CODE_AUTO_COMPACT_WINDOW": "200000",
+        "CLAUDE_AUTOCOMPACT_PCT_OVERRIDE": "93",
+    }
