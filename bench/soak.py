@@ -76,7 +76,11 @@ def one_request(http: httpx.Client, kind: str, n: int = 0) -> tuple[str, bool]:
                     break
         return kind, response.status_code == 200
     if kind == "tools":
-        body_ = {**base, "messages": TOOL_HISTORY, "tools": TOOLS}
+        # A long history of its own (past the prefix cache's 512-token sibling
+        # rule), so that these fill the cache while the short ones come and go.
+        notes = " ".join(WORDS[(n * 7 + i) % len(WORDS)] for i in range(600))
+        history = [{"role": "user", "content": f"Notes {n}: {notes}"}, *TOOL_HISTORY[1:]]
+        body_ = {**base, "messages": history, "tools": TOOLS}
         return kind, http.post("/v1/messages", json=body_).status_code == 200
     if kind == "count_tokens":
         body_ = {"model": "x", "messages": USER}
@@ -88,6 +92,36 @@ def one_request(http: httpx.Client, kind: str, n: int = 0) -> tuple[str, bool]:
     raise ValueError(kind)
 
 
+WORDS = [
+    "tide",
+    "harbour",
+    "gull",
+    "keel",
+    "mast",
+    "rope",
+    "anchor",
+    "brine",
+    "current",
+    "reef",
+    "shoal",
+    "swell",
+    "wake",
+    "drift",
+    "lantern",
+    "compass",
+    "chart",
+    "hull",
+    "sail",
+    "deck",
+    "storm",
+    "calm",
+    "dawn",
+    "dusk",
+    "island",
+    "coral",
+    "kelp",
+    "pearl",
+]
 KINDS = ["create", "stream", "cancelled_stream", "tools", "count_tokens", "bad_request", "models"]
 WEIGHTS = [3, 3, 2, 2, 2, 1, 1]
 
@@ -136,7 +170,7 @@ def main() -> None:
     daemon = start_daemon(
         work / "home",
         {
-            "models": {"tiny": {"source": str(tiny), "context_length": 512}},
+            "models": {"tiny": {"source": str(tiny), "context_length": 2048}},
             "engine": {"prompt_cache_gb": args.prompt_cache_mb / 1024},
         },
     )
