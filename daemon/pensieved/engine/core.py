@@ -74,6 +74,7 @@ class Engine:
         self._samplers = SamplerPool()
         # Tokenizers of models not loaded yet, to check a request before a load.
         self._prompt_sides: dict[ModelConfig, PromptSide] = {}
+        self._prompt_sides_lock = threading.Lock()  # worker threads fill it
         # Free memory to keep when loading a model: the memory guard's reject line.
         self.memory_floor_bytes = 0
         # What the system can hand out now, as the memory guard reads it.
@@ -106,11 +107,11 @@ class Engine:
         path = local_model_dir(config, self._models_dir)
         if path is None:
             return None
-        with self._accepting:
+        with self._prompt_sides_lock:
             side = self._prompt_sides.get(config)
         if side is None:
             side = load_prompt_side(config, path)
-            with self._accepting:
+            with self._prompt_sides_lock:
                 if len(self._prompt_sides) >= 8:
                     self._prompt_sides.clear()
                 self._prompt_sides[config] = side
@@ -131,7 +132,7 @@ class Engine:
         """Queue a command, unless stopping: then nothing would ever read it."""
         with self._accepting:
             if self._stopping:
-                raise Overloaded("the server is shutting down", {"retry-after": "5"})
+                raise Overloaded("the server is shutting down")
             self._commands.put(command)
 
     def is_loaded(self, config: ModelConfig) -> bool:

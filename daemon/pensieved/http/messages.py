@@ -166,7 +166,7 @@ class MessagesResource:
                     break
                 if isinstance(event, Failed):
                     if event.error_type == Overloaded.error_type:
-                        raise Overloaded(event.message, {"retry-after": "5"})
+                        raise Overloaded(event.message)
                     raise EngineFailure(event.message)
         except ClientGone:
             log.info("%s client disconnected; generation dropped", request_id)
