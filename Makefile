@@ -14,7 +14,7 @@ NPM        := $(shell command -v npm 2>/dev/null)
 NODE_STAMP := $(CLIENTS)/node_modules/.installed-stamp
 CLIENTS_VENV := .venv-clients
 
-.PHONY: setup run install uninstall test lint layers typecheck bench soak openapi fuzz clean clients
+.PHONY: setup run install uninstall test lint layers typecheck bench bench-claude soak openapi fuzz clean clients
 
 # Idempotent: the venv, the project and its test tools, the embedded model,
 # and (with node) the official TypeScript SDK for tests/test_ts_sdk.py.
@@ -75,6 +75,12 @@ fuzz: setup
 bench: setup
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/speed.py $(BENCH_ARGS)
+
+# Captured Claude Code traffic replayed: what the prefix cache serves per
+# request, against its targets (`BENCH_ARGS="--model NAME"`: a model of your config).
+bench-claude: setup
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/claude_replay.py $(BENCH_ARGS)
 
 # A few thousand mixed requests against a tiny model, with memory sampled.
 soak: setup

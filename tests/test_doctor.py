@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pensievectl.claude_settings import compact_at
-from pensievectl.doctor import captured_request
+from pensievectl.doctor import captured_request, offer_pulls, recommended_model, run_checks
+from pensieved.config import load_config
 from tests.daemon import Daemon, daemon_env, free_port, run_pensievectl, running_daemon
 from tests.models import build_tiny_model
 
@@ -30,7 +35,7 @@ def long_daemon(tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path) -> I
     yield from running_daemon(tmp_path_factory.mktemp("long-daemon"), config)
 
 
-def doctor(daemon: Daemon, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def doctor_command(daemon: Daemon, tmp_path: Path) -> tuple[list[str], dict[str, str]]:
     """`pensievectl doctor` from a shell with a stand-in `claude` on PATH and nothing else set."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -40,13 +45,44 @@ def doctor(daemon: Daemon, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = {**daemon_env(daemon.home), "PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
     for name in ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY"):
         env.pop(name, None)
-    return subprocess.run(
-        [sys.executable, "-m", "pensievectl", "--config", str(daemon.config_path), "doctor"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = [sys.executable, "-m", "pensievectl", "--config", str(daemon.config_path), "doctor"]
+    return command, env
+
+
+def doctor(daemon: Daemon, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    command, env = doctor_command(daemon, tmp_path)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def doctor_in_a_terminal(daemon: Daemon, tmp_path: Path, answer: str) -> tuple[int, str]:
+    """`pensievectl doctor` on a pseudo-terminal, answering its first question; (status, output)."""
+    command, env = doctor_command(daemon, tmp_path)
+    terminal, child = pty.openpty()
+    process = subprocess.Popen(command, env=env, stdin=child, stdout=child, stderr=child)
+    os.close(child)
+    output, answered = b"", False
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([terminal], [], [], 1.0)[0]:
+                if process.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # EIO: the child has closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+            if not answered and b"now? [y/N]" in output:
+                os.write(terminal, f"{answer}\n".encode())
+                answered = True
+        return process.wait(timeout=30), output.decode(errors="replace")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(terminal)
 
 
 def rows(output: str) -> dict[str, str]:
@@ -71,6 +107,61 @@ def test_doctor_on_a_model_too_small_for_claude_code(tiny_daemon: Daemon, tmp_pa
     assert "pensievectl pull mlx-community/" in context
     assert "shell env" in table and " warn " in table["shell env"]
     assert " ok " in table["opus tiny cache"]
+    # Not a terminal: nothing is offered, nothing waits for an answer.
+    assert "now?" not in result.stdout + result.stderr
+
+
+def test_doctor_in_a_terminal_offers_the_recommended_model(
+    tiny_daemon: Daemon, tmp_path: Path
+) -> None:
+    status, output = doctor_in_a_terminal(tiny_daemon, tmp_path, "y")
+    assert status == 1, output
+    offer = output.split("Pull ", 1)[1].split(" now? [y/N]")[0]
+    assert offer.startswith("mlx-community/") and f"pensievectl pull {offer}" in output
+    # Yes runs `pull`'s download; there is no hub here, so it says so, naming the repo.
+    assert f"pull failed: {offer}: not in the local Hugging Face cache" in output
+
+
+def test_offer_pulls_asks_then_pulls_the_recommended_repo(
+    tiny_daemon: Daemon, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PENSIEVE_HOME", str(tiny_daemon.home))
+    checks = run_checks(load_config(tiny_daemon.config_path), environ={})
+    health = tiny_daemon.http().get("/health").json()
+    repo = recommended_model(health["memory"]["total_gb"])
+    asked: list[str] = []
+    pulled: list[str] = []
+    printed: list[str] = []
+
+    def download(repo_id: str) -> Path:
+        pulled.append(repo_id)
+        return tmp_path / "snapshot"
+
+    def offer(pull: bool | None, interactive: bool, answer: bool) -> list[str]:
+        asked.clear()
+        pulled.clear()
+
+        def confirm(question: str) -> bool:
+            asked.append(question)
+            return answer
+
+        return offer_pulls(
+            checks,
+            pull=pull,
+            interactive=interactive,
+            confirm=confirm,
+            download=download,
+            echo=printed.append,
+        )
+
+    assert offer(None, True, True) == [repo]
+    assert asked == [f"Pull {repo} now?"] and pulled == [repo]
+    snippet = printed[-1]
+    assert f'source = "{repo}"' in snippet and "default = true" in snippet
+    assert offer(None, True, False) == [] and asked and not pulled
+    assert offer(None, False, True) == [] and not asked and not pulled
+    assert offer(False, True, True) == [] and not asked and not pulled
+    assert offer(True, False, False) == [repo] and not asked and pulled == [repo]
 
 
 def test_doctor_on_a_model_that_fits(long_daemon: Daemon, tmp_path: Path) -> None:

@@ -167,9 +167,24 @@ def status(ctx: click.Context, as_json: bool) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")
+    misses = cache.get("recent_misses") or []
+    if misses:
+        click.echo("\nrecent prompt-cache misses (where a prompt left its nearest cached one):")
+    for miss in misses:
+        click.echo(
+            f"  {miss['at']}  {miss['model']}: token {miss['diverged_at']} of "
+            f"{miss['prompt_tokens']}, {miss['lost_tokens']} cached tokens past it unused"
+        )
+        click.echo(f"    shared  …{_excerpt(miss['before'])}")
+        click.echo(f"    new     {_excerpt(miss['new'])}…")
+        click.echo(f"    cached  {_excerpt(miss['cached'])}…")
 
 
 MB = 1024**2
+
+
+def _excerpt(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
 def _duration(seconds: float) -> str:
@@ -408,8 +423,14 @@ def prepare(ctx: click.Context) -> None:
 
 
 @main.command()
+@click.option(
+    "--pull/--no-pull",
+    default=None,
+    help="Download the model a fix recommends without asking, or never offer to "
+    "(default: ask when run in a terminal).",
+)
 @click.pass_context
-def doctor(ctx: click.Context) -> None:
+def doctor(ctx: click.Context, pull: bool | None) -> None:
     """Check what makes Claude Code work on Pensieve, and say how to fix what fails.
 
     Asks the running daemon and this machine: the daemon and its token, Claude
@@ -417,12 +438,23 @@ def doctor(ctx: click.Context) -> None:
     --model-tiers`, and for each tier's model its context against Claude
     Code's prompt rendered through its template, its tool-call format,
     structured output, memory for weights plus a Claude-Code-sized KV, and a
-    two-turn prompt-cache check. Exits 1 when Claude Code cannot work.
+    two-turn prompt-cache check. When a model is too small or too big for
+    Claude Code, offers to pull the recommended one (as `pull` does) and says
+    how to make it the default. Exits 1 when Claude Code cannot work.
     """
     from pensievectl import doctor as checks
+    from pensievectl.hub import pull as download
 
     results = checks.run_checks(_config(ctx))
     click.echo(checks.table(results))
+    checks.offer_pulls(
+        results,
+        pull=pull,
+        interactive=sys.stdin.isatty() and sys.stdout.isatty(),
+        confirm=lambda question: click.confirm(question, default=False),
+        download=download,
+        echo=click.echo,
+    )
     if checks.cannot_work(results):
         raise click.exceptions.Exit(1)
 

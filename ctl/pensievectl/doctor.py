@@ -3,7 +3,8 @@
 Each check asks the running daemon or this machine, never guesses: Claude
 Code's prompt is measured by rendering a captured Claude Code request
 (`claude_code_request.json`, its first main turn) through each tier's model
-with `/v1/messages/count_tokens`.
+with `/v1/messages/count_tokens`. A check that names a model to pull carries
+its repo id, and `offer_pulls` offers (in a terminal) to download it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -40,6 +42,7 @@ class Check:
     status: str  # ok, warn or fail
     detail: str
     fix: str = ""
+    pull: str = ""  # the repo id the fix downloads, offered by `offer_pulls`
 
 
 def captured_request() -> dict[str, Any]:
@@ -189,6 +192,7 @@ def _model_checks(
                 f"tokens here (+{claude_settings.REPLY_ROOM} for a reply)",
                 f"pensievectl pull {repo}, then make it the default model "
                 "(docs/models.md, two tiers on a Mac)",
+                pull=repo,
             )
         )
     else:
@@ -305,12 +309,53 @@ def _memory_check(
         fits, room = kv <= spare, f"{spare:.1f} GB available above the reject line"
     if fits:
         return Check(f"{label} memory", OK, f"{need}; {room}")
+    repo = recommended_model(memory["total_gb"])
     return Check(
         f"{label} memory",
         FAIL,
         f"{need} do not fit: {room}",
-        f"a smaller model, e.g. pensievectl pull {recommended_model(memory['total_gb'])}",
+        f"a smaller model, e.g. pensievectl pull {repo}",
+        pull=repo,
     )
+
+
+def offer_pulls(
+    checks: list[Check],
+    *,
+    pull: bool | None,
+    interactive: bool,
+    confirm: Callable[[str], bool],
+    download: Callable[[str], Path],
+    echo: Callable[[str], None],
+) -> list[str]:
+    """Download the models the checks recommend, asking first; the repo ids pulled.
+
+    `pull` True pulls without asking, False never; None asks, and only when
+    `interactive` (stdin and stdout a terminal): a script never waits on a
+    question. `download` is `pensievectl pull`'s (`hub.pull`), which shows
+    progress bars and resumes an interrupted download.
+    """
+    from pensievectl.hub import PullError
+    from pensievectl.model_commands import serving_snippet
+
+    if pull is False or (pull is None and not interactive):
+        return []
+    pulled = []
+    for repo in dict.fromkeys(c.pull for c in checks if c.pull):
+        if pull is None and not confirm(f"Pull {repo} now?"):
+            continue
+        try:
+            path = download(repo)
+        except PullError as exc:
+            echo(f"pull failed: {exc}")
+            continue
+        pulled.append(repo)
+        echo(str(path))
+        echo("\nTo make it the default model, put this in the config (`pensievectl config path`),")
+        echo("take `default = true` and the claude-* aliases off the model that has them,")
+        echo("then run `pensievectl reload` (docs/models.md has two-tier configs):\n")
+        echo(serving_snippet(repo, aliases=["claude-*"], default=True))
+    return pulled
 
 
 def startup_note(config: Config) -> str | None:

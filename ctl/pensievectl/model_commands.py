@@ -88,11 +88,16 @@ def pull(repo_id: str, revision: str | None, name: str | None) -> None:
         path = download(repo_id, revision)
     except PullError as exc:
         raise click.ClickException(str(exc)) from exc
-    name = name or repo_id.rsplit("/", 1)[-1].lower()
     click.echo(str(path))
     click.echo("\nTo serve it, add to the config (then `pensievectl reload`):\n")
-    click.echo(tomli_w.dumps({"models": {name: {"source": repo_id}}}).rstrip())
+    click.echo(serving_snippet(repo_id, name))
     click.echo('# aliases = ["claude-*haiku*"]   # the client names it should serve')
+
+
+def serving_snippet(repo_id: str, name: str | None = None, **settings: Any) -> str:
+    """The config lines of a model served from `repo_id` (named after it by default)."""
+    name = name or repo_id.rsplit("/", 1)[-1].lower()
+    return tomli_w.dumps({"models": {name: {"source": repo_id, **settings}}}).rstrip()
 
 
 @click.command()

@@ -106,6 +106,9 @@ class ServiceConfig:
 
 
 IMAGE_MODES = ("placeholder", "reject")
+SPECULATE_MODES = ("ngram", "grammar", "off")
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,17 @@ class ModelConfig:
     # their place (a screenshot in Claude Code's history must not refuse every
     # later turn), "reject" refuses the request with a 400.
     images: str = "placeholder"
+    # Prefix-cache entries kept quantized to this many bits per key and value
+    # (8 or 4), in groups of `kv_group_size`; None: full precision. Live
+    # sequences stay at full precision (engine/kv_quant.py).
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    # Speculative decoding of a lone sequence (engine/speculate.py): "ngram"
+    # drafts from the reply's own context and grammar-forced tokens, up to
+    # `speculate_tokens` per step; "grammar": forced tokens only; "off": one
+    # token per step.
+    speculate: str = "ngram"
+    speculate_tokens: int = 8
 
 
 @dataclass(frozen=True)
@@ -278,6 +292,18 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
         images = _get(table, f"{key}.images", str, ModelConfig.images)
         if images not in IMAGE_MODES:
             raise ConfigError(f"{key}.images: expected one of {', '.join(IMAGE_MODES)}")
+        kv_bits = _get(table, f"{key}.kv_bits", int, None)
+        if kv_bits is not None and kv_bits not in KV_BITS:
+            raise ConfigError(f"{key}.kv_bits: expected 8 or 4 (leave it out for full precision)")
+        kv_group_size = _get(table, f"{key}.kv_group_size", int, ModelConfig.kv_group_size)
+        if kv_group_size not in KV_GROUP_SIZES:
+            raise ConfigError(f"{key}.kv_group_size: expected one of 32, 64, 128")
+        speculate = _get(table, f"{key}.speculate", str, ModelConfig.speculate)
+        if speculate not in SPECULATE_MODES:
+            raise ConfigError(f"{key}.speculate: expected one of {', '.join(SPECULATE_MODES)}")
+        speculate_tokens = _get(table, f"{key}.speculate_tokens", int, ModelConfig.speculate_tokens)
+        if not 1 <= speculate_tokens <= 64:
+            raise ConfigError(f"{key}.speculate_tokens: must be between 1 and 64")
         models.append(
             ModelConfig(
                 name=name,
@@ -287,6 +313,10 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
                 context_length=context,
                 keep_alive=None if keep_alive is None else float(keep_alive),
                 images=images,
+                kv_bits=kv_bits,
+                kv_group_size=kv_group_size,
+                speculate=speculate,
+                speculate_tokens=speculate_tokens,
             )
         )
     if sum(m.default for m in models) > 1:

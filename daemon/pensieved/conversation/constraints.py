@@ -207,6 +207,8 @@ class _GrammarProcessor:
         # The budget was about to run out and the grammar is writing the
         # shortest ending: the reply ends for max_tokens, not of its own accord.
         self.closing = False
+        # The last call masked the logits (a call or document is being written).
+        self.constrained = False
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         import numpy as np
@@ -221,6 +223,7 @@ class _GrammarProcessor:
             # rather than fail the request.
             return logits
         free = bool(np.all(self._bitmask == -1))  # free text: nothing to mask or close
+        self.constrained = not free
         left = CLOSE_WINDOW + 1 if self._budget is None else self._budget - self._calls + 1
         if left <= CLOSE_WINDOW:  # left: this token included
             if self._complete_when_accepting and self._matcher.is_accepting():
@@ -235,6 +238,19 @@ class _GrammarProcessor:
                 if token is not None:
                     return _only(token, logits)
         return logits if free else _masked(self._bitmask, logits)
+
+    def forced_after(self, token: int, limit: int) -> list[int]:
+        """The tokens the grammar allows no choice in once `token` is written (a draft).
+
+        `token` is the one sampled from this processor's last call, not yet
+        consumed; the processor itself is left as it was.
+        """
+        if not self.constrained or self._matcher.is_error():
+            return []
+        matcher = self._matcher.deep_copy()
+        if not matcher.consume_token(token) or matcher.is_error():
+            return []
+        return [int(t) for t in matcher.compute_ff_tokens()[:limit]]
 
     def _closing_token(self, matcher: Any, bitmask: Any) -> int | None:
         """The next token of the shortest ending, where it is clear which; else None."""

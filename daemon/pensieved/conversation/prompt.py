@@ -171,6 +171,38 @@ def shown_tools(request: CountTokensRequest) -> list[Tool]:
     return [tool for tool in tools if not tool.defer_loading or tool.name in loaded]
 
 
+# Claude Code ends its system prompt with a snapshot of `git status` taken
+# when the process started. A template that renders the tool definitions
+# after the system text (Qwen's, Llama's) would prefill all ~15k tokens of
+# them again in every new process of a project where a file changed.
+SNAPSHOT_START = "\ngitStatus: "
+
+
+def stable_first(turns: list[ChatMessage]) -> list[ChatMessage]:
+    """Move a trailing environment snapshot from the system turn into the first user turn.
+
+    It goes where Claude Code itself carries volatile context: a
+    `<system-reminder>` at the start of the first user turn, so that the
+    system text and the tool block the template renders after it stay the
+    same between processes. Nothing else changes; conversations without
+    such a snapshot are returned as they are.
+    """
+    if len(turns) < 2 or turns[0]["role"] != "system":
+        return turns
+    system = turns[0]["content"]
+    start = system.rfind(SNAPSHOT_START)
+    first_user = next((i for i, t in enumerate(turns) if t["role"] == "user"), None)
+    if start < 0 or first_user is None or not isinstance(turns[first_user]["content"], str):
+        return turns
+    snapshot = system[start + 1 :].strip()
+    reminder = f"<system-reminder>\n{snapshot}\n</system-reminder>"
+    moved = list(turns)
+    moved[0] = {**turns[0], "content": system[:start].rstrip()}
+    user = turns[first_user]
+    moved[first_user] = {**user, "content": _join(reminder, user["content"])}
+    return moved
+
+
 @dataclass(frozen=True)
 class Prompt:
     tokens: list[int]
@@ -208,11 +240,16 @@ class PromptBuilder:
         shown = shown_tools(request)
         tools = openai_tools(shown)
         if shown and not native:
+            # The tool definitions lead: they are the same in every process
+            # of a project, while the system text ends in a snapshot of the
+            # environment that changes between processes (see `stable_first`).
             instructions = generic_instructions(shown)
             if turns and turns[0]["role"] == "system":
-                turns[0] = {**turns[0], "content": _join(turns[0]["content"], instructions)}
+                turns[0] = {**turns[0], "content": _join(instructions, turns[0]["content"])}
             else:
                 turns.insert(0, {"role": "system", "content": instructions})
+        elif shown:
+            turns = stable_first(turns)
         continues = turns[-1]["role"] == "assistant"
         if not getattr(self._tokenizer, "has_chat_template", True):
             text = "".join(f"{t['role']}: {t['content']}\n" for t in turns)

@@ -164,7 +164,7 @@ class Engine:
         return self._served_before + sum(r.served for r in list(self._runners.values()))
 
     def active_requests(self) -> int:
-        return sum(len(runner.jobs) for runner in list(self._runners.values()))
+        return sum(len(r.jobs) + len(r.held) for r in list(self._runners.values()))
 
     async def load(self, config: ModelConfig) -> LoadedModel:
         """The loaded model for `config`, loading it on the engine thread if needed."""

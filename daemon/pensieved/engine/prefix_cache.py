@@ -17,11 +17,16 @@ the lock lets the event loop ask how long a hit would be (for `usage` in
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pensieved.engine import kv_quant
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,59 @@ log = logging.getLogger(__name__)
 # prefix, which is what later prompts hit, lives on in the new entry. A
 # conversation's own entry differs from its siblings by far more and is kept.
 SIBLING_TAIL = 512
+
+# Entry classes, evicted in this order. A side request's entry (a session
+# title, a one-off helper: see `GenerationRequest.side`) goes before any main
+# conversation's, and never evicts one to make room for itself.
+SIDE, MAIN = "side", "main"
+
+# A prompt that re-prefills more than this many tokens a cached entry held
+# (it diverged from it) is a miss worth explaining in the log and status.
+MISS_TOKENS = 256
+# How many tokens of each side an explained miss shows.
+EXCERPT_TOKENS = 24
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where a prompt left the cached entry nearest to it."""
+
+    at: int  # tokens shared with the entry; the prompt differs from here on
+    prompt_tokens: int
+    lost: int  # tokens the entry held past `at` that the prompt could not use
+    before: list[int]  # the shared tokens just before `at`
+    ours: list[int]  # the prompt's tokens from `at`
+    theirs: list[int]  # the entry's tokens from `at`
+
+
+class _Order:
+    """mlx-lm's LRU order, made strict: every side entry goes before any main one."""
+
+    def __init__(self) -> None:
+        self._ordering = [SIDE, MAIN]
+        self._lrus: dict[str, collections.deque[tuple[Any, list[int]]]] = {
+            kind: collections.deque() for kind in self._ordering
+        }
+
+    def __len__(self) -> int:
+        return sum(len(lru) for lru in self._lrus.values())
+
+    def push(self, model: Any, tokens: list[int], cache_type: str = MAIN) -> None:
+        self._lrus[cache_type].append((model, tokens))
+
+    def remove(self, model: Any, tokens: list[int]) -> None:
+        for lru in self._lrus.values():
+            try:
+                lru.remove((model, tokens))
+                return
+            except ValueError:
+                pass
+
+    def pop(self) -> tuple[Any, list[int]]:
+        for kind in self._ordering:
+            if self._lrus[kind]:
+                return self._lrus[kind].popleft()
+        raise IndexError("the prefix cache is empty")
 
 
 class PrefixCache:
@@ -42,8 +100,12 @@ class PrefixCache:
         # test sizes entries it never means to allocate (lazy arrays).
         self._compact = compact
         self._lru = LRUPromptCache(max_size=1 << 30, max_bytes=max(max_bytes, 0))
+        self._lru._lru = _Order()  # type: ignore[assignment]
+        self._lru._n_bytes_by_type = {SIDE: 0, MAIN: 0}
         self._lock = threading.Lock()
         self.hit_tokens = 0  # prompt tokens served from the cache, all time
+        # The last few explained misses, newest last (for `pensievectl status`).
+        self.misses: collections.deque[dict[str, Any]] = collections.deque(maxlen=8)
 
     @property
     def nbytes(self) -> int:
@@ -71,27 +133,86 @@ class PrefixCache:
         At least the last token is always left to prefill: generation starts
         from its logits.
         """
+        cache, cached, _ = self.fetch_explained(model, tokens)
+        return cache, cached
+
+    def fetch_explained(
+        self, model: Any, tokens: list[int]
+    ) -> tuple[list[Any] | None, int, Divergence | None]:
+        """`fetch`, and where `tokens` left a cached entry when that cost a re-prefill."""
         from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
         if self.max_bytes <= 0 or len(tokens) < 2:
-            return None, 0
+            return None, 0, None
         with self._lock:
+            divergence = self._divergence(model, tokens)
             cache, rest = self._lru.fetch_nearest_cache(model, tokens)
         if cache is None:
-            return None, 0
+            return None, 0, divergence
         cached = len(tokens) - len(rest)
         if cached >= len(tokens):
             if not can_trim_prompt_cache(cache):
-                return None, 0
+                return None, 0, divergence
             trim_prompt_cache(cache, cached - len(tokens) + 1)
             cached = len(tokens) - 1
         self.hit_tokens += cached
-        return cache, cached
+        cache = kv_quant.for_batch(cache)  # the batch merges full-precision layers only
+        return cache, cached, divergence
 
-    def store(self, model: Any, tokens: list[int], cache: list[Any]) -> None:
-        """Keep `cache` (covering exactly `tokens`) for later requests."""
+    def _divergence(self, model: Any, tokens: list[int]) -> Divergence | None:
+        """The entry sharing the longest prefix with `tokens`, when it held much more of them.
+
+        A prompt that only extends an entry (the next turn of a conversation)
+        is not a miss; one that departs from an entry at token `at`, with more
+        than `MISS_TOKENS` of the entry's tokens wasted past it, is.
+        """
+        found = self._lru._trie.search(model, tokens)
+        if found.exact is not None:
+            return None
+        theirs = found.longer
+        at = found.common_prefix
+        if theirs is None:
+            if at > 0 or found.shorter is not None:
+                return None
+            # Nothing shared at all: compare with this model's newest entry.
+            newest = [t for owner, t in self._lru._lru._lrus[MAIN] if owner == model]
+            if not newest:
+                return None
+            theirs = newest[-1]
+        lost = min(len(theirs), len(tokens)) - at
+        if lost <= MISS_TOKENS:
+            return None
+        return Divergence(
+            at=at,
+            prompt_tokens=len(tokens),
+            lost=lost,
+            before=tokens[max(0, at - EXCERPT_TOKENS) : at],
+            ours=tokens[at : at + EXCERPT_TOKENS],
+            theirs=list(theirs[at : at + EXCERPT_TOKENS]),
+        )
+
+    def note_miss(self, model_name: str, divergence: Divergence, texts: dict[str, str]) -> None:
+        """Keep an explained miss for `pensievectl status` (the last few only)."""
+        self.misses.append(
+            {
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "model": model_name,
+                "prompt_tokens": divergence.prompt_tokens,
+                "diverged_at": divergence.at,
+                "lost_tokens": divergence.lost,
+                **texts,
+            }
+        )
+
+    def store(self, model: Any, tokens: list[int], cache: list[Any], side: bool = False) -> None:
+        """Keep `cache` (covering exactly `tokens`) for later requests.
+
+        A `side` entry is evicted before any main one and never evicts one:
+        when it fits only by pushing out a main conversation, it is not kept.
+        """
         if not tokens or not cache:
             return
+        cache = kv_quant.for_storage(model, cache)  # quantized when the model says so
         if self._compact:
             _compact(cache)
         size = sum(int(c.nbytes) for c in cache)
@@ -99,9 +220,24 @@ class PrefixCache:
             log.debug("prefix cache: %d bytes for %d tokens exceed the budget", size, len(tokens))
             return
         with self._lock:
+            kind = SIDE if side and not self._extends_main(model, tokens) else MAIN
+            if kind == SIDE and self.nbytes - self._side_bytes() + size > self.max_bytes:
+                log.debug("prefix cache: a side entry of %d tokens not kept", len(tokens))
+                return
             self._drop_short_sibling(model, tokens)
-            # Evicts least recently used entries until the total fits.
-            self._lru.insert_cache(model, tokens, cache)
+            # Evicts entries (side ones first, then least recently used) until the total fits.
+            self._lru.insert_cache(model, tokens, cache, cache_type=kind)
+
+    def _side_bytes(self) -> int:
+        return int(self._lru._n_bytes_by_type[SIDE])
+
+    def _extends_main(self, model: Any, tokens: list[int]) -> bool:
+        """Whether a main entry is a prefix of `tokens` (storing them replaces it)."""
+        found = self._lru._trie.search(model, tokens)
+        prefix = found.exact if found.exact is not None else found.shorter
+        if prefix is None:
+            return False
+        return bool(self._lru._trie.get(model, prefix).cache_type == MAIN)
 
     def _drop_short_sibling(self, model: Any, tokens: list[int]) -> None:
         """Forget the entry that shares a prefix with `tokens` and adds little beyond it."""

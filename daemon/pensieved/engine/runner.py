@@ -17,7 +17,8 @@ from pensieved.config import EngineConfig
 from pensieved.conversation.constraints import thinking_processor
 from pensieved.conversation.stops import StopMatcher
 from pensieved.engine.loading import LoadedModel, new_generator
-from pensieved.engine.prefix_cache import PrefixCache
+from pensieved.engine.prefix_cache import Divergence, PrefixCache
+from pensieved.engine.speculate import Speculator
 from pensieved.engine.stream import (
     Admitted,
     Failed,
@@ -76,6 +77,7 @@ class Job:
     output_tokens: int = 0
     cached_tokens: int = 0
     grammar: Any = None  # the request's grammar processor, if any
+    decoding: bool = False  # its prompt is prefilled
 
 
 @dataclass
@@ -94,16 +96,24 @@ class Runner:
     samplers: SamplerPool
     generator: Any = None
     jobs: dict[int, Job] = field(default_factory=dict)
+    # Side requests waiting for a main turn's prefill to finish.
+    held: list[tuple[GenerationRequest, GenerationStream]] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
     served: int = 0
+    speculator: Speculator = field(init=False)
 
     def __post_init__(self) -> None:
+        config = self.loaded.config
+        self.speculator = Speculator(config.speculate, config.speculate_tokens)
         if self.generator is None:
             self.generator = new_generator(self.loaded, self.settings)
 
     def insert(self, request: GenerationRequest, stream: GenerationStream) -> None:
         """Join the batch, reusing what the prefix cache holds of the prompt."""
         if stream.cancelled.is_set():
+            return
+        if request.side and self._main_prefilling():
+            self.held.append((request, stream))
             return
         loaded = self.loaded
         processors = []
@@ -115,7 +125,9 @@ class Runner:
         if request.grammar is not None:
             grammar = loaded.grammars.processor(request.grammar, budget=request.max_tokens)
             processors.append(grammar)
-        cache, cached = self.prefix_cache.fetch(loaded.config, request.prompt)
+        cache, cached, divergence = self.prefix_cache.fetch_explained(loaded.config, request.prompt)
+        if divergence is not None:
+            self._explain_miss(divergence, cached)
         (uid,) = self.generator.insert(
             [request.prompt[cached:]],
             # max_tokens 0 is a cache pre-warm: one token is decoded and dropped.
@@ -138,20 +150,59 @@ class Runner:
         )
         stream._deliver(Admitted(cached))
 
+    def _explain_miss(self, divergence: Divergence, cached: int) -> None:
+        """Log where the prompt left the nearest cached one, and keep it for `status`."""
+        decode = self.loaded.tokenizer.decode
+        texts = {
+            "before": decode(divergence.before),
+            "new": decode(divergence.ours),
+            "cached": decode(divergence.theirs),
+        }
+        log.info(
+            "prefix cache miss: prompt of %d tokens left a cached one at token %d "
+            "(%d reused, %d cached tokens past it unused): ...%r → new %r, cached %r",
+            divergence.prompt_tokens,
+            divergence.at,
+            cached,
+            divergence.lost,
+            texts["before"],
+            texts["new"],
+            texts["cached"],
+        )
+        self.prefix_cache.note_miss(self.loaded.name, divergence, texts)
+
+    def _main_prefilling(self) -> bool:
+        return any(not job.request.side and not job.decoding for job in self.jobs.values())
+
+    def _release_held(self) -> None:
+        """Let held side requests join once no main turn is prefilling."""
+        while self.held and not self._main_prefilling():
+            request, stream = self.held.pop(0)
+            try:
+                self.insert(request, stream)
+            except Exception as exc:
+                log.exception("a held request could not start")
+                stream._deliver(Failed(f"generation could not start: {exc}"))
+
     def cancel(self, stream: GenerationStream) -> None:
+        self.held = [(r, s) for r, s in self.held if s is not stream]
         for uid, job in list(self.jobs.items()):
             if job.stream is stream:
-                self._remove(uid)
+                self._remove(uid, job.request.side)
                 del self.jobs[uid]
                 self.last_used = time.monotonic()
                 log.info("request cancelled after %d tokens", job.output_tokens)
+        self._release_held()
 
     def step(self) -> StepResult:
         """One prefill chunk or decode step for the whole batch."""
         result = StepResult()
         served = self.served
         try:
-            prompt_responses, generation_responses = self.generator.next()
+            # A lone sequence may take a speculative step (several tokens).
+            prompt_responses, generation_responses = self.speculator.step(
+                self.generator, self._sampling
+            )
         except Exception as exc:
             log.exception("generation step failed for model %s", self.loaded.name)
             self.fail(f"generation failed: {exc}")
@@ -160,15 +211,19 @@ class Runner:
             job = self.jobs.get(response.uid)
             if job is not None:
                 processed, total = response.progress[0], response.progress[1]
+                job.decoding = processed >= total
                 job.stream._deliver(PromptProgress(processed, total))
         result.generated = len(generation_responses)
         for response in generation_responses:
+            job = self.jobs.get(response.uid)
             if response.prompt_cache is not None:
                 # A finished sequence leaves its prompt and reply for the next turn.
                 self.prefix_cache.store(
-                    self.loaded.config, list(response.all_tokens), response.prompt_cache
+                    self.loaded.config,
+                    list(response.all_tokens),
+                    response.prompt_cache,
+                    side=job is not None and job.request.side,
                 )
-            job = self.jobs.get(response.uid)
             if job is None:
                 continue
             try:
@@ -177,7 +232,13 @@ class Runner:
                 log.exception("decoding a token failed for model %s", self.loaded.name)
                 self._finish(response.uid, Failed(f"generation failed: {exc}"))
         result.finished = self.served - served
+        if self.held:
+            self._release_held()
         return result
+
+    def _sampling(self, uid: int) -> Sampling | None:
+        job = self.jobs.get(uid)
+        return None if job is None else job.request.sampling
 
     def _advance(self, uid: int, job: Job, token: int, finish_reason: str | None) -> None:
         """Turn one token into text for `job`, ending it at a stop or a limit."""
@@ -227,14 +288,14 @@ class Runner:
         if job is None:
             return
         # A request that ended by stop sequence or failure is still in the batch.
-        self._remove(uid)
+        self._remove(uid, job.request.side)
         self.served += 1
         job.stream._deliver(event)
 
-    def _remove(self, uid: int) -> None:
+    def _remove(self, uid: int, side: bool = False) -> None:
         """Take `uid` out of the batch, keeping what it prefilled in the prefix cache."""
         for cache, tokens in self.generator.remove([uid], return_prompt_caches=True).values():
-            self.prefix_cache.store(self.loaded.config, list(tokens), cache)
+            self.prefix_cache.store(self.loaded.config, list(tokens), cache, side=side)
 
     def fail(self, message: str) -> None:
         """Fail every request in the batch and start again from a clean one."""
@@ -246,7 +307,10 @@ class Runner:
     def end_all(self, event: Failed) -> None:
         for job in self.jobs.values():
             job.stream._deliver(event)
+        for _, stream in self.held:
+            stream._deliver(event)
         self.jobs.clear()
+        self.held.clear()
 
 
 def _untrimmed(detokenizer: Any) -> Any:

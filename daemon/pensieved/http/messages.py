@@ -27,7 +27,7 @@ from pensieved.http.metrics import Metrics
 from pensieved.http.reply import Reply, sign_thinking
 from pensieved.http.sse import events_when_ready, message_events
 from pensieved.http.threads import ThreadStore, ThreadTurn
-from pensieved.models.registry import ModelRegistry
+from pensieved.models.registry import ModelRegistry, small_tier
 from pensieved.wire import responses
 from pensieved.wire.decode import decode_request
 from pensieved.wire.errors import ApiError, Busy, EngineFailure, Overloaded, prompt_too_long
@@ -246,6 +246,7 @@ class MessagesResource:
             grammar=plan.grammar,
             thinking=plan.thinking,
             keep_leading_space=prepared.prompt.continues_assistant,
+            side=is_side_request(request.model, prepared.prompt.tools, input_tokens),
         )
         message_id = responses.new_message_id()
         request_id: str = req.context.request_id
@@ -393,3 +394,17 @@ def plan_output(request: MessagesRequest, prepared: PreparedPrompt) -> OutputPla
         thinking_open=prompt.thinking_open,
         single_call=single and (grammar is None or not grammar.tools),
     )
+
+
+# Below this many prompt tokens a request is a side request whatever it carries.
+SIDE_PROMPT_TOKENS = 1024
+
+
+def is_side_request(requested: str, tools: list[Any], prompt_tokens: int) -> bool:
+    """Whether a request is a side request, by what it carries, not by its text.
+
+    A main conversation turn shows the model tools and carries a long
+    prompt; a session title, a quick helper call or a small-tier request
+    does not (see `GenerationRequest.side`).
+    """
+    return not tools or prompt_tokens < SIDE_PROMPT_TOKENS or small_tier(requested)

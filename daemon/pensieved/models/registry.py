@@ -34,6 +34,11 @@ CLAUDE_TIERS = {
 }
 
 
+def small_tier(requested: str) -> bool:
+    """Whether a client's `model` string names Claude's small tier (haiku)."""
+    return "haiku" in requested.lower()
+
+
 class ModelRegistry:
     """The config in force, and model-name resolution under it. `apply` swaps both."""
 

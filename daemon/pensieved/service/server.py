@@ -153,7 +153,10 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
     )
 
     async def status(_: dict[str, Any]) -> dict[str, Any]:
-        return health_report(registry.config, engine, started_at, guard)
+        report = health_report(registry.config, engine, started_at, guard)
+        # Prompt excerpts: on the owner-only control socket, never in /health.
+        report["prompt_cache"]["recent_misses"] = list(engine.prefix_cache.misses)
+        return report
 
     async def stop_command(_: dict[str, Any]) -> dict[str, Any]:
         stop_requested.set()
