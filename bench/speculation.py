@@ -7,9 +7,12 @@ run and a speculative run, and reports the medians and their ratio:
 - prose: a story, which rarely repeats its context (speculation must not slow it);
 - Edit tool call: a forced Claude-Code-shaped `Edit` call under the tool grammar,
   with grammar fast-forward only (`speculate = "grammar"`) and with n-gram
-  drafts as well (`"ngram"`), each vs plain.
+  drafts as well (`"ngram"`), each vs plain;
+- draft model (`speculate = "draft"`): code edit and prose again, with a draft
+  model guessing: SmolLM2 Q4 drafting for SmolLM2 float32 (the same weights,
+  so most guesses are kept), and the tiny model drafting for itself.
 Greedy text must be identical with and without speculation; the table says so.
-Run: `.venv/bin/python bench/speculation.py [--model builtin|tiny|DIR]`.
+Run: `.venv/bin/python bench/speculation.py [--model builtin|tiny|DIR] [--draft-only]`.
 """
 
 from __future__ import annotations
@@ -75,6 +78,34 @@ class Inventory:
 
     def total(self) -> int:
         return sum(self.items.values())
+
+
+def measure_draft(
+    label: str, source: str, draft_source: str, runs: int, max_tokens: int
+) -> list[tuple[str, Any]]:
+    """Code edit and prose with `draft_source` drafting for `source` (float32 on the CPU)."""
+    import mlx_lm
+
+    loaded = load_weights(ModelConfig(label, source), source, EngineConfig(dequantize="always"))
+    # The draft as stored (a quantized one stays quantized).
+    draft_model = mlx_lm.load(draft_source)[0]
+    runner = Runner(loaded, EngineConfig(), PrefixCache(0), SamplerPool())
+    greedy = Sampling(temperature=0.0)
+    decode(runner, GenerationRequest(prompt(loaded, PROSE), 8, greedy))  # warm up
+    rows = []
+    for name, text in (("code edit", CODE_EDIT), ("prose", PROSE)):
+        request = GenerationRequest(prompt(loaded, text), max_tokens, greedy)
+        plain, fast, plain_rate, fast_rate = compare(runner, request, "draft", runs, draft_model)
+        stats = runner.speculator.stats
+        accepted = stats.accepted / stats.proposed if stats.proposed else 0.0
+        rows.append(
+            (
+                f"{label}: {name}",
+                (plain.tokens, plain_rate, fast_rate, accepted, plain.text == fast.text),
+            )
+        )
+        print(f"  {label} {name}: {plain.tokens} tokens", file=sys.stderr, flush=True)
+    return rows
 
 
 def main() -> None:
@@ -149,16 +180,17 @@ def prompt(loaded: LoadedModel, text: str) -> list[int]:
 
 
 def compare(
-    runner: Runner, request: GenerationRequest, mode: str, runs: int
+    runner: Runner, request: GenerationRequest, mode: str, runs: int, draft_model: Any = None
 ) -> tuple[Run, Run, float, float]:
     """(plain, speculative) runs with median tok/s each, plain and `mode` alternating."""
     plain: list[Run] = []
     fast: list[Run] = []
     tokens = runner.loaded.config.speculate_tokens
+    vocab = runner.loaded.vocab_size
     for _ in range(runs):
         runner.speculator = Speculator("off", tokens)
         plain.append(decode(runner, request))
-        runner.speculator = Speculator(mode, tokens)
+        runner.speculator = Speculator(mode, tokens, draft_model, vocab)
         fast.append(decode(runner, request))
     return (
         plain[0],
@@ -202,11 +234,40 @@ def measure(label: str, source: str, runs: int, max_tokens: int) -> list[tuple[s
     return rows
 
 
+def measure_draft(
+    label: str, source: str, draft_source: str, runs: int, max_tokens: int
+) -> list[tuple[str, Any]]:
+    """Code edit and prose with `draft_source` drafting for `source` (float32 on the CPU)."""
+    import mlx_lm
+
+    loaded = load_weights(ModelConfig(label, source), source, EngineConfig(dequantize="always"))
+    # The draft as stored (a quantized one stays quantized).
+    draft_model = mlx_lm.load(draft_source)[0]
+    runner = Runner(loaded, EngineConfig(), PrefixCache(0), SamplerPool())
+    greedy = Sampling(temperature=0.0)
+    decode(runner, GenerationRequest(prompt(loaded, PROSE), 8, greedy))  # warm up
+    rows = []
+    for name, text in (("code edit", CODE_EDIT), ("prose", PROSE)):
+        request = GenerationRequest(prompt(loaded, text), max_tokens, greedy)
+        plain, fast, plain_rate, fast_rate = compare(runner, request, "draft", runs, draft_model)
+        stats = runner.speculator.stats
+        accepted = stats.accepted / stats.proposed if stats.proposed else 0.0
+        rows.append(
+            (
+                f"{label}: {name}",
+                (plain.tokens, plain_rate, fast_rate, accepted, plain.text == fast.text),
+            )
+        )
+        print(f"  {label} {name}: {plain.tokens} tokens", file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="both", help="builtin, tiny, both, or an MLX dir")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=360)
+    parser.add_argument("--draft-only", action="store_true", help="only the draft-model rows")
     args = parser.parse_args()
     cpu.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
     from tests.models import build_tiny_model
@@ -217,17 +278,24 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         models: list[tuple[str, str]] = []
+        # (label, target, draft)
+        drafted: list[tuple[str, str, str]] = []
         if args.model in ("builtin", "tiny", "both"):
             smollm = import_gguf(builtin_gguf_path(), Path(workdir) / "smollm2")
             if args.model in ("builtin", "both"):
                 models.append(("smollm2-135m", str(smollm)))
+                drafted.append(("smollm2 f32 + Q4 draft", str(smollm), str(smollm)))
             if args.model in ("tiny", "both"):
                 tiny = build_tiny_model(Path(workdir) / "tiny", smollm)
                 models.append(("tiny", str(tiny)))
+                drafted.append(("tiny + itself as draft", str(tiny), str(tiny)))
         else:
             models.append((Path(args.model).name, args.model))
-        for label, source in models:
-            rows += measure(label, source, args.runs, args.max_tokens)
+        if not args.draft_only:
+            for label, source in models:
+                rows += measure(label, source, args.runs, args.max_tokens)
+        for label, source, draft_source in drafted:
+            rows += measure_draft(label, source, draft_source, args.runs, args.max_tokens)
     blas = "OpenBLAS" if cpu.openblas_active() else "reference BLAS"
     print(f"greedy, median of {args.runs} runs each, {blas}")
     print(

@@ -19,15 +19,12 @@ from pensieved.wire.protocol import MessagesRequest
 from tests.daemon import Daemon, run_pensievectl, running_daemon
 from tests.models import HERMES_TEMPLATE, build_tiny_model
 
-CAPTURES = Path(__file__).resolve().parents[2] / "shared" / "claude-code"
+# The `--print` run's last main turn and the `--continue` run's first, as
+# captured in ../shared/claude-code (Claude Code 2.1.197).
+TWO_PROCESSES = Path(__file__).parent / "data" / "claude-code-two-processes.json"
 # The tiny model's KV cache: 2 layers x (keys, values) x 2 heads x 16 dims x 4 bytes.
 KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4
 GB = 1024**3
-
-
-def captured(name: str, kind: str) -> list[dict[str, Any]]:
-    lines = (CAPTURES / f"capture-{name}.jsonl").read_text().splitlines()
-    return [r["body"] for r in map(json.loads, lines) if r["kind"].startswith(kind)]
 
 
 def pinned(body: dict[str, Any]) -> dict[str, Any]:
@@ -64,8 +61,9 @@ def test_a_second_process_shares_its_first_prompt_with_the_first(
     tokenizer = load_tokenizer(hermes_dir if template == "native" else tiny_dir)
     builder = PromptBuilder(tokenizer, "tiny")
     assert (builder.native_format is not None) == (template == "native")
-    last = pinned(captured("print", "main")[-1])
-    first = captured("continue", "main")[0]
+    captured = json.loads(TWO_PROCESSES.read_text())
+    last = pinned(captured["print_last"])
+    first = captured["continue_first"]
     before = builder.build(decode_request(json.dumps(last).encode(), MessagesRequest))
     after = builder.build(decode_request(json.dumps(first).encode(), MessagesRequest))
     shared = common_prefix(before.tokens, after.tokens)

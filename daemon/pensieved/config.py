@@ -106,7 +106,7 @@ class ServiceConfig:
 
 
 IMAGE_MODES = ("placeholder", "reject")
-SPECULATE_MODES = ("ngram", "grammar", "off")
+SPECULATE_MODES = ("ngram", "draft", "grammar", "off")
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)
 
@@ -132,9 +132,14 @@ class ModelConfig:
     # Speculative decoding of a lone sequence (engine/speculate.py): "ngram"
     # drafts from the reply's own context and grammar-forced tokens, up to
     # `speculate_tokens` per step; "grammar": forced tokens only; "off": one
-    # token per step.
+    # token per step; "draft": drafts from the `draft` model (the default
+    # when `draft` is set), grammar-forced tokens and long n-gram matches.
     speculate: str = "ngram"
     speculate_tokens: int = 8
+    # A smaller model with the same tokenizer that drafts for this one: the
+    # source of a configured model named here, or a source of its own. It
+    # loads and unloads with this model, its weights counted in this one's.
+    draft: str | None = None
 
 
 @dataclass(frozen=True)
@@ -298,9 +303,14 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
         kv_group_size = _get(table, f"{key}.kv_group_size", int, ModelConfig.kv_group_size)
         if kv_group_size not in KV_GROUP_SIZES:
             raise ConfigError(f"{key}.kv_group_size: expected one of 32, 64, 128")
-        speculate = _get(table, f"{key}.speculate", str, ModelConfig.speculate)
+        draft = _get(table, f"{key}.draft", str, None) or None
+        speculate = _get(
+            table, f"{key}.speculate", str, "draft" if draft else ModelConfig.speculate
+        )
         if speculate not in SPECULATE_MODES:
             raise ConfigError(f"{key}.speculate: expected one of {', '.join(SPECULATE_MODES)}")
+        if speculate == "draft" and not draft:
+            raise ConfigError(f'{key}.speculate: "draft" needs a draft model ({key}.draft)')
         speculate_tokens = _get(table, f"{key}.speculate_tokens", int, ModelConfig.speculate_tokens)
         if not 1 <= speculate_tokens <= 64:
             raise ConfigError(f"{key}.speculate_tokens: must be between 1 and 64")
@@ -317,10 +327,16 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
                 kv_group_size=kv_group_size,
                 speculate=speculate,
                 speculate_tokens=speculate_tokens,
+                draft=draft,
             )
         )
     if sum(m.default for m in models) > 1:
         raise ConfigError("models: more than one model has default = true")
+    # A draft that names a configured model drafts with that model's weights.
+    sources = {m.name: m.source for m in models}
+    models = [
+        dataclasses.replace(m, draft=sources[m.draft]) if m.draft in sources else m for m in models
+    ]
     config = Config(server=server, engine=engine, memory=memory, service=service, paths=paths)
     return dataclasses.replace(config, models=tuple(models)) if models else config
 
@@ -410,6 +426,13 @@ def with_overrides(
         replaced = dataclasses.replace(default, source=model, default=True)
         models = tuple(replaced if m is default else m for m in models)
     return dataclasses.replace(config, server=server, models=models)
+
+
+def draft_config(model: ModelConfig) -> ModelConfig | None:
+    """The model that drafts for `model`'s speculative decoding, if it uses one."""
+    if model.speculate != "draft" or not model.draft:
+        return None
+    return ModelConfig(f"{model.name}-draft", model.draft, speculate="off")
 
 
 def ensure_token(config: Config) -> str:

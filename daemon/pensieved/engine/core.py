@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pensieved.config import EngineConfig, ModelConfig
+from pensieved.config import EngineConfig, ModelConfig, draft_config
 from pensieved.engine.loading import (
     LoadedModel,
     PromptSide,
@@ -235,7 +235,10 @@ class Engine:
 
     def _count_kv_bytes(self, now: float | None = None) -> None:
         self._kv_counted_at = time.monotonic() if now is None else now
-        self.kv_cache_bytes = sum(r.generator.prompt_cache_nbytes for r in self._runners.values())
+        self.kv_cache_bytes = sum(
+            r.generator.prompt_cache_nbytes + r.speculator.cache_bytes
+            for r in self._runners.values()
+        )
 
     def _retire_idle(self) -> None:
         """Drop retiring models whose requests have all finished; then run waiting loads."""
@@ -305,8 +308,10 @@ class Engine:
         if config in self._runners:
             return self._runners[config].loaded
         path = materialize(config, self._models_dir)
-        self._make_room(config, Path(path))
-        loaded = load_weights(config, path, self._settings)
+        draft = draft_config(config)
+        draft_path = None if draft is None else materialize(draft, self._models_dir)
+        self._make_room(config, Path(path), None if draft_path is None else Path(draft_path))
+        loaded = load_weights(config, path, self._settings, draft_path)
         self._runners[config] = Runner(loaded, self._settings, self.prefix_cache, self._samplers)
         if self._settings.persist_prompt_cache:
             saved = persisted_cache_path(self._models_dir, config)
@@ -315,8 +320,11 @@ class Engine:
                 log.info("prefix cache: %d tokens of %s warm from disk", warm, config.name)
         return loaded
 
-    def _make_room(self, config: ModelConfig, path: Path) -> None:
-        """Unload least recently used idle models until `config`'s weights fit (or refuse)."""
+    def _make_room(self, config: ModelConfig, path: Path, draft_path: Path | None = None) -> None:
+        """Unload least recently used idle models until `config`'s weights fit (or refuse).
+
+        Its draft model's weights (`draft_path`) count as part of it.
+        """
         resident = [
             Resident(
                 c.name,
@@ -326,7 +334,13 @@ class Engine:
             for c, runner in self._runners.items()
         ]
         evict = models_to_evict(
-            config, path, self._settings, resident, self.memory_floor_bytes, self.available_memory
+            config,
+            path,
+            self._settings,
+            resident,
+            self.memory_floor_bytes,
+            self.available_memory,
+            draft_path,
         )
         for name in evict:
             self._drop(next(c for c in self._runners if c.name == name))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from pensieved.config import EngineConfig, ModelConfig
+from pensieved.config import EngineConfig, ModelConfig, draft_config
 from pensieved.conversation.constraints import GrammarCompiler
 from pensieved.conversation.prompt import PromptBuilder
 from pensieved.engine import cpu
@@ -33,7 +33,8 @@ class LoadedModel:
     vocab_size: int  # the tokenizer's
     logits_size: int  # the model's output width, which may be padded past it
     dequantized: bool = False
-    weight_bytes: int = 0
+    weight_bytes: int = 0  # the draft model's included
+    draft_model: Any = None  # the model that drafts for speculative decoding, if any
     grammars: GrammarCompiler = field(init=False)
 
     def __post_init__(self) -> None:
@@ -44,26 +45,34 @@ class LoadedModel:
         return self.config.name
 
 
-def load_weights(config: ModelConfig, path: str | Path, settings: EngineConfig) -> LoadedModel:
-    """Load `config`'s weights from `path` (dequantized where the CPU backend gains from it)."""
-    import mlx_lm
-    from mlx.utils import tree_flatten
+def load_weights(
+    config: ModelConfig,
+    path: str | Path,
+    settings: EngineConfig,
+    draft_path: str | Path | None = None,
+) -> LoadedModel:
+    """Load `config`'s weights from `path` (dequantized where the CPU backend gains from it).
 
+    `draft_path`: where `config`'s draft model lies, if it has one (by default its
+    source as given: a directory or a Hugging Face repo id).
+    """
     started = time.perf_counter()
-    model, tokenizer = mlx_lm.load(str(path))[:2]
-    dequantized = cpu.should_dequantize(settings.dequantize, model)
-    if dequantized:
-        cpu.dequantize(model)
-        log.info("dequantized %s to float32 (faster on the CPU backend)", config.name)
+    model, tokenizer, dequantized, weight_bytes = _read_weights(config, path, settings)
+    draft_model = None
+    draft = draft_config(config)
+    if draft is not None:
+        draft_path = draft.source if draft_path is None else draft_path
+        draft_model, draft_tokenizer, _, draft_bytes = _read_weights(draft, draft_path, settings)
+        _check_draft(config, tokenizer, draft_model, draft_tokenizer)
+        weight_bytes += draft_bytes
     context = config.context_length or context_length(model, tokenizer)
-    parameters = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
-    weight_bytes = sum(int(v.nbytes) for _, v in parameters)
     log.info(
-        "loaded model %s from %s in %.1fs (context %d tokens)",
+        "loaded model %s from %s in %.1fs (context %d tokens)%s",
         config.name,
         path,
         time.perf_counter() - started,
         context,
+        f", drafting with {draft_path}" if draft_model is not None else "",
     )
     return LoadedModel(
         config,
@@ -75,7 +84,43 @@ def load_weights(config: ModelConfig, path: str | Path, settings: EngineConfig) 
         int(getattr(getattr(model, "args", None), "vocab_size", 0) or len(tokenizer)),
         dequantized,
         weight_bytes,
+        draft_model,
     )
+
+
+def _read_weights(
+    config: ModelConfig, path: str | Path, settings: EngineConfig
+) -> tuple[Any, Any, bool, int]:
+    """(model, tokenizer, dequantized, weight bytes) from `path`."""
+    import mlx_lm
+    from mlx.utils import tree_flatten
+
+    model, tokenizer = mlx_lm.load(str(path))[:2]
+    dequantized = cpu.should_dequantize(settings.dequantize, model)
+    if dequantized:
+        cpu.dequantize(model)
+        log.info("dequantized %s to float32 (faster on the CPU backend)", config.name)
+    parameters = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
+    return model, tokenizer, dequantized, sum(int(v.nbytes) for _, v in parameters)
+
+
+def _check_draft(config: ModelConfig, tokenizer: Any, draft: Any, draft_tokenizer: Any) -> None:
+    """Refuse a draft model whose token ids mean other text, or whose cache cannot rewind."""
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+
+    ours, theirs = tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+    if ours != theirs:
+        differing = sum(1 for text, i in theirs.items() if ours.get(text) != i)
+        raise ValueError(
+            f"model {config.name!r}: its draft model {config.draft!r} has another "
+            f"vocabulary ({len(theirs)} tokens, {differing} unlike the model's "
+            f"{len(ours)}); a draft model must use the same tokenizer"
+        )
+    if not can_trim_prompt_cache(make_prompt_cache(draft)):
+        raise ValueError(
+            f"model {config.name!r}: its draft model {config.draft!r} keeps a KV cache "
+            "that cannot be rewound (a sliding window), so it cannot draft"
+        )
 
 
 def models_to_evict(
@@ -85,8 +130,11 @@ def models_to_evict(
     resident: list[Resident],
     memory_floor_bytes: int,
     available_memory: Callable[[], int] | None = None,
+    draft_path: Path | None = None,
 ) -> list[str]:
     """The resident models to unload, least recently used first, so that `config` fits.
+
+    `draft_path`: its draft model's weights, which count as part of it.
 
     Raises `Overloaded` when even unloading every idle model would not make room.
     """
@@ -98,6 +146,8 @@ def models_to_evict(
         (mode == "auto" and mx.default_device().type == mx.DeviceType.cpu) and cpu.openblas_active()
     )
     need = expected_weight_bytes(path, dequantizes)
+    if draft_path is not None:
+        need += expected_weight_bytes(draft_path, dequantizes)
     budget = gb(settings.models_budget_gb) or None
     available = None
     if memory_floor_bytes:

@@ -104,7 +104,12 @@ class Runner:
 
     def __post_init__(self) -> None:
         config = self.loaded.config
-        self.speculator = Speculator(config.speculate, config.speculate_tokens)
+        self.speculator = Speculator(
+            config.speculate,
+            config.speculate_tokens,
+            self.loaded.draft_model,
+            self.loaded.vocab_size,
+        )
         if self.generator is None:
             self.generator = new_generator(self.loaded, self.settings)
 

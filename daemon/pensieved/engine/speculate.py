@@ -8,6 +8,9 @@ once, and keeps the guesses the model agrees with:
 - Drafts come from the reply's own context ("prompt lookup"): the tokens that
   followed the last earlier place where the reply's last tokens appeared. A
   code edit repeats most of the file it was shown; prose rarely repeats.
+- A draft model (`speculate = "draft"`, draft.py), a smaller one with the
+  same tokenizer, guesses greedily; prompt lookup still drafts where the
+  reply's end matches its context for `MAX_MATCH` tokens.
 - Where the output grammar (a tool call, a JSON reply) allows only one
   continuation, the draft is that continuation ("fast-forward"): the grammar
   masks every other token, so it is accepted by construction.
@@ -34,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pensieved.engine.draft import Drafter
 from pensieved.engine.stream import Sampling
 
 # The longest earlier match looked for, in tokens; matches start at 2.
@@ -57,6 +61,7 @@ class _Sequence:
     gain: float = 1.0  # tokens per plain step's time, over speculative steps (moving average)
     resting: int = 0  # plain steps left before drafting again
     rest: int = 8  # the next rest's length (doubles while speculation does not pay)
+    drafted: bool = False  # the draft model has seen its prompt
 
 
 @dataclass
@@ -64,16 +69,30 @@ class SpeculationStats:
     steps: int = 0  # speculative steps taken
     proposed: int = 0  # draft tokens checked
     accepted: int = 0  # draft tokens kept
+    guessed: int = 0  # draft tokens that came from a draft model
 
 
 class Speculator:
     """One model's decode steps: speculative when the batch holds one sequence, else plain."""
 
-    def __init__(self, mode: str, max_draft: int) -> None:
+    def __init__(
+        self, mode: str, max_draft: int, draft_model: Any = None, vocab_size: int = 0
+    ) -> None:
+        """`draft_model` drafts in mode "draft", for a target of `vocab_size` tokens."""
         self.mode = mode
         self.max_draft = max_draft
         self.stats = SpeculationStats()
         self._sequence: _Sequence | None = None
+        self._drafter = (
+            Drafter(draft_model, vocab_size)
+            if mode == "draft" and draft_model is not None
+            else None
+        )
+
+    @property
+    def cache_bytes(self) -> int:
+        """The draft model's KV cache (kept between sequences)."""
+        return 0 if self._drafter is None else self._drafter.cache_bytes
 
     def step(
         self, gen: Any, sampling: Callable[[int], Sampling | None]
@@ -94,14 +113,22 @@ class Speculator:
         settings = sampling(batch.uids[0])
         history = batch.tokens[0]
         grammar = _grammar(batch.logits_processors[0])
-        lookup = self.mode == "ngram"
+        lookup = self.mode in ("ngram", "draft")
         if lookup:
             _index(state, history)
+        drafter = self._drafter
         # Only a possible draft is worth waiting for the pending token: a plain
         # step overlaps that wait with building the next step.
-        if settings is None or (grammar is None and not (lookup and _could_match(state, history))):
+        if settings is None or (
+            grammar is None and drafter is None and not (lookup and _could_match(state, history))
+        ):
             return self._plain(gen, state)
         with mx.stream(gen.stream):
+            if drafter is not None and not state.drafted:
+                # The draft model's prefill of the prompt, outside the step's
+                # timing; later catching up (after plain steps) is timed.
+                drafter.catch_up(history)
+                state.drafted = True
             started = time.perf_counter()
             token = int(batch._next_tokens.item())
             limit = min(state.draft, batch.max_tokens[0] - batch._num_tokens[0] - 1)
@@ -109,7 +136,12 @@ class Speculator:
             if grammar is not None and limit > 0:
                 draft = grammar.forced_after(token, limit)
             if not draft and lookup and limit > 0:
-                draft = _lookup(state, history, token, limit)
+                # Beside a draft model, only a long match is worth more than its guess.
+                shortest = 2 if drafter is None else MAX_MATCH
+                draft = _lookup(state, history, token, limit, shortest)
+            if not draft and drafter is not None:
+                draft = drafter.propose(history, token, limit)
+                self.stats.guessed += len(draft)
             if not draft:
                 return self._plain(gen, None)  # the wait made it an untypical step
             responses = _verify(batch, token, draft, settings)
@@ -132,6 +164,8 @@ class Speculator:
         state = self._sequence
         if state is None or state.uid != batch.uids[0] or state.batch is not batch:
             state = self._sequence = _Sequence(batch.uids[0], batch, min(4, self.max_draft))
+            if self._drafter is not None:
+                self._drafter.forget()
         return state
 
     def _plain(self, gen: Any, state: _Sequence | None) -> tuple[list[Any], list[Any]]:
@@ -189,8 +223,13 @@ def _could_match(state: _Sequence, history: list[int]) -> bool:
     return places is not None and len(places) > 1
 
 
-def _lookup(state: _Sequence, history: list[int], token: int, limit: int) -> list[int]:
-    """What followed the longest recent earlier match of the history's end, `token` last."""
+def _lookup(
+    state: _Sequence, history: list[int], token: int, limit: int, shortest: int = 2
+) -> list[int]:
+    """What followed the longest recent earlier match of the history's end, `token` last.
+
+    Nothing when that match is shorter than `shortest` tokens.
+    """
     if not history:
         return []
     places = state.index.get((history[-1], token))
@@ -213,7 +252,7 @@ def _lookup(state: _Sequence, history: list[int], token: int, limit: int) -> lis
             best, best_length = place, length
             if length == MAX_MATCH:
                 break
-    if best < 0:
+    if best < 0 or best_length < shortest:
         return []
     draft = history[best + 1 : best + 1 + limit]
     # A match close to the end repeats a loop: continue it past the history,
