@@ -80,34 +80,6 @@ class Inventory:
         return sum(self.items.values())
 
 
-def measure_draft(
-    label: str, source: str, draft_source: str, runs: int, max_tokens: int
-) -> list[tuple[str, Any]]:
-    """Code edit and prose with `draft_source` drafting for `source` (float32 on the CPU)."""
-    import mlx_lm
-
-    loaded = load_weights(ModelConfig(label, source), source, EngineConfig(dequantize="always"))
-    # The draft as stored (a quantized one stays quantized).
-    draft_model = mlx_lm.load(draft_source)[0]
-    runner = Runner(loaded, EngineConfig(), PrefixCache(0), SamplerPool())
-    greedy = Sampling(temperature=0.0)
-    decode(runner, GenerationRequest(prompt(loaded, PROSE), 8, greedy))  # warm up
-    rows = []
-    for name, text in (("code edit", CODE_EDIT), ("prose", PROSE)):
-        request = GenerationRequest(prompt(loaded, text), max_tokens, greedy)
-        plain, fast, plain_rate, fast_rate = compare(runner, request, "draft", runs, draft_model)
-        stats = runner.speculator.stats
-        accepted = stats.accepted / stats.proposed if stats.proposed else 0.0
-        rows.append(
-            (
-                f"{label}: {name}",
-                (plain.tokens, plain_rate, fast_rate, accepted, plain.text == fast.text),
-            )
-        )
-        print(f"  {label} {name}: {plain.tokens} tokens", file=sys.stderr, flush=True)
-    return rows
-
-
 def main() -> None:
     inventory = Inventory(Path("inventory.json"))
     inventory.load()
@@ -268,6 +240,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=360)
     parser.add_argument("--draft-only", action="store_true", help="only the draft-model rows")
+    parser.add_argument("--no-draft", action="store_true", help="leave out the draft-model rows")
     args = parser.parse_args()
     cpu.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
     from tests.models import build_tiny_model
@@ -294,7 +267,7 @@ def main() -> None:
         if not args.draft_only:
             for label, source in models:
                 rows += measure(label, source, args.runs, args.max_tokens)
-        for label, source, draft_source in drafted:
+        for label, source, draft_source in [] if args.no_draft else drafted:
             rows += measure_draft(label, source, draft_source, args.runs, args.max_tokens)
     blas = "OpenBLAS" if cpu.openblas_active() else "reference BLAS"
     print(f"greedy, median of {args.runs} runs each, {blas}")
