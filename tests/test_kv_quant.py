@@ -118,7 +118,8 @@ def greedy(model: Any, cache: PrefixCache, config: ModelConfig, tokens: list[int
     """Decode 32 greedy tokens after `tokens`, from what the prefix cache holds of them."""
     hit, cached = cache.fetch(config, tokens)
     assert hit is not None and cached == len(tokens) - 1
-    assert all(type(c) is KVCache for c in hit)  # dequantized for the batch
+    # Joining the batch as the model keeps its live sequences.
+    assert all(getattr(c, "bits", None) == config.kv_bits for c in hit)
     generator = BatchGenerator(model)
     generator.insert([tokens[cached:]], max_tokens=[32], caches=[hit], all_tokens=[tokens[:cached]])
     out: list[int] = []
@@ -162,7 +163,7 @@ def test_the_daemon_serves_turns_from_quantized_entries(model_dir: Path, tmp_pat
 
 
 def test_the_batch_cannot_merge_a_quantized_cache(model: Any) -> None:
-    """Why entries are dequantized on fetch: mlx-lm's batch merges plain KV caches only."""
+    """Why entries join the batch as `JoiningCache`: mlx-lm's batch merges plain KV caches only."""
     tokens = prompt(50)
     quantized = [c.to_quantized(64, 8) for c in prefilled(model, tokens)]
     generator = BatchGenerator(model)
@@ -189,7 +190,8 @@ def test_quantized_entries_persist_and_load_back(model: Any, tmp_path: Path) -> 
     after, cached = again.fetch(EIGHT, [*tokens, 7])
     assert after is not None and cached == len(tokens)
     for old, new in zip(before, after, strict=True):
-        assert mx.array_equal(old.keys, new.keys) and mx.array_equal(old.values, new.values)
+        pairs = zip(tree_flatten(old.state), tree_flatten(new.state), strict=True)
+        assert all(mx.array_equal(a, b) for (_, a), (_, b) in pairs)
 
     # Loaded into a model set otherwise, the entry follows the model's setting.
     for config, kind in ((FULL, KVCache), (FOUR, QuantizedKVCache)):
@@ -214,3 +216,61 @@ def test_kv_settings_are_validated() -> None:
     for bad in ({"kv_group_size": 48}, {"kv_group_size": 64.0}, {"kv_group_size": 0}):
         with pytest.raises(ConfigError, match=r"models\.m\.kv_group_size"):
             model_table(**bad)
+
+
+def decode_batch(model: Any, config: ModelConfig, prompts: list[list[int]]) -> tuple[Any, list]:
+    """Greedy replies to `prompts`, joining one batch one step apart, as the runner makes them."""
+    from pensieved.engine.kv_quant import live_caches
+
+    generator = BatchGenerator(model, completion_batch_size=8, prefill_batch_size=8)
+    replies: dict[int, list[int]] = {}
+    kinds = set()
+    for prompt_tokens in prompts:
+        caches = live_caches(config, model)
+        (uid,) = generator.insert([prompt_tokens], max_tokens=[24], caches=[caches])
+        replies[uid] = []
+        for response in generator.next()[1]:  # type: ignore[no-untyped-call]
+            replies[response.uid].append(response.token)
+    while any(len(r) < 24 for r in replies.values()):
+        kinds |= {type(c).__name__ for c in generator._generation_batch.prompt_cache}
+        for response in generator.next()[1]:  # type: ignore[no-untyped-call]
+            replies[response.uid].append(response.token)
+    generator.close()
+    return kinds, list(replies.values())
+
+
+def test_live_sequences_are_quantized_in_the_batch(model: Any) -> None:
+    """Four sequences of different lengths join, decode and leave a quantized batch."""
+    prompts = [prompt(n, seed) for seed, n in enumerate((40, 300, 7, 130))]
+    full_kinds, full = decode_batch(model, FULL, prompts)
+    kinds, quantized = decode_batch(model, EIGHT, prompts)
+    assert full_kinds == {"BatchKVCache"}
+    assert kinds == {"BatchQuantizedKVCache"}
+    rows = zip(full, quantized, strict=True)
+    same = sum(a == b for x, y in rows for a, b in zip(x, y, strict=True))
+    assert same >= 0.9 * 4 * 24, (same, full, quantized)
+
+
+def test_a_quantized_batch_holds_about_a_quarter_of_the_bytes(model: Any) -> None:
+    from pensieved.engine.kv_quant import live_caches
+
+    sizes = {}
+    for config in (FULL, EIGHT):
+        generator = BatchGenerator(model)
+        generator.insert([prompt(500)], max_tokens=[4], caches=[live_caches(config, model)])
+        generator.next()  # type: ignore[no-untyped-call]
+        sizes[config.kv_bits] = generator.prompt_cache_nbytes
+        generator.close()
+    # 8 bits in groups of 64 with float32 scales and biases: 9/32 of float32.
+    assert sizes[8] * 32 == sizes[None] * 9, sizes
+
+
+def test_admission_counts_a_quantized_model_at_its_packed_size(model: Any) -> None:
+    from pensieved.memory.admission import model_shape
+
+    full = model_shape(model)
+    eight = model_shape(model, (8, 64))
+    assert full.kv_bytes_per_token == full_bytes(1)
+    assert eight.kv_bytes_per_token == stored_bytes_per_token(KV_HEADS, HEAD_DIM, LAYERS, 4, 8, 64)
+    # A group size the heads cannot hold: the model stays (and is counted) at full precision.
+    assert model_shape(model, (8, 128)).kv_bytes_per_token == full.kv_bytes_per_token

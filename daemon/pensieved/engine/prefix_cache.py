@@ -156,7 +156,7 @@ class PrefixCache:
             trim_prompt_cache(cache, cached - len(tokens) + 1)
             cached = len(tokens) - 1
         self.hit_tokens += cached
-        cache = kv_quant.for_batch(cache)  # the batch merges full-precision layers only
+        cache = kv_quant.for_batch_of(model, cache)  # as the model's batch holds them
         return cache, cached, divergence
 
     def _divergence(self, model: Any, tokens: list[int]) -> Divergence | None:

@@ -16,6 +16,7 @@ from typing import Any
 from pensieved.config import EngineConfig
 from pensieved.conversation.constraints import thinking_processor
 from pensieved.conversation.stops import StopMatcher
+from pensieved.engine import kv_quant
 from pensieved.engine.loading import LoadedModel, new_generator
 from pensieved.engine.prefix_cache import Divergence, PrefixCache
 from pensieved.engine.speculate import Speculator
@@ -133,6 +134,8 @@ class Runner:
         cache, cached, divergence = self.prefix_cache.fetch_explained(loaded.config, request.prompt)
         if divergence is not None:
             self._explain_miss(divergence, cached)
+        if cache is None:  # quantized caches where the model's `kv_bits` asks for them
+            cache = kv_quant.live_caches(loaded.config, loaded.model)
         (uid,) = self.generator.insert(
             [request.prompt[cached:]],
             # max_tokens 0 is a cache pre-warm: one token is decoded and dropped.

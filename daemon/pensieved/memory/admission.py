@@ -36,6 +36,7 @@ import falcon
 import falcon.asgi
 
 from pensieved.config import EngineConfig, ModelConfig
+from pensieved.engine.kv_quant import stored_bytes_per_token
 from pensieved.engine.loading import LoadedModel
 from pensieved.engine.stream import GenerationRequest, GenerationStream
 from pensieved.memory.guard import GB, RETRY_AFTER_LOW_MEMORY, MemoryGuard
@@ -82,13 +83,15 @@ def _first(args: dict[str, Any], *names: str) -> int | None:
     return None
 
 
-def model_shape(model: Any) -> ModelShape:
+def model_shape(model: Any, kv: tuple[int | None, int] = (None, 64)) -> ModelShape:
     """The shape of an mlx-lm model, from its config (`model.args`) and weights.
 
     KV bytes per token = layers × KV heads × head dim × 2 (keys and values) ×
-    bytes per activation. A missing KV head count means every attention head
-    keeps its own (the larger figure); a config without layers, heads or head
-    size gets `FALLBACK_KV_BYTES_PER_TOKEN`.
+    bytes per activation, or, with `kv` = (bits, group size) of a model whose
+    KV cache is quantized (`kv_bits`), the packed size (kv_quant.py). A
+    missing KV head count means every attention head keeps its own (the
+    larger figure); a config without layers, heads or head size gets
+    `FALLBACK_KV_BYTES_PER_TOKEN`.
     """
     from mlx.utils import tree_flatten
 
@@ -108,7 +111,12 @@ def model_shape(model: Any) -> ModelShape:
     widths = [int(v.itemsize) for _, v in parameters if "float" in str(v.dtype)]
     dtype_bytes = max(widths, default=ACTIVATION_BYTES)
     exact = None not in (layers, kv_heads, head_dim)
-    if layers and kv_heads and head_dim:
+    bits, group_size = kv
+    if layers and kv_heads and head_dim and bits and head_dim % group_size == 0:
+        per_token = stored_bytes_per_token(
+            kv_heads, head_dim, layers, dtype_bytes, bits, group_size
+        )
+    elif layers and kv_heads and head_dim:
         per_token = layers * kv_heads * head_dim * 2 * dtype_bytes
     else:
         per_token = FALLBACK_KV_BYTES_PER_TOKEN
@@ -185,7 +193,8 @@ class Admission:
         """Let `request` start, or raise `Overloaded` (529). The engine calls this."""
         shape = self._shapes.get(model.config)
         if shape is None:
-            shape = self._shapes[model.config] = model_shape(model.model)
+            kv = model.config.kv_bits, model.config.kv_group_size
+            shape = self._shapes[model.config] = model_shape(model.model, kv)
             if not shape.exact:
                 log.warning(
                     "model %s: its config does not say how big its KV cache is; "
