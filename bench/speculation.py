@@ -193,16 +193,7 @@ def measure(label: str, source: str, runs: int, max_tokens: int) -> list[tuple[s
     rows = []
     for name, text, grammar, mode, budget in cases:
         request = GenerationRequest(prompt(loaded, text), budget, greedy, grammar=grammar)
-        plain, fast, plain_rate, fast_rate = compare(runner, request, mode, runs)
-        stats = runner.speculator.stats
-        accepted = stats.accepted / stats.proposed if stats.proposed else 0.0
-        rows.append(
-            (
-                f"{label}: {name}",
-                (plain.tokens, plain_rate, fast_rate, accepted, plain.text == fast.text),
-            )
-        )
-        print(f"  {label} {name}: {plain.tokens} tokens", file=sys.stderr, flush=True)
+        rows.append(row(runner, f"{label}: {name}", compare(runner, request, mode, runs)))
     return rows
 
 
@@ -221,17 +212,18 @@ def measure_draft(
     rows = []
     for name, text in (("code edit", CODE_EDIT), ("prose", PROSE)):
         request = GenerationRequest(prompt(loaded, text), max_tokens, greedy)
-        plain, fast, plain_rate, fast_rate = compare(runner, request, "draft", runs, draft_model)
-        stats = runner.speculator.stats
-        accepted = stats.accepted / stats.proposed if stats.proposed else 0.0
-        rows.append(
-            (
-                f"{label}: {name}",
-                (plain.tokens, plain_rate, fast_rate, accepted, plain.text == fast.text),
-            )
-        )
-        print(f"  {label} {name}: {plain.tokens} tokens", file=sys.stderr, flush=True)
+        measured = compare(runner, request, "draft", runs, draft_model)
+        rows.append(row(runner, f"{label}: {name}", measured))
     return rows
+
+
+def row(runner: Runner, name: str, measured: tuple[Run, Run, float, float]) -> tuple[str, Any]:
+    """A table row: tokens, both rates, the share of drafts kept, whether the text matched."""
+    plain, fast, plain_rate, fast_rate = measured
+    stats = runner.speculator.stats
+    accepted = stats.accepted / stats.proposed if stats.proposed else 0.0
+    print(f"  {name}: {plain.tokens} tokens", file=sys.stderr, flush=True)
+    return name, (plain.tokens, plain_rate, fast_rate, accepted, plain.text == fast.text)
 
 
 def main() -> None:
