@@ -43,6 +43,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.captures import pinned as pinned_body  # noqa: E402
 from tests.daemon import Daemon, start_daemon  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -53,13 +54,6 @@ CAPTURES = {
     CONTINUE: "capture-continue.jsonl",
     INTERACTIVE: "capture-interactive.jsonl",
 }
-# The first run used the [1m] model and said so in system[2] and the Bash
-# tool's description; the continue run names the plain one. A pinned model
-# name sends one line in both processes.
-PINNED_MODEL_LINE = (
-    ("Opus 4.8 (1M context)", "Opus 4.8"),
-    ("claude-opus-4-8[1m]", "claude-opus-4-8"),
-)
 COUNT_TOKENS = "/v1/messages/count_tokens?beta=true"
 # What `/context` sends about the conversation: count_tokens takes no
 # generation settings.
@@ -133,13 +127,7 @@ def load(folder: Path, capture: str) -> list[Request]:
 
 def pinned(requests: Iterable[Request]) -> list[Request]:
     """`requests` with the print run's model line as the continue run sent it."""
-    out = []
-    for request in requests:
-        text = json.dumps(request.body)
-        for captured, pin in PINNED_MODEL_LINE:
-            text = text.replace(captured, pin)
-        out.append(Request(request.capture, request.kind, request.path, json.loads(text)))
-    return out
+    return [Request(r.capture, r.kind, r.path, pinned_body(r.body)) for r in requests]
 
 
 def side_requests(main: Request, title: Request) -> list[Request]:

@@ -107,6 +107,12 @@ def running_daemon(home: Path, config: dict[str, Any]) -> Iterator[Daemon]:
         daemon.stop()
 
 
+@contextlib.contextmanager
+def daemon_running(home: Path, config: dict[str, Any]) -> Iterator[Daemon]:
+    """A daemon for one test: `with daemon_running(home, config) as daemon:`."""
+    yield from running_daemon(home, config)
+
+
 def _run_module(module: str, home: Path, args: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", module, *args],

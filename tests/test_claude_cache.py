@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
@@ -16,26 +15,13 @@ from mlx_lm.utils import load_tokenizer
 from pensieved.conversation.prompt import PromptBuilder
 from pensieved.wire.decode import decode_request
 from pensieved.wire.protocol import MessagesRequest
-from tests.daemon import Daemon, run_pensievectl, running_daemon
+from tests.captures import TWO_PROCESSES, pinned
+from tests.daemon import Daemon, daemon_running, run_pensievectl, running_daemon
 from tests.models import HERMES_TEMPLATE, build_tiny_model
 
-# The `--print` run's last main turn and the `--continue` run's first, as
-# captured in ../shared/claude-code (Claude Code 2.1.197).
-TWO_PROCESSES = Path(__file__).parent / "data" / "claude-code-two-processes.json"
 # The tiny model's KV cache: 2 layers x (keys, values) x 2 heads x 16 dims x 4 bytes.
 KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4
 GB = 1024**3
-
-
-def pinned(body: dict[str, Any]) -> dict[str, Any]:
-    """`body` as a pinned model name sends it: no `[1m]` model line between processes."""
-    text = json.dumps(body)
-    for long, short in (
-        ("Opus 4.8 (1M context)", "Opus 4.8"),
-        ("claude-opus-4-8[1m]", "claude-opus-4-8"),
-    ):
-        text = text.replace(long, short)
-    return dict(json.loads(text))
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -158,7 +144,7 @@ def test_side_requests_never_evict_the_main_conversation(tmp_path: Path, long_ti
     # Room for the main conversation and a little more, not for the side requests too.
     budget = 1.25 * 1800 * KV_BYTES_PER_TOKEN / GB
     config = {"models": {"tiny": long_tiny}, "engine": {"prompt_cache_gb": budget}}
-    with _daemon(tmp_path, config) as daemon:
+    with daemon_running(tmp_path / "daemon", config) as daemon:
         client = daemon.client()
         first = client.messages.create(**probe)
         assert first.usage.input_tokens > 1200, "the main prompt must fill most of the budget"
@@ -214,7 +200,7 @@ def test_a_main_turn_prefills_before_side_requests_that_wait_with_it(
                 if event.type == "content_block_delta":
                     firsts.setdefault(name, time.monotonic())
 
-    with _daemon(tmp_path, config) as daemon:
+    with daemon_running(tmp_path / "daemon", config) as daemon:
         daemon.client().messages.create(  # the model is loaded before the race
             model="claude-x", max_tokens=1, messages=[{"role": "user", "content": "hi"}]
         )
@@ -234,8 +220,3 @@ def test_a_main_turn_prefills_before_side_requests_that_wait_with_it(
             thread.join(120)
     assert set(firsts) == {"main", "side"}, firsts
     assert firsts["main"] < firsts["side"], "the side request's prefill went first"
-
-
-@contextlib.contextmanager
-def _daemon(home: Path, config: dict[str, Any]) -> Iterator[Daemon]:
-    yield from running_daemon(home / "daemon", config)

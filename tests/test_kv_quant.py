@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
 import secrets
 from pathlib import Path
@@ -19,7 +18,7 @@ from pensieved.config import ConfigError, ModelConfig, parse_config
 from pensieved.engine.kv_quant import stored_bytes_per_token
 from pensieved.engine.prefix_cache import PrefixCache
 from pensieved.paths import default_paths
-from tests.daemon import running_daemon
+from tests.daemon import daemon_running
 from tests.models import build_tiny_model
 
 GREEDY = {"temperature": 0.0}
@@ -146,8 +145,7 @@ def test_a_request_served_from_a_quantized_entry_answers_like_a_full_one(model: 
 
 def test_the_daemon_serves_turns_from_quantized_entries(model_dir: Path, tmp_path: Path) -> None:
     config = {"models": {"q": {"source": str(model_dir), "kv_bits": 8}}}
-    with contextlib.closing(running_daemon(tmp_path / "home", config)) as running:
-        daemon = next(running)
+    with daemon_running(tmp_path / "home", config) as daemon:
         client = daemon.client()
         turn = [{"role": "user", "content": " ".join(secrets.token_hex(3) for _ in range(150))}]
         first = client.messages.create(model="q", max_tokens=8, messages=turn, extra_body=GREEDY)

@@ -220,28 +220,33 @@ class PrefixCache:
             log.debug("prefix cache: %d bytes for %d tokens exceed the budget", size, len(tokens))
             return
         with self._lock:
-            kind = SIDE if side and not self._extends_main(model, tokens) else MAIN
+            found = self._lru._trie.search(model, tokens)
+            kind = SIDE if side and not self._extends_main(model, found) else MAIN
             if kind == SIDE and self.nbytes - self._side_bytes() + size > self.max_bytes:
                 log.debug("prefix cache: a side entry of %d tokens not kept", len(tokens))
                 return
-            self._drop_short_sibling(model, tokens)
+            self._drop_short_sibling(model, tokens, found)
             # Evicts entries (side ones first, then least recently used) until the total fits.
             self._lru.insert_cache(model, tokens, cache, cache_type=kind)
 
     def _side_bytes(self) -> int:
         return int(self._lru._n_bytes_by_type[SIDE])
 
-    def _extends_main(self, model: Any, tokens: list[int]) -> bool:
-        """Whether a main entry is a prefix of `tokens` (storing them replaces it)."""
-        found = self._lru._trie.search(model, tokens)
+    def _extends_main(self, model: Any, found: Any) -> bool:
+        """Whether a main entry is a prefix of the tokens the trie search `found` was for.
+
+        Storing those tokens replaces that entry, so the new one takes its class.
+        """
         prefix = found.exact if found.exact is not None else found.shorter
         if prefix is None:
             return False
         return bool(self._lru._trie.get(model, prefix).cache_type == MAIN)
 
-    def _drop_short_sibling(self, model: Any, tokens: list[int]) -> None:
-        """Forget the entry that shares a prefix with `tokens` and adds little beyond it."""
-        found = self._lru._trie.search(model, tokens)
+    def _drop_short_sibling(self, model: Any, tokens: list[int], found: Any) -> None:
+        """Forget the entry that shares a prefix with `tokens` and adds little beyond it.
+
+        `found` is the trie's search for `tokens`.
+        """
         sibling = found.longer
         if sibling is None or found.exact is not None or found.common_prefix >= len(tokens):
             return  # none, or `tokens` is a prefix of it: it holds more than the new one
