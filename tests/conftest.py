@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pensieved.models.gguf import import_gguf
-from pensieved.models.registry import builtin_gguf_path
+from pensieved.models.registry import BUILTIN_SAMPLING, builtin_gguf_path
 from tests.daemon import Daemon, running_daemon
 from tests.models import build_tiny_model
 from tests.schema import MONITOR
@@ -69,8 +69,9 @@ def pensieve_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The embedded SmolLM2, imported from its GGUF once per test session."""
-    return import_gguf(builtin_gguf_path(), tmp_path_factory.mktemp("models") / "smollm2")
+    """The embedded SmolLM2, imported from its GGUF once per test session, as `prepare` does."""
+    folder = tmp_path_factory.mktemp("models") / "smollm2"
+    return import_gguf(builtin_gguf_path(), folder, BUILTIN_SAMPLING)
 
 
 @pytest.fixture(scope="session")

@@ -40,12 +40,13 @@ def import_(ctx: click.Context, source: str, name: str | None) -> None:
             found = ollama.find(source)
         except ollama.OllamaError as exc:
             raise click.ClickException(str(exc)) from exc
-        gguf_file, default_name = found.blob, found.name
+        gguf_file, default_name, sampling = found.blob, found.name, found.sampling
     else:
         gguf_file = Path(source).expanduser()
         if not gguf_file.is_file():
             raise click.BadParameter(f"{source}: no such file", param_hint="SOURCE")
         default_name = gguf_file.stem.lower()
+        sampling = {}
     name = name or default_name
     if not name or "/" in name or name.startswith("."):
         raise click.BadParameter("must be a plain directory name", param_hint="--name")
@@ -59,7 +60,7 @@ def import_(ctx: click.Context, source: str, name: str | None) -> None:
             if gguf_file.suffix.lower() != ".gguf":
                 readable = Path(scratch) / f"{name}.gguf"
                 readable.symlink_to(gguf_file.resolve())
-            import_gguf(readable, target)
+            import_gguf(readable, target, sampling)
     except GGUFImportError as exc:
         raise click.ClickException(str(exc)) from exc
     if readable != gguf_file:  # record where it really came from

@@ -124,9 +124,9 @@ class ModelConfig:
     # their place (a screenshot in Claude Code's history must not refuse every
     # later turn), "reject" refuses the request with a 400.
     images: str = "placeholder"
-    # Prefix-cache entries kept quantized to this many bits per key and value
-    # (8 or 4), in groups of `kv_group_size`; None: full precision. Live
-    # sequences stay at full precision (engine/kv_quant.py).
+    # The KV cache kept quantized to this many bits per key and value (8 or
+    # 4), in groups of `kv_group_size`, for live sequences and prefix-cache
+    # entries alike; None: full precision (engine/kv_quant.py).
     kv_bits: int | None = None
     kv_group_size: int = 64
     # Speculative decoding of a lone sequence (engine/speculate.py): "ngram"
@@ -140,6 +140,14 @@ class ModelConfig:
     # source of a configured model named here, or a source of its own. It
     # loads and unloads with this model, its weights counted in this one's.
     draft: str | None = None
+    # Sampling for requests that leave it unset, over the model's own
+    # recommendation (its generation_config.json); None: the recommendation,
+    # else Pensieve's fallback (models/sampling.py).
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
 
 
 @dataclass(frozen=True)
@@ -314,6 +322,7 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
         speculate_tokens = _get(table, f"{key}.speculate_tokens", int, ModelConfig.speculate_tokens)
         if not 1 <= speculate_tokens <= 64:
             raise ConfigError(f"{key}.speculate_tokens: must be between 1 and 64")
+        sampling = _sampling_settings(table, key)
         models.append(
             ModelConfig(
                 name=name,
@@ -328,6 +337,7 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
                 speculate=speculate,
                 speculate_tokens=speculate_tokens,
                 draft=draft,
+                **sampling,
             )
         )
     if sum(m.default for m in models) > 1:
@@ -339,6 +349,31 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
     ]
     config = Config(server=server, engine=engine, memory=memory, service=service, paths=paths)
     return dataclasses.replace(config, models=tuple(models)) if models else config
+
+
+# (lowest, highest, whether the lowest itself is allowed) for each sampling key.
+SAMPLING_RANGES: dict[str, tuple[float, float, bool]] = {
+    "temperature": (0.0, 2.0, True),
+    "top_p": (0.0, 1.0, False),
+    "top_k": (0, 1_000_000, True),
+    "min_p": (0.0, 1.0, True),
+    "repetition_penalty": (0.0, 2.0, False),
+}
+
+
+def _sampling_settings(table: dict[str, Any], key: str) -> dict[str, Any]:
+    """A model table's sampling defaults, each checked against its range."""
+    settings: dict[str, Any] = {}
+    for name, (low, high, low_allowed) in SAMPLING_RANGES.items():
+        kind: Any = int if name == "top_k" else (int, float)
+        value = _get(table, f"{key}.{name}", kind, None)
+        if value is None:
+            continue
+        if not (low <= value <= high) or (value == low and not low_allowed):
+            bound = ">=" if low_allowed else ">"
+            raise ConfigError(f"{key}.{name}: must be {bound} {low:g} and <= {high:g}")
+        settings[name] = value if name == "top_k" else float(value)
+    return settings
 
 
 def _memory_config(table: dict[str, Any]) -> MemoryConfig:

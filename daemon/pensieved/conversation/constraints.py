@@ -389,3 +389,30 @@ def thinking_processor(plan: ThinkingBudget, tokenizer: Any) -> LogitsProcessor 
     if not start or not end:
         return None
     return _BudgetProcessor(plan, tuple(start), tuple(end))
+
+
+# Tokens back that the repetition penalty looks at (Ollama's `repeat_last_n`).
+REPETITION_WINDOW = 64
+
+
+def repetition_processor(penalty: float, exempt: tuple[int, ...]) -> LogitsProcessor:
+    """Make the last REPETITION_WINDOW tokens less likely again, by `penalty` (sign-aware).
+
+    As mlx-lm's and llama.cpp's penalty, but `exempt` (the end-of-turn tokens)
+    is never penalized: the window reaches back into the prompt, which ends
+    turns with them, and a penalized end token keeps a small model writing.
+    """
+    import mlx.core as mx
+
+    kept = set(exempt)
+
+    def penalize(tokens: Any, logits: Any) -> Any:
+        recent = [t for t in dict.fromkeys(tokens[-REPETITION_WINDOW:].tolist()) if t not in kept]
+        if not recent:
+            return logits
+        index = mx.array(recent)
+        chosen = logits[:, index]
+        logits[:, index] = mx.where(chosen < 0, chosen * penalty, chosen / penalty)
+        return logits
+
+    return penalize

@@ -32,6 +32,7 @@ from pensieved.engine.loading import (
     load_weights,
     models_to_evict,
     persisted_cache_path,
+    sampling_defaults,
 )
 from pensieved.engine.prefix_cache import PrefixCache
 from pensieved.engine.runner import Runner, SamplerPool
@@ -43,6 +44,7 @@ from pensieved.engine.stream import (
 )
 from pensieved.models.registry import local_model_dir, materialize
 from pensieved.models.residency import Resident
+from pensieved.models.sampling import SamplingDefaults
 from pensieved.wire.errors import Overloaded
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,8 @@ class Engine:
         # Tokenizers of models not loaded yet, to check a request before a load.
         self._prompt_sides: dict[ModelConfig, PromptSide] = {}
         self._prompt_sides_lock = threading.Lock()  # worker threads fill it
+        # Sampling defaults of models not loaded (for /health and /v1/models/{id}).
+        self._unloaded_sampling: dict[ModelConfig, SamplingDefaults] = {}
         # Free memory to keep when loading a model: the memory guard's reject line.
         self.memory_floor_bytes = 0
         # What the system can hand out now, as the memory guard reads it.
@@ -116,6 +120,22 @@ class Engine:
                     self._prompt_sides.clear()
                 self._prompt_sides[config] = side
         return side
+
+    def sampling_defaults(self, config: ModelConfig) -> SamplingDefaults:
+        """The sampling `config`'s model uses where a request is silent (loaded or not)."""
+        runner = self._runners.get(config)
+        if runner is not None:
+            return runner.loaded.sampling
+        # Read from the model's files once: /health asks on every call.
+        with self._prompt_sides_lock:
+            found = self._unloaded_sampling.get(config)
+        if found is None:
+            found = sampling_defaults(config, self._models_dir)
+            with self._prompt_sides_lock:
+                if len(self._unloaded_sampling) >= 32:
+                    self._unloaded_sampling.clear()
+                self._unloaded_sampling[config] = found
+        return found
 
     def cached_length(self, model: LoadedModel, tokens: list[int]) -> int:
         """How many of `tokens` the prefix cache would serve now (for `usage` up front)."""
@@ -279,7 +299,11 @@ class Engine:
             try:
                 future.set_result(self._load(config))
             except Exception as exc:
-                log.exception("loading model %s failed", config.name)
+                # One line: the caller reports it too (a 500, `pensievectl
+                # load`'s error, pensieved's refusal to start); the traceback
+                # is for --log-level debug.
+                log.error("loading model %s failed: %s", config.name, exc)
+                log.debug("loading model %s failed", config.name, exc_info=True)
                 future.set_exception(exc)
         elif kind == "unload":
             config, future = payload
@@ -312,6 +336,8 @@ class Engine:
         draft_path = None if draft is None else materialize(draft, self._models_dir)
         self._make_room(config, Path(path), None if draft_path is None else Path(draft_path))
         loaded = load_weights(config, path, self._settings, draft_path)
+        with self._prompt_sides_lock:  # read again from the files, imported now
+            self._unloaded_sampling.pop(config, None)
         self._runners[config] = Runner(loaded, self._settings, self.prefix_cache, self._samplers)
         if self._settings.persist_prompt_cache:
             saved = persisted_cache_path(self._models_dir, config)

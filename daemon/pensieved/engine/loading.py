@@ -19,6 +19,7 @@ from pensieved.conversation.constraints import GrammarCompiler
 from pensieved.conversation.prompt import PromptBuilder
 from pensieved.engine import cpu
 from pensieved.models.residency import Resident, expected_weight_bytes, plan_room
+from pensieved.models.sampling import SamplingDefaults, defaults_for, recommended
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class LoadedModel:
     dequantized: bool = False
     weight_bytes: int = 0  # the draft model's included
     draft_model: Any = None  # the model that drafts for speculative decoding, if any
+    # Sampling for what a request leaves unset (models/sampling.py).
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     grammars: GrammarCompiler = field(init=False)
 
     def __post_init__(self) -> None:
@@ -85,7 +88,30 @@ def load_weights(
         dequantized,
         weight_bytes,
         draft_model,
+        defaults_for(config, recommended(model_directory(path))),
     )
+
+
+def sampling_defaults(config: ModelConfig, models_dir: Path) -> SamplingDefaults:
+    """What `config`'s model samples with where a request is silent, without loading it."""
+    from pensieved.models.registry import local_model_dir
+
+    folder = local_model_dir(config, models_dir)
+    if folder is None and not Path(config.source).expanduser().exists():
+        folder = model_directory(config.source)  # a repo id: its snapshot, if downloaded
+    return defaults_for(config, recommended(folder))
+
+
+def model_directory(path: str | Path) -> Path | None:
+    """The local directory of a model `mlx_lm.load` has read from `path` (a repo id's snapshot)."""
+    if Path(path).is_dir():
+        return Path(path)
+    from mlx_lm.utils import hf_repo_to_path
+
+    try:
+        return Path(hf_repo_to_path(str(path)))  # type: ignore[no-untyped-call]
+    except Exception:  # not in the cache in a shape huggingface_hub recognises
+        return None
 
 
 def _read_weights(

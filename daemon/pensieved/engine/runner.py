@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pensieved.config import EngineConfig
-from pensieved.conversation.constraints import thinking_processor
+from pensieved.conversation.constraints import repetition_processor, thinking_processor
 from pensieved.conversation.stops import StopMatcher
 from pensieved.engine import kv_quant
 from pensieved.engine.loading import LoadedModel, new_generator
@@ -42,7 +42,7 @@ class SamplerPool:
     """
 
     def __init__(self) -> None:
-        self._samplers: dict[tuple[float, float, int], Callable[[Any], Any]] = {}
+        self._samplers: dict[tuple[float, float, int, float], Callable[[Any], Any]] = {}
 
     def get(self, sampling: Sampling, logits_size: int) -> Callable[[Any], Any]:
         from mlx_lm.sample_utils import make_sampler
@@ -50,10 +50,12 @@ class SamplerPool:
         # A top_k at or past the vocabulary keeps every token: no filter at all
         # (mlx-lm refuses such values).
         top_k = sampling.top_k if sampling.top_k < logits_size else 0
-        settings = (sampling.temperature, sampling.top_p, top_k)
+        settings = (sampling.temperature, sampling.top_p, top_k, sampling.min_p)
         sampler = self._samplers.get(settings)
         if sampler is None:
-            sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=top_k)
+            sampler = make_sampler(
+                temp=sampling.temperature, top_p=sampling.top_p, min_p=sampling.min_p, top_k=top_k
+            )
             if len(self._samplers) >= 64:
                 self._samplers.clear()
             self._samplers[settings] = sampler
@@ -123,6 +125,9 @@ class Runner:
             return
         loaded = self.loaded
         processors = []
+        if request.sampling.repetition_penalty != 1.0:
+            stops = tuple(sorted(loaded.tokenizer.eos_token_ids))
+            processors.append(repetition_processor(request.sampling.repetition_penalty, stops))
         if request.thinking is not None:
             budget = thinking_processor(request.thinking, loaded.tokenizer)
             if budget is not None:

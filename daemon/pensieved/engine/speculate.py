@@ -325,11 +325,16 @@ def _values(array: Any) -> list[Any]:
 
 
 def _sampling_scores(logprobs: Any, settings: Sampling) -> Any:
-    """Log-weights of the sampler's actual distribution (top-p, top-k, temperature)."""
-    from mlx_lm.sample_utils import apply_top_k, apply_top_p
+    """Log-weights of the sampler's actual distribution (top-p, min-p, top-k, temperature).
+
+    The cuts run in the order mlx-lm's `make_sampler` runs them.
+    """
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
     if 0 < settings.top_p < 1.0:
         logprobs = apply_top_p(logprobs, settings.top_p)
+    if settings.min_p != 0.0:
+        logprobs = apply_min_p(logprobs, settings.min_p)
     if 0 < settings.top_k < logprobs.shape[-1]:
         logprobs = apply_top_k(logprobs, settings.top_k)
     return logprobs * (1 / settings.temperature)

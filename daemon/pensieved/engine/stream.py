@@ -18,9 +18,13 @@ from pensieved.conversation.grammar import OutputGrammar
 
 @dataclass(frozen=True)
 class Sampling:
+    """One request's sampling; 1.0 / 0 / 0.0 / 1.0 turn top_p / top_k / min_p / the penalty off."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -221,11 +221,7 @@ class MessagesResource:
         check_fits(input_tokens, model.context_length)
         # Claude Code asks for 64000; clamp to what fits, never reject.
         max_tokens = min(request.max_tokens, model.context_length - input_tokens)
-        sampling = Sampling(
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            top_k=request.top_k or 0,
-        )
+        sampling = request_sampling(request, model)
 
         def plan_and_look_up() -> tuple[OutputPlan, int]:
             # Known for sure only once the engine takes the request;
@@ -279,6 +275,22 @@ class MessagesResource:
             thinking_end=plan.thinking_markers.end if plan.thinking_markers else None,
         )
         return message_id, _Started(reply, model, input_tokens, cached, gone)
+
+
+def request_sampling(request: MessagesRequest, model: LoadedModel) -> Sampling:
+    """The request's sampling; what it leaves unset, the model's defaults (models/sampling.py)."""
+    defaults = model.sampling
+    return Sampling(
+        temperature=defaults.temperature if request.temperature is None else request.temperature,
+        top_p=defaults.top_p if request.top_p is None else request.top_p,
+        top_k=defaults.top_k if request.top_k is None else request.top_k,
+        min_p=defaults.min_p if request.min_p is None else request.min_p,
+        repetition_penalty=(
+            defaults.repetition_penalty
+            if request.repetition_penalty is None
+            else request.repetition_penalty
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -135,4 +135,6 @@ class ModelsResource:
         else:
             model = self._registry.resolve(model_id)
             entry = ModelEntry(model.name, model.name, model)
-        json_response(resp, self._info(entry))
+        # Pensieve's extension: the sampling a request that leaves it unset gets.
+        sampling = self._engine.sampling_defaults(entry.model).report()
+        json_response(resp, {**self._info(entry), "sampling_defaults": sampling})

@@ -19,6 +19,9 @@ from typing import Any, cast
 import mlx.core as mx
 from gguf import GGUFReader
 
+from pensieved.models.registry import IMPORTER_VERSION
+from pensieved.models.sampling import valid_settings, write_recommendation
+
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
 SUPPORTED_ARCHITECTURES = ("llama",)
 GROUP_SIZE = 32  # every GGML block type MLX reads natively uses blocks of 32
@@ -62,8 +65,25 @@ class GGUFImportError(ValueError):
     """The GGUF file uses something this importer does not support."""
 
 
-def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
+# GGUF's recommended-sampling metadata (llama.cpp's `general.sampling.*`),
+# under the names generation_config.json uses.
+_SAMPLING_KEYS = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
+def import_gguf(
+    gguf_path: Path, out_dir: Path, sampling: dict[str, float | int] | None = None
+) -> Path:
     """Convert `gguf_path` into an MLX model directory at `out_dir`.
+
+    The recommended sampling in the file's metadata, overridden by
+    `sampling` (an Ollama Modelfile's parameters, or what the model's authors
+    published elsewhere), goes into `generation_config.json`.
 
     Writes into a temporary sibling and renames it into place, so a failed or
     interrupted import never leaves a half-written model behind.
@@ -93,8 +113,17 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
         mx.save_safetensors(str(staging / "model.safetensors"), mlx_weights, {"format": "mlx"})
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         _write_tokenizer(metadata, staging, config["max_position_embeddings"])
+        recommended = {**_sampling(metadata, gguf_path.name), **(sampling or {})}
+        if recommended:
+            write_recommendation(staging, recommended)
         (staging / "pensieve-import.json").write_text(
-            json.dumps({"source": str(gguf_path), "size": gguf_path.stat().st_size})
+            json.dumps(
+                {
+                    "source": str(gguf_path),
+                    "size": gguf_path.stat().st_size,
+                    "importer": IMPORTER_VERSION,
+                }
+            )
         )
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -117,6 +146,13 @@ def _check_tensor_types(gguf_path: Path) -> None:
                 f"tensor {tensor.name} has type {kind}, which the importer does not "
                 f"support (supported: {', '.join(SUPPORTED_TENSOR_TYPES)})"
             )
+
+
+def _sampling(metadata: dict[str, Any], origin: str) -> dict[str, float | int]:
+    found = {
+        name: _scalar(metadata, key) for key, name in _SAMPLING_KEYS.items() if key in metadata
+    }
+    return valid_settings(found, origin)
 
 
 def _scalar(metadata: dict[str, Any], key: str, default: Any = None) -> Any:

@@ -3,17 +3,25 @@
 An Ollama store (`~/.ollama/models`, or `$OLLAMA_MODELS`) keeps each model as
 a manifest, `manifests/<registry>/<namespace>/<name>/<tag>`, whose layer of
 media type `application/vnd.ollama.image.model` names the GGUF weights as a
-content-addressed blob, `blobs/sha256-<hex>`. Reading that needs no Ollama.
+content-addressed blob, `blobs/sha256-<hex>`; a layer of media type
+`application/vnd.ollama.image.params` holds the Modelfile's `PARAMETER` lines
+as JSON (the recommended sampling among them). Reading that needs no Ollama.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from pensieved.models.sampling import valid_settings
 
 MODEL_LAYER = "application/vnd.ollama.image.model"
+PARAMS_LAYER = "application/vnd.ollama.image.params"
+# A params layer is a few hundred bytes; anything far larger is not one.
+PARAMS_MAX_BYTES = 1024**2
 DEFAULT_REGISTRY = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
 DEFAULT_TAG = "latest"
@@ -29,6 +37,8 @@ class OllamaModel:
     name: str  # e.g. "qwen2.5-coder-7b" for library/qwen2.5-coder:7b
     manifest: Path
     blob: Path
+    # The Modelfile's recommended sampling (temperature, top_p, top_k, min_p).
+    sampling: dict[str, float | int] = field(default_factory=dict)
 
 
 def store_dir() -> Path:
@@ -101,7 +111,30 @@ def _from_manifest(manifest: Path, store: Path) -> OllamaModel:
     tag = manifest.name
     model = manifest.parent.name
     name = model if tag == DEFAULT_TAG else f"{model}-{tag}"
-    return OllamaModel(name.replace(":", "-"), manifest, blob)
+    return OllamaModel(name.replace(":", "-"), manifest, blob, _sampling(layers, store))
+
+
+def _sampling(layers: list[Any], store: Path) -> dict[str, float | int]:
+    """The sampling a manifest's params layer recommends; {} without a readable one."""
+    digest = next(
+        (layer.get("digest") for layer in layers if layer.get("mediaType") == PARAMS_LAYER), None
+    )
+    algorithm, _, hex_digest = str(digest).partition(":")
+    if algorithm != "sha256" or not hex_digest.isalnum():
+        return {}
+    blob = store / "blobs" / f"sha256-{hex_digest}"
+    try:
+        if blob.stat().st_size > PARAMS_MAX_BYTES:
+            return {}
+        params = json.loads(blob.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(params, dict):
+        return {}
+    # Ollama's name for it; the rest are generation_config.json's names.
+    if "repeat_penalty" in params:
+        params["repetition_penalty"] = params.pop("repeat_penalty")
+    return valid_settings(params, str(blob))
 
 
 def _inside(path: Path, folder: Path) -> bool:

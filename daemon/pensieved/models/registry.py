@@ -23,6 +23,18 @@ from pensieved.wire.errors import NotFound
 log = logging.getLogger(__name__)
 
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bumped when an import writes something earlier ones did not (gguf.py): a
+# model imported by an older importer is imported again.
+IMPORTER_VERSION = 2
+# The embedded SmolLM2's sampling (its GGUF carries none): temperature and
+# top_p from its model card. The repetition penalty is Pensieve's: at the
+# card's settings alone SmolLM2 loops ("I'm ready to assist." until the
+# budget) in 5 of 48 of Claude Code's minimal-mode first turns; with it, 0 of 72.
+BUILTIN_SAMPLING: dict[str, float | int] = {
+    "temperature": 0.2,
+    "top_p": 0.9,
+    "repetition_penalty": 1.1,
+}
 
 # One name Claude Code sends for each of its model tiers, resolved like any
 # request's: which local model serves a tier (`pensievectl claude` settings,
@@ -123,9 +135,11 @@ def materialize(model: ModelConfig, models_dir: Path) -> str:
     from pensieved.models.gguf import import_gguf  # imports MLX; keep it off pensievectl's path
 
     source = model.source
-    if source == BUILTIN_SOURCE or source == "builtin":
+    sampling = None
+    if is_builtin(source):
         gguf_file = builtin_gguf_path()
         target = models_dir / BUILTIN_SOURCE.split(":", 1)[1]
+        sampling = BUILTIN_SAMPLING
     elif source.lower().endswith(".gguf"):
         gguf_file = Path(source).expanduser().resolve()
         target = models_dir / model.name
@@ -135,14 +149,19 @@ def materialize(model: ModelConfig, models_dir: Path) -> str:
         return source  # a Hugging Face repo id; mlx_lm.load fetches or finds it in its cache
     if not _imported_from(target, gguf_file):
         log.info("importing %s into %s", gguf_file, target)
-        import_gguf(gguf_file, target)
+        import_gguf(gguf_file, target, sampling)
     return str(target)
+
+
+def is_builtin(source: str) -> bool:
+    """Whether `source` names the embedded model."""
+    return source in (BUILTIN_SOURCE, "builtin")
 
 
 def local_model_dir(model: ModelConfig, models_dir: Path) -> Path | None:
     """The directory `materialize` would return without importing anything, if there is one."""
     source = model.source
-    if source == BUILTIN_SOURCE or source == "builtin":
+    if is_builtin(source):
         gguf_file, target = builtin_gguf_path(), models_dir / BUILTIN_SOURCE.split(":", 1)[1]
     elif source.lower().endswith(".gguf"):
         gguf_file, target = Path(source).expanduser().resolve(), models_dir / model.name
@@ -161,4 +180,5 @@ def _imported_from(target: Path, gguf_file: Path) -> bool:
     return bool(
         recorded.get("source") == str(gguf_file)
         and recorded.get("size") == gguf_file.stat().st_size
+        and recorded.get("importer", 1) >= IMPORTER_VERSION
     )

@@ -287,6 +287,12 @@ class MessagesRequest(CountTokensRequest, kw_only=True):
     temperature: Probability | None = None
     top_p: Probability | None = None
     top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    # Pensieve's extension, as llama.cpp's server and Ollama take it: tokens
+    # under this share of the likeliest one's probability are never sampled.
+    min_p: Probability | None = None
+    # Also an extension (vLLM's name; llama.cpp's `repeat_penalty`): > 1 makes
+    # the last 64 tokens less likely again.
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0, le=2)] | None = None
     stop_sequences: list[str] | None = None
     stream: bool = False
     metadata: dict[str, Any] | None = None
