@@ -5,12 +5,16 @@ from: undeclared properties by default (a small model given that freedom
 invents keys until max_tokens), the Anthropic SDK's `"format": "text"`.
 `generation_schema` makes the copy a grammar generates from; its `loose`
 form also drops what may keep a schema from compiling at all (patterns,
-formats, remote `$ref`s), the fallback `GrammarCompiler` relaxes to.
+formats, remote `$ref`s), the fallback `GrammarCompiler` relaxes to. The
+constraints an official SDK moved into a description (sdk_hints.py) are put
+back in the copy, so the grammar enforces what the client will validate.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from pensieved.conversation.sdk_hints import restored_keywords
 
 _COMBINATORS = ("allOf", "anyOf", "oneOf")
 # Keywords whose values are schemas an instance is checked against as they
@@ -28,9 +32,11 @@ def generation_schema(schema: Any, loose: bool = False) -> Any:
     that freedom invents keys until max_tokens. An object with
     `additionalProperties` (other than false) keeps what it says.
     `"format": "text"`, the Anthropic SDK's mark for free text, is dropped
-    (llguidance knows no such format). `loose` drops what may keep a schema
-    from compiling at all: `pattern`, `patternProperties`, `format` and
-    `$ref`s outside the schema.
+    (llguidance knows no such format). Keywords an SDK moved into a
+    description as `{maxLength: 24, minimum: 1}` are put back where they fit
+    the node (sdk_hints.py). `loose` drops what may keep a schema from
+    compiling at all: `pattern`, `patternProperties`, `format` and `$ref`s
+    outside the schema, restored ones included.
     """
     return _close(schema, schema, partial=False, loose=loose)
 
@@ -42,6 +48,7 @@ def _close(node: Any, root: Any, partial: bool, loose: bool) -> Any:
     if not isinstance(node, dict):
         return node
     out = dict(node)
+    out.update(restored_keywords(node))
     if out.get("format") == "text":
         del out["format"]
     if loose:
