@@ -77,6 +77,7 @@ bench: setup
 	$(BIN)/python bench/speed.py $(BENCH_ARGS)
 	$(BIN)/python bench/speculation.py --runs 1 --no-draft
 	$(BIN)/python bench/kv_quant.py
+	$(BIN)/python bench/blas.py
 
 # Captured Claude Code traffic replayed: what the prefix cache serves per
 # request, against its targets (`BENCH_ARGS="--model NAME"`: a model of your config).

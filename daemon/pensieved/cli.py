@@ -47,9 +47,11 @@ def main(
     Started by launchd (PENSIEVE_SUPERVISOR=launchd), it exits 0 instead of 1:
     launchd would restart it every 10 s, and starting again fixes none of those.
 
-    On Linux, when the system has OpenBLAS, the daemon re-executes itself with
-    it preloaded (MLX's CPU backend is several times faster with it); set
-    PENSIEVE_OPENBLAS=0 to prevent that.
+    On Linux the daemon re-executes itself with OpenBLAS preloaded (the
+    system's, else the wheel `make setup` installs): MLX's CPU backend
+    prefills an order of magnitude faster with it. Its first lines and
+    /health say which BLAS runs; PENSIEVE_OPENBLAS=0 keeps the reference
+    BLAS, PENSIEVE_OPENBLAS=/path/to/libopenblas.so names the library.
     """
     from pensieved.service.preflight import this_host, unsupported
 

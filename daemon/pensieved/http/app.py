@@ -103,10 +103,12 @@ def health_report(
         "listen": config.base_url,
         "uptime_s": round(time.time() - started, 1),
         "model": config.default_model.name,
-        "models": [_model_health(m, loaded.get(m)) for m in config.models],
+        "models": [_model_health(m, loaded.get(m), engine) for m in config.models],
         "backend": {
             "device": str(mx.default_device().type).rsplit(".", 1)[-1],
             "openblas": cpu.openblas_active(),
+            # Which BLAS: blas, blas_kernel, blas_threads, blas_coretype, blas_fallback.
+            **cpu.blas_report().health(),
         },
         "requests": {
             "active": engine.active_requests(),
@@ -146,7 +148,7 @@ class HealthResource:
         json_response(resp, report)
 
 
-def _model_health(model: ModelConfig, loaded: LoadedModel | None) -> dict[str, Any]:
+def _model_health(model: ModelConfig, loaded: LoadedModel | None, engine: Engine) -> dict[str, Any]:
     return {
         "name": model.name,
         "source": model.source,
@@ -158,6 +160,8 @@ def _model_health(model: ModelConfig, loaded: LoadedModel | None) -> dict[str, A
         "tool_format": (
             ("native" if loaded.builder.native_format else "generic") if loaded else None
         ),
+        # What a request that leaves temperature, top_p, top_k or min_p unset gets.
+        "sampling": engine.sampling_defaults(model).report(),
     }
 
 
