@@ -70,10 +70,16 @@ def daemon_env(home: Path) -> dict[str, str]:
     return env
 
 
-def start_daemon(home: Path, config: dict[str, Any], *extra_args: str) -> Daemon:
+def start_daemon(
+    home: Path, config: dict[str, Any], *extra_args: str, port_flag: bool = False
+) -> Daemon:
+    """`pensieved --config FILE ARGS`; `port_flag`: on a port given as `--port`, not the file's."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    config = {**config, "server": {**config.get("server", {}), "port": port}}
+    if port_flag:
+        extra_args = (*extra_args, "--port", str(port))
+    file_port = free_port() if port_flag else port
+    config = {**config, "server": {**config.get("server", {}), "port": file_port}}
     config_path = home / "config.toml"
     config_path.write_bytes(tomli_w.dumps(config).encode())
     log_path = home / "daemon.log"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pensievectl.claude_settings import compact_at
+from pensievectl.claude_env import compact_at
 from pensievectl.doctor import captured_request, offer_pulls, recommended_model, run_checks
 from pensieved.config import load_config
 from tests.daemon import Daemon, daemon_env, free_port, run_pensievectl, running_daemon
@@ -101,9 +101,12 @@ def test_doctor_on_a_model_too_small_for_claude_code(tiny_daemon: Daemon, tmp_pa
     table = rows(result.stdout)
     assert "2.1.197 (Claude Code)" in table["claude code"]
     context = table["opus tiny context"]
-    assert " fail " in context and "256 tokens: too small for Claude Code" in context
-    prompt = int(context.split("whose prompt is ")[1].split()[0])
+    assert " fail " in context and "256 tokens: too small for Claude Code's full prompt" in context
+    prompt = int(context.split("full prompt, ")[1].split()[0])
     assert 15_000 < prompt < 40_000  # Claude Code's system text and 24 tool schemas
+    # Too small for its minimal mode too (~1.1k tokens: a short system text, 3 tools).
+    minimal = int(context.split("minimal mode's ")[1].split()[0])
+    assert 500 < minimal < 2_000
     assert "pensievectl pull mlx-community/" in context
     assert "shell env" in table and " warn " in table["shell env"]
     assert " ok " in table["opus tiny cache"]
@@ -128,7 +131,7 @@ def test_offer_pulls_asks_then_pulls_the_recommended_repo(
     monkeypatch.setenv("PENSIEVE_HOME", str(tiny_daemon.home))
     checks = run_checks(load_config(tiny_daemon.config_path), environ={})
     health = tiny_daemon.http().get("/health").json()
-    repo = recommended_model(health["memory"]["total_gb"])
+    repo = recommended_model(health["memory"]["total_gb"], health["backend"]["device"])
     asked: list[str] = []
     pulled: list[str] = []
     printed: list[str] = []
@@ -193,7 +196,7 @@ def test_doctor_with_the_daemon_down(tmp_path: Path) -> None:
 
 
 def test_env_sets_the_compact_window_and_pins_the_models(long_daemon: Daemon) -> None:
-    result = run_pensievectl(long_daemon, "env", "--model-tiers")
+    result = run_pensievectl(long_daemon, "env")
     assert result.returncode == 0, result.stderr
     variables = dict(
         line.removeprefix("export ").split("=", 1) for line in result.stdout.split("\n") if line

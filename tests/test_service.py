@@ -430,6 +430,22 @@ def test_a_refusal_is_reported_with_the_managers_answer(tmp_path: Path) -> None:
         manager("linux", tmp_path, runner).install()
 
 
+def test_without_a_user_systemd_install_leaves_nothing_and_uninstall_is_a_no_op(
+    tmp_path: Path,
+) -> None:
+    """Containers, WSL, ssh without lingering: no user bus to talk to."""
+    bus = "Failed to connect to bus: No medium found"
+    reload = ("systemctl", "--user", "daemon-reload")
+    runner = RecordingRunner({reload: 1}, {reload: bus})
+    service = manager("linux", tmp_path, runner)
+    with pytest.raises(ServiceError, match=r"No medium found.*loginctl enable-linger"):
+        service.install()
+    assert not service.service_file.exists()
+    runner.calls.clear()
+    service.uninstall()  # nothing installed is fine, bus or not
+    assert runner.calls == []
+
+
 def test_daemon_tells_systemd_when_ready_and_stopping(tiny_dir: Path, tmp_path: Path) -> None:
     notify = tmp_path / "notify.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

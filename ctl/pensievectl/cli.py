@@ -8,24 +8,25 @@ from __future__ import annotations
 
 import collections
 import json
-import shlex
 import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import click
 import tomli_w
 
 from pensievectl import model_commands
+from pensievectl.claude_env import MINIMAL_MODE, ClaudeSetup, claude_setup, shell_lines
 from pensievectl.daemon_link import ask as _ask
 from pensievectl.daemon_link import config_of as _config
 from pensieved.config import (
     Config,
     ConfigError,
+    ModelConfig,
     config_as_toml,
     config_option,
-    ensure_token,
     load_config,
     parse_config,
 )
@@ -56,32 +57,30 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 @click.option(
     "--model-tiers",
     is_flag=True,
-    help="Also print ANTHROPIC_DEFAULT_{OPUS,SONNET,HAIKU}_MODEL and ANTHROPIC_MODEL: "
-    "the local model each Claude Code tier resolves to.",
+    hidden=True,
+    help="Kept for older scripts: the tiers are always printed now.",
 )
 @click.pass_context
 def env(ctx: click.Context, shell: str, model_tiers: bool) -> None:
     """Print the environment that points Claude Code and the SDKs at Pensieve.
 
-    Use it as: eval "$(pensievectl env)"
+    Use it as: eval "$(pensievectl env)". It asks the running daemon (else
+    reads the config): ANTHROPIC_BASE_URL and ANTHROPIC_AUTH_TOKEN, the local
+    model each Claude Code tier resolves to (ANTHROPIC_DEFAULT_{OPUS,SONNET,
+    HAIKU}_MODEL, ANTHROPIC_MODEL), and the model's compaction window. When
+    that model cannot hold Claude Code's full prompt, it also sets
+    CLAUDE_CODE_SIMPLE=1 (Claude Code's minimal mode) and says why in a
+    comment line.
     """
-    for name, value in _claude_env(_config(ctx), model_tiers).items():
-        if shell == "fish":
-            click.echo(f"set -gx {name} {shlex.quote(value)}")
-        else:
-            click.echo(f"export {name}={shlex.quote(value)}")
+    for line in shell_lines(_claude_setup(ctx), shell):
+        click.echo(line)
 
 
-def _claude_env(config: Config, model_tiers: bool) -> dict[str, str]:
-    from pensievectl.claude_settings import model_tiers as tiers
-
-    variables = {
-        "ANTHROPIC_BASE_URL": config.base_url,
-        "ANTHROPIC_AUTH_TOKEN": ensure_token(config),
-    }
-    if model_tiers:
-        variables.update(tiers(config))
-    return variables
+def _claude_setup(ctx: click.Context) -> ClaudeSetup:
+    try:
+        return claude_setup(_config(ctx))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.command(name="setup-claude")
@@ -90,12 +89,13 @@ def _claude_env(config: Config, model_tiers: bool) -> dict[str, str]:
 def setup_claude(ctx: click.Context, undo: bool) -> None:
     """Point Claude Code at Pensieve in its user settings (~/.claude/settings.json).
 
-    Merges ANTHROPIC_BASE_URL, ANTHROPIC_AUTH_TOKEN and the model tiers (as
-    `env --model-tiers` prints them) into the file's `env` object, and
-    leaves every other setting as it is. The file is first backed up to
-    settings.json.pensieve-backup (once: running again keeps the original);
-    --undo restores it byte for byte, or removes the file if there was none.
-    CLAUDE_CONFIG_DIR overrides ~/.claude.
+    Merges what `env` prints (address, token, model tiers, compaction window,
+    and CLAUDE_CODE_SIMPLE=1 when the model is too small for Claude Code's
+    full prompt) into the file's `env` object, and leaves every other setting
+    as it is. The file is first backed up to settings.json.pensieve-backup
+    (once: running again keeps the original); --undo restores it byte for
+    byte, or removes the file if there was none. CLAUDE_CONFIG_DIR overrides
+    ~/.claude.
     """
     from pensievectl import claude_settings
 
@@ -104,13 +104,19 @@ def setup_claude(ctx: click.Context, undo: bool) -> None:
         if undo:
             click.echo(claude_settings.undo(path))
             return
-        variables = _claude_env(_config(ctx), model_tiers=True)
-        backup = claude_settings.install(path, variables)
+        setup = _claude_setup(ctx)
+        variables = setup.variables()
+        remove = () if setup.minimal else (MINIMAL_MODE,)
+        backup = claude_settings.install(path, variables, remove)
     except (claude_settings.SettingsError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
-    if backup is not None:
+    if backup is not None and backup.name.endswith(claude_settings.ABSENT_SUFFIX):
+        click.echo(f"created {path} (there was none: --undo removes it)")
+    elif backup is not None:
         click.echo(f"backed up {path} to {backup.name}")
     click.echo(f"updated {path}: " + ", ".join(variables))
+    if setup.minimal:
+        click.echo(f"note: {setup.minimal_reason()}")
     click.echo("undo with: pensievectl setup-claude --undo")
 
 
@@ -132,7 +138,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         ("status", f"running (pid {report['pid']}, up {_duration(report['uptime_s'])})"),
         ("version", report["version"]),
         ("listening", report["listen"]),
-        ("backend", ", ".join(f"{k} {v}" for k, v in report["backend"].items())),
+        ("backend", _backend(report["backend"])),
         (
             "requests",
             f"{requests['active']} active, {requests['served']} served, "
@@ -181,6 +187,23 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
 
 MB = 1024**2
+
+
+def _backend(backend: dict[str, Any]) -> str:
+    """`device cpu, OpenBLAS 0.3.33 (... wheel), kernel Haswell, 1 thread` and the like."""
+    parts = [f"device {backend['device']}"]
+    if backend.get("blas"):
+        parts.append(backend["blas"])
+    if backend.get("blas_kernel"):
+        parts.append(f"kernel {backend['blas_kernel']}")
+    threads = backend.get("blas_threads")
+    if threads:
+        parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
+    if backend.get("blas_coretype"):
+        parts.append(f"OPENBLAS_CORETYPE={backend['blas_coretype']}")
+    if backend.get("blas_fallback"):
+        parts.append(f"not OpenBLAS: {backend['blas_fallback']}")
+    return ", ".join(parts)
 
 
 def _excerpt(text: str) -> str:
@@ -314,6 +337,12 @@ def config_set(ctx: click.Context, key: str, value: str) -> None:
     """
     path = _config_file(ctx)
     data = tomllib.loads(path.read_text()) if path.exists() else {}
+    seeded = []
+    if key.startswith("models.") and "models" not in data:
+        # [models.*] tables replace the built-in list as a whole: write the
+        # models in force first, so that adding one keeps the embedded model.
+        data["models"] = model_tables(_config(ctx))
+        seeded = list(data["models"])
     parts = key.split(".")
     table = data
     for part in parts[:-1]:
@@ -332,6 +361,18 @@ def config_set(ctx: click.Context, key: str, value: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(data))
     click.echo(f"{key} = {tomli_w.dumps({'v': parsed})[4:].strip()}  ({path})")
+    if seeded:
+        click.echo(f"kept {', '.join(seeded)} (the models in force) beside it; apply with reload")
+
+
+def model_tables(config: Config) -> dict[str, dict[str, object]]:
+    """`config`'s models as [models.*] tables, each with only what differs from the defaults."""
+    defaults = config_as_toml(Config(models=(ModelConfig("-", "-"),)))["models"]["-"]
+    tables = config_as_toml(config)["models"]
+    return {
+        name: {k: v for k, v in table.items() if k == "source" or defaults.get(k) != v}
+        for name, table in tables.items()
+    }
 
 
 def _config_file(ctx: click.Context) -> Path:

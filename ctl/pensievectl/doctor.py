@@ -14,17 +14,27 @@ import os
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from pensievectl import claude_settings
+from pensievectl.claude_env import (
+    MINIMAL_MODE,
+    ClaudeSetup,
+    ModelFit,
+    claude_setup,
+    model_context,
+)
 from pensievectl.launcher import find_claude
-from pensieved.config import Config, ConfigError, ensure_token
+from pensieved.config import Config, ConfigError
 from pensieved.models.registry import CLAUDE_TIERS, ModelRegistry, local_model_dir
-from pensieved.wire.errors import NotFound
+from pensieved.wire.claude_code import (
+    ESTIMATED_PROMPT_TOKENS,
+    REPLY_ROOM,
+    captured_request,
+    fits,
+)
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 GB = 1024**3
@@ -33,6 +43,14 @@ RECOMMENDED = (
     (64, "mlx-community/Qwen3-Coder-30B-A3B-Instruct-4bit"),
     (16, "mlx-community/Qwen2.5-Coder-7B-Instruct-4bit"),
     (0, "mlx-community/Qwen2.5-Coder-1.5B-Instruct-4bit"),
+)
+# On MLX's CPU backend (Linux) a 7B model decodes a token or two a second and
+# prefills Claude Code's ~20k-token prompt in hours: the smallest coders with
+# its 32k window and tool calls, dequantized to float32 (`dequantize = "auto"`
+# does that up to 4 GB). docs/models.md, "A bigger model on Linux".
+RECOMMENDED_CPU = (
+    (16, "mlx-community/Qwen2.5-Coder-1.5B-Instruct-4bit"),
+    (0, "mlx-community/Qwen2.5-Coder-0.5B-Instruct-4bit"),
 )
 
 
@@ -45,28 +63,23 @@ class Check:
     pull: str = ""  # the repo id the fix downloads, offered by `offer_pulls`
 
 
-def captured_request() -> dict[str, Any]:
-    """Claude Code 2.1's first main request (system, 24 tools, the task), metadata stripped."""
-    text = resources.files("pensievectl").joinpath("claude_code_request.json").read_text()
-    request: dict[str, Any] = json.loads(text)
-    return request
-
-
-def recommended_model(total_gb: float) -> str:
-    """The two-tier config's main model sized for a machine with `total_gb` of memory."""
-    return next(repo for least, repo in RECOMMENDED if total_gb >= least)
+def recommended_model(total_gb: float, device: str = "gpu") -> str:
+    """The main model to suggest for a machine with `total_gb` of memory and MLX on `device`."""
+    choices = RECOMMENDED_CPU if device == "cpu" else RECOMMENDED
+    return next(repo for least, repo in choices if total_gb >= least)
 
 
 def run_checks(config: Config, environ: Mapping[str, str] | None = None) -> list[Check]:
     environ = os.environ if environ is None else environ
-    checks = [_claude_installed(), *_shell_env(config, environ)]
     try:
-        token = ensure_token(config)
+        setup = claude_setup(config)
     except ConfigError as exc:
-        return [Check("daemon", FAIL, f"token not readable: {exc}", "check PENSIEVE_HOME"), *checks]
+        unreadable = Check("daemon", FAIL, f"token not readable: {exc}", "check PENSIEVE_HOME")
+        return [unreadable, _claude_installed()]
+    checks = [_claude_installed(), _shell_env(setup, environ)]
     with httpx.Client(
-        base_url=config.base_url,
-        headers={"x-api-key": token, "anthropic-version": "2023-06-01"},
+        base_url=setup.base_url,
+        headers={"x-api-key": setup.token, "anthropic-version": "2023-06-01"},
         timeout=600,
     ) as http:
         try:
@@ -75,13 +88,13 @@ def run_checks(config: Config, environ: Mapping[str, str] | None = None) -> list
             down = Check(
                 "daemon",
                 FAIL,
-                f"not answering on {config.base_url} ({type(exc).__name__}); "
+                f"not answering on {setup.base_url} ({type(exc).__name__}); "
                 "the model checks were skipped",
                 "start it: make run (or pensievectl service install)",
             )
             return [down, *checks]
-        checks.insert(0, Check("daemon", OK, f"{health['status']} on {config.base_url}"))
-        checks.extend(_tier_checks(config, http))
+        checks.insert(0, Check("daemon", OK, f"{health['status']} on {setup.base_url}"))
+        checks.extend(_tier_checks(config, setup, http))
     return checks
 
 
@@ -118,87 +131,67 @@ def _claude_installed() -> Check:
     return Check("claude code", OK, f"{version or 'unknown version'} ({claude})")
 
 
-def _shell_env(config: Config, environ: Mapping[str, str]) -> list[Check]:
-    from pensievectl.claude_settings import model_tiers
-
-    wanted = {"ANTHROPIC_BASE_URL": config.base_url, **model_tiers(config)}
+def _shell_env(setup: ClaudeSetup, environ: Mapping[str, str]) -> Check:
+    wanted = setup.variables()
     wrong = [name for name, value in wanted.items() if environ.get(name) != value]
     if environ.get("ANTHROPIC_API_KEY"):
         wrong.append("ANTHROPIC_API_KEY (set: it wins over the token)")
-    token = environ.get("ANTHROPIC_AUTH_TOKEN")
-    try:
-        token_ok = token == ensure_token(config)
-    except ConfigError:
-        token_ok = False
-    if not token_ok:
-        wrong.append("ANTHROPIC_AUTH_TOKEN")
+    if not setup.minimal and environ.get(MINIMAL_MODE):
+        wrong.append(f"{MINIMAL_MODE} (set: Claude Code runs in minimal mode)")
     if not wrong:
-        return [Check("shell env", OK, "matches `pensievectl env --model-tiers`")]
-    return [
-        Check(
-            "shell env",
-            WARN,
-            "differs from `pensievectl env --model-tiers`: " + ", ".join(wrong),
-            'eval "$(pensievectl env --model-tiers)", or use claude-local / setup-claude',
-        )
-    ]
+        return Check("shell env", OK, "matches `pensievectl env`")
+    return Check(
+        "shell env",
+        WARN,
+        "differs from `pensievectl env`: " + ", ".join(wrong),
+        'eval "$(pensievectl env)", or use claude-local / setup-claude',
+    )
 
 
-def _tier_checks(config: Config, http: httpx.Client) -> list[Check]:
-    registry = ModelRegistry(config)
-    request = captured_request()
+def _tier_checks(config: Config, setup: ClaudeSetup, http: httpx.Client) -> list[Check]:
+    requests = {False: captured_request(), True: captured_request(minimal=True)}
     checks: list[Check] = []
     seen: set[str] = set()
     for tier, client_name in CLAUDE_TIERS.items():
-        try:
-            model = registry.resolve(client_name)
-        except NotFound:
+        name = setup.tiers.get(tier)
+        if name is None:
             checks.append(
                 Check(f"{tier} tier", FAIL, f"{client_name} resolves to no model", "add an alias")
             )
             continue
-        if model.name in seen:
-            checks.append(Check(f"{tier} tier", OK, f"{model.name} (checked above)"))
+        if name in seen:
+            checks.append(Check(f"{tier} tier", OK, f"{name} (checked above)"))
             continue
-        seen.add(model.name)
-        checks.extend(_model_checks(config, http, tier, model.name, request))
+        seen.add(name)
+        checks.extend(_model_checks(config, setup, http, tier, name, requests))
     return checks
 
 
 def _model_checks(
-    config: Config, http: httpx.Client, tier: str, name: str, request: dict[str, Any]
+    config: Config,
+    setup: ClaudeSetup,
+    http: httpx.Client,
+    tier: str,
+    name: str,
+    requests: dict[bool, dict[str, Any]],
 ) -> list[Check]:
     label = f"{tier} {name}"
-    counted = http.post("/v1/messages/count_tokens", json={**request, "model": name})
-    if counted.status_code != 200:
-        return [Check(label, FAIL, f"count_tokens answered {counted.status_code}: {counted.text}")]
-    prompt = int(counted.json()["input_tokens"])
+    prompts = {}
+    for minimal, request in requests.items():
+        counted = http.post("/v1/messages/count_tokens", json={**request, "model": name})
+        if counted.status_code != 200:
+            return [
+                Check(label, FAIL, f"count_tokens answered {counted.status_code}: {counted.text}")
+            ]
+        prompts[minimal] = int(counted.json()["input_tokens"])
+    prompt, minimal_prompt = prompts[False], prompts[True]
     health = http.get("/health").json()
     entry = next(m for m in health["models"] if m["name"] == name)
-    context = entry["context_length"] or claude_settings.model_context(
-        config, registry_model(config, name)
-    )
-    needed = prompt + claude_settings.REPLY_ROOM
-    checks = []
+    fit = setup.fits.get(name)
+    context = entry["context_length"] or (fit.context if fit else None)
     if context is None:
-        checks.append(Check(f"{label} context", WARN, f"unknown; Claude Code's prompt is {prompt}"))
-    elif context < needed:
-        repo = recommended_model(health["memory"]["total_gb"])
-        checks.append(
-            Check(
-                f"{label} context",
-                FAIL,
-                f"{context} tokens: too small for Claude Code, whose prompt is {prompt} "
-                f"tokens here (+{claude_settings.REPLY_ROOM} for a reply)",
-                f"pensievectl pull {repo}, then make it the default model "
-                "(docs/models.md, two tiers on a Mac)",
-                pull=repo,
-            )
-        )
-    else:
-        checks.append(
-            Check(f"{label} context", OK, f"{context} tokens; Claude Code's prompt is {prompt}")
-        )
+        context = model_context(config, registry_model(config, name))
+    checks = [_context_check(label, context, prompt, minimal_prompt, health, main=tier == "opus")]
     checks.append(_structured_output(http, label, name))
     checks.append(_cache_check(http, label, name))
     # Read after the requests above: they loaded the model.
@@ -213,8 +206,38 @@ def _model_checks(
             + ("" if form == "native" else " (Pensieve's, taught in the prompt)"),
         )
     )
+    needed = prompt + REPLY_ROOM
     checks.append(_memory_check(config, health, entry, label, name, needed))
     return checks
+
+
+def _context_check(
+    label: str,
+    context: int | None,
+    prompt: int,
+    minimal_prompt: int,
+    health: dict[str, Any],
+    main: bool,
+) -> Check:
+    """The model's context against Claude Code's full prompt, then against its minimal one."""
+    name = f"{label} context"
+    if context is None:
+        return Check(name, WARN, f"unknown; Claude Code's prompt is {prompt}")
+    if fits(context, prompt):
+        return Check(name, OK, f"{context} tokens; Claude Code's prompt is {prompt}")
+    repo = recommended_model(health["memory"]["total_gb"], health["backend"]["device"])
+    fix = f"full tool set: pensievectl pull {repo}, then make it the default (docs/models.md)"
+    too_small = (
+        f"{context} tokens: too small for Claude Code's full prompt, {prompt} tokens here "
+        f"(+{REPLY_ROOM} for a reply)"
+    )
+    if fits(context, minimal_prompt, minimal=True):
+        mode = "minimal mode" if main else "minimal mode, when it is the main model"
+        detail = f"{too_small}; its {mode} ({MINIMAL_MODE}=1, {minimal_prompt} tokens) fits"
+        return Check(name, WARN, detail, fix, pull=repo)
+    return Check(
+        name, FAIL, f"{too_small}, and its minimal mode's {minimal_prompt}", fix, pull=repo
+    )
 
 
 def registry_model(config: Config, name: str) -> Any:
@@ -359,15 +382,16 @@ def offer_pulls(
 
 
 def startup_note(config: Config) -> str | None:
-    """One line when the default model's context cannot hold Claude Code's prompt, else None."""
-    context = claude_settings.model_context(config, config.default_model)
-    needed = claude_settings.CLAUDE_CODE_PROMPT_TOKENS + claude_settings.REPLY_ROOM
-    if context is None or context >= needed:
-        return None
-    return (
-        f"note: {config.default_model.name}'s {context}-token context is too small for Claude "
-        f"Code (~{needed} tokens needed); run `pensievectl doctor` for what to do"
+    """What `make run` says before starting when Claude Code will need its minimal mode."""
+    fit = ModelFit(
+        config.default_model.name,
+        model_context(config, config.default_model),
+        ESTIMATED_PROMPT_TOKENS,
     )
+    if not fit.too_small:
+        return None
+    setup = ClaudeSetup(config.base_url, "", {"opus": fit.name}, {fit.name: fit})
+    return f"note: {setup.minimal_reason()}"
 
 
 if __name__ == "__main__":  # `make run` prints this before starting the daemon

@@ -1,8 +1,9 @@
 """`claude-local`: Claude Code on Pensieve, in this one process only.
 
-Runs `claude` with ANTHROPIC_BASE_URL / ANTHROPIC_AUTH_TOKEN pointing at the
-daemon, leaving every other terminal on the cloud API. Arguments pass through:
-`claude-local --print "Hello"`.
+Runs `claude` with what `pensievectl env` prints (the running daemon's address
+and token, the model tiers, and minimal mode for a model too small for Claude
+Code's full prompt), leaving every other terminal on the cloud API. Arguments
+pass through: `claude-local --print "Hello"`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from pensievectl.claude_settings import model_tiers
-from pensieved.config import ConfigError, ensure_token, load_config
+from pensievectl.claude_env import claude_setup
+from pensieved.config import ConfigError, load_config
 
 # Where Claude Code's installers put `claude` when it is not on PATH: the
 # native installer's ~/.local/bin (often not exported), `claude
@@ -41,8 +42,7 @@ def find_claude(path: str | None = None, home: Path | None = None) -> str | None
 
 def main() -> None:
     try:
-        config = load_config()
-        token = ensure_token(config)
+        setup = claude_setup(load_config())
     except ConfigError as exc:
         sys.exit(f"claude-local: {exc}")
     claude = find_claude()
@@ -54,11 +54,12 @@ def main() -> None:
         )
     env = dict(os.environ)
     env.pop("ANTHROPIC_API_KEY", None)  # it would win over the token
-    env["ANTHROPIC_BASE_URL"] = config.base_url
-    env["ANTHROPIC_AUTH_TOKEN"] = token
-    # Pinned model names and the local model's compaction window, as
-    # `pensievectl env --model-tiers` prints them.
-    env.update(model_tiers(config))
+    # The daemon's address and token, pinned model names, the local model's
+    # compaction window and, for a small model, minimal mode: as `pensievectl
+    # env` prints them.
+    env.update(setup.variables())
+    if setup.minimal:
+        print(f"claude-local: {setup.minimal_reason()}", file=sys.stderr)
     os.execve(claude, [claude, *sys.argv[1:]], env)
 
 

@@ -154,7 +154,9 @@ class ControlServer:
         try:
             return {"ok": True, **await handler(request)}
         except Exception as exc:
-            log.exception("control command %s failed", request["command"])
+            # The client prints the reason; the log gets one line of it too.
+            log.error("control command %s failed: %s", request["command"], exc)
+            log.debug("control command %s failed", request["command"], exc_info=True)
             return {"ok": False, "error": str(exc)}
 
     @staticmethod

@@ -117,7 +117,16 @@ class ServiceManager:
             self._launchd_install()
         else:
             self._write(self.render())
-            self._check("systemctl", "--user", "daemon-reload")
+            try:
+                self._check("systemctl", "--user", "daemon-reload")
+            except ServiceError as exc:
+                # No user systemd here: leave nothing behind, and say what would help.
+                self.service_file.unlink(missing_ok=True)
+                raise ServiceError(
+                    f"{exc}. There is no systemd user instance here: on a headless machine "
+                    'or over ssh, `loginctl enable-linger "$USER"` starts one; in a container '
+                    "or WSL, run `pensieved` in the foreground instead"
+                ) from exc
             self._check("systemctl", "--user", "enable", "--now", SYSTEMD_UNIT)
             # enable --now leaves a running old version alone: restart it.
             self._check("systemctl", "--user", "restart", SYSTEMD_UNIT)
@@ -150,9 +159,9 @@ class ServiceManager:
                     self._bootout(target)
         elif self.service_file.exists():
             self._run(["systemctl", "--user", "disable", "--now", SYSTEMD_UNIT])
-        self.service_file.unlink(missing_ok=True)
-        if self._platform != "darwin":
+            self.service_file.unlink()
             self._check("systemctl", "--user", "daemon-reload")
+        self.service_file.unlink(missing_ok=True)
 
     def _write(self, content: bytes) -> None:
         """Write the service file with an exact mode, whatever the umask.

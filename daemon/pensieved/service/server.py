@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import logging.handlers
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pensieved.config import Config, ModelConfig, ensure_token
+from pensieved.config import Config, ConfigError, ModelConfig, ensure_token
 from pensieved.engine import cpu
 from pensieved.engine.core import Engine
 from pensieved.http.app import create_app, health_report
@@ -32,9 +33,11 @@ from pensieved.memory.admission import Admission
 from pensieved.memory.guard import Level, MemoryGuard, describe
 from pensieved.models.registry import ModelRegistry
 from pensieved.paths import private_dir
+from pensieved.service.clients import client_report
 from pensieved.service.control import ControlServer, ControlSocketError
 from pensieved.service.notify import sd_notify
 from pensieved.service.units import STDERR_LOG, STDOUT_LOG, supervisor
+from pensieved.wire.errors import NotFound
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +172,22 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
         return await apply_config(reread_config(), registry, engine, guard)
 
     def named(request: dict[str, Any]) -> ModelConfig:
-        name = request.get("model") or registry.default.name
-        return registry.get(str(name))
+        name = str(request.get("model") or registry.default.name)
+        try:
+            return registry.get(name)
+        except NotFound:
+            try:
+                in_file = reread_config is not None and name in {
+                    m.name for m in reread_config().models
+                }
+            except ConfigError:
+                in_file = False
+            if in_file:
+                raise NotFound(
+                    f"model {name!r} is in the config file but not in force yet: "
+                    "`pensievectl reload` applies the file"
+                ) from None
+            raise
 
     async def unload(request: dict[str, Any]) -> dict[str, Any]:
         model = named(request)
@@ -182,8 +199,14 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
         loaded = await engine.load(named(request))
         return {"loaded": loaded.name, "context_length": loaded.context_length}
 
+    async def clients(_: dict[str, Any]) -> dict[str, Any]:
+        # Where `pensievectl env` & co point Claude Code, and whether it fits.
+        return await asyncio.to_thread(client_report, registry, engine, token)
+
     handlers = {"status": status, "stop": stop_command, "reload": reload, "unload": unload}
-    control = ControlServer(config.paths.control_socket, {**handlers, "load": load})
+    control = ControlServer(
+        config.paths.control_socket, {**handlers, "load": load, "clients": clients}
+    )
     try:
         await control.start()
     except ControlSocketError as exc:  # already running, path too long, not ours
@@ -192,6 +215,10 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
         return await _serve(registry, token, engine, guard, stop_requested, started_at)
     finally:
         await control.close()
+
+
+# Settings the running server took at start: a reload reports them, a restart applies them.
+RESTART_KEYS = ("host", "port", "allow_remote", "header_timeout", "max_connections", "auth_token")
 
 
 async def apply_config(
@@ -205,18 +232,12 @@ async def apply_config(
     version of a model in memory.
     """
     old = registry.config
-    restart = [
-        f"server.{key}"
-        for key in (
-            "host",
-            "port",
-            "allow_remote",
-            "header_timeout",
-            "max_connections",
-            "auth_token",
-        )
-        if getattr(old.server, key) != getattr(new.server, key)
-    ]
+    changed = [key for key in RESTART_KEYS if getattr(old.server, key) != getattr(new.server, key)]
+    # Until a restart the daemon keeps serving where it serves: `status`,
+    # /health and `pensievectl env` must say that, not what the file says.
+    kept = {key: getattr(old.server, key) for key in changed}
+    new = dataclasses.replace(new, server=dataclasses.replace(new.server, **kept))
+    restart = [f"server.{key}" for key in changed]
     registry.apply(new)
     engine.configure(new.engine)
     guard.configure(new.memory)
@@ -270,8 +291,10 @@ async def _serve(
     host, port = config.server.host, config.server.port
     check_port_free(host, port)
 
-    if cpu.openblas_active():
-        log.info("CPU backend: using the system OpenBLAS")
+    if sys.platform == "linux":
+        # Which BLAS MLX's CPU backend calls: prefill speed differs tenfold.
+        blas = cpu.blas_report()
+        log.log(blas.level, "CPU backend: %s", blas.describe())
     engine.start()
     guard.apply_mlx_limits()
     # Read memory before the model takes its share.

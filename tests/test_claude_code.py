@@ -1,0 +1,82 @@
+"""The README's lines with the real Claude Code (from npm) on the embedded model.
+
+`eval "$(pensievectl env)"`, then `claude -p "Say hello."` and a `claude -c -p`
+turn after it: each must print a reply and exit 0. SmolLM2's 8k window cannot
+hold Claude Code's full prompt, so `env` puts it in its minimal mode; the
+second turn reads the first one's prompt from the prefix cache. `make setup`
+installs the pinned Claude Code with the other JavaScript clients
+(tests/clients/package.json); without node these tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import Daemon, daemon_env, start_daemon
+
+CLAUDE = Path(__file__).parent / "clients" / "node_modules" / ".bin" / "claude"
+
+pytestmark = pytest.mark.skipif(
+    not CLAUDE.exists(),
+    reason="Claude Code is not installed: run `make setup` (npm ci in tests/clients)",
+)
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A daemon on the default config: the embedded model, as `make run` starts it."""
+    daemon = start_daemon(tmp_path_factory.mktemp("embedded"), {})
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def shell(daemon: Daemon, project: Path, script: str) -> subprocess.CompletedProcess[str]:
+    """`script` in a user's shell: Pensieve's and Claude Code's commands on PATH, nothing set."""
+    env = {
+        name: value
+        for name, value in daemon_env(daemon.home).items()
+        if not name.startswith(("ANTHROPIC_", "CLAUDE_"))
+    }
+    env.update(
+        PATH=f"{CLAUDE.parent}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        HOME=str(project.parent),
+        CLAUDE_CONFIG_DIR=str(project.parent / ".claude"),
+        # Offline here: no update checks, no telemetry.
+        DISABLE_AUTOUPDATER="1",
+        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+    )
+    return subprocess.run(
+        ["bash", "-c", script], cwd=project, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_the_readme_lines_print_a_reply_and_so_does_a_continued_turn(
+    embedded: Daemon, tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    first = shell(embedded, project, 'eval "$(pensievectl env)"\nclaude -p "Say hello."')
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.strip(), first.stderr
+    second = shell(embedded, project, 'eval "$(pensievectl env)"\nclaude -c -p "Now say goodbye."')
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert second.stdout.strip(), second.stderr
+    third = shell(embedded, project, 'claude-local -c -p "Thank you."')
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert third.stdout.strip() and "minimal mode" in third.stderr
+    # Claude Code's minimal mode: three tools, and the first turn's prompt,
+    # ~1.1k tokens, read from the prefix cache by the turns after it.
+    log = embedded.log()
+    main_turns = re.findall(r"stream model=\S+ prompt=(\d+) .*tools=3", log)
+    assert len(main_turns) >= 3 and all(int(n) < 2_000 for n in main_turns), log
+    cached = [int(n) for n in re.findall(r"done: end_turn in=\d+ cached=(\d+)", log)]
+    assert max(cached) > 1_000, log
