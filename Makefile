@@ -87,7 +87,7 @@ bench-claude: setup
 
 # A few thousand mixed requests against a tiny model, with memory sampled.
 soak: setup
-	$(BIN)/python bench/soak.py
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 # Popular clients, unmodified, against a tiny daemon: the TypeScript SDK, the
 # Vercel AI SDK, LangChain, pydantic-ai, LiteLLM and llm (not part of `make

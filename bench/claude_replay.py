@@ -226,7 +226,7 @@ class Bench:
 def kv_bytes_per_token(daemon: Daemon, row: Row) -> float:
     """The prefix cache's bytes per token, from its one entry after `row` (prompt and reply)."""
     for _ in range(50):  # the entry is stored as the stream ends
-        cache = httpx.get(f"{daemon.base_url}/health", timeout=10).json()["prompt_cache"]
+        cache = daemon.health()["prompt_cache"]
         if cache["entries"]:
             return float(cache["bytes"]) / (row.prompt + 1)
         time.sleep(0.1)
@@ -279,7 +279,7 @@ def run(bench: Bench, captures: Path) -> dict[str, Any]:
     daemon = bench.start("side", prompt_cache_gb=budget_gb)
     try:
         bench.replay("side", daemon, [first, *side_requests(first, title)])
-        cache = httpx.get(f"{daemon.base_url}/health", timeout=10).json()["prompt_cache"]
+        cache = daemon.health()["prompt_cache"]
         facts["side_cache"] = (cache["entries"], cache["bytes"] / facts["bytes_per_token"])
         bench.replay("side", daemon, [second])
     finally:

@@ -54,6 +54,12 @@ class Daemon:
             timeout=60,
         )
 
+    def health(self) -> dict[str, Any]:
+        """The full /health report (it needs the token; without it, only the status)."""
+        with self.http() as http:
+            report: dict[str, Any] = http.get("/health").json()
+        return report
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -122,10 +122,51 @@ def test_token_is_generated_once_and_private(pensieve_home: Path) -> None:
     assert stat.S_IMODE(config.paths.token_file.parent.stat().st_mode) == 0o700
 
 
+LONG_TOKEN = "a-token-of-forty-characters-0123456789ab"
+
+
 def test_configured_token_wins(pensieve_home: Path) -> None:
-    config = parse_config({"server": {"auth_token": "sekrit"}}, default_paths())
-    assert ensure_token(config) == "sekrit"
+    config = parse_config({"server": {"auth_token": LONG_TOKEN}}, default_paths())
+    assert ensure_token(config) == LONG_TOKEN
     assert not config.paths.token_file.exists()
+
+
+def test_a_short_configured_token_is_refused_with_a_sentence() -> None:
+    with pytest.raises(ConfigError, match=r"server\.auth_token: 7 characters is guessable"):
+        parse_config({"server": {"auth_token": "hunter2"}}, default_paths())
+
+
+def test_a_config_file_holding_the_token_must_be_private(pensieve_home: Path) -> None:
+    pensieve_home.mkdir()
+    path = pensieve_home / "config.toml"
+    path.write_text(f'[server]\nauth_token = "{LONG_TOKEN}"\n')
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"config file .* has mode 644 and holds the token"):
+        load_config()
+    path.chmod(0o600)
+    assert load_config().server.auth_token == LONG_TOKEN
+    # Without the token in it, a readable file is fine.
+    path.write_text("[server]\nport = 7000\n")
+    path.chmod(0o644)
+    assert load_config().server.port == 7000
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", ".hidden", "x y", "a:b", ""])
+def test_a_model_name_that_could_reach_outside_the_models_folder_is_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match="a model name is letters"):
+        parse_config({"models": {name: {"source": "/m"}}}, default_paths())
+
+
+def test_config_set_writes_the_file_private(pensieve_home: Path) -> None:
+    from tests.daemon import run_pensievectl
+
+    done = run_pensievectl(pensieve_home, "config", "set", "server.auth_token", LONG_TOKEN)
+    assert done.returncode == 0, done.stderr
+    path = pensieve_home / "config.toml"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in pensieve_home.iterdir() if p.name.startswith(".")] == []
+    short = run_pensievectl(pensieve_home, "config", "set", "server.auth_token", "hunter2")
+    assert short.returncode == 1 and "guessable" in short.stderr
 
 
 def test_model_names_resolve_exact_then_aliases_in_order_then_default() -> None:

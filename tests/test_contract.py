@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anthropic
-import httpx
 import pytest
 
 from pensieved.engine.runner import _untrimmed
@@ -28,7 +27,7 @@ def cold_daemon(
 
 
 def _loaded(daemon: Daemon, name: str) -> bool:
-    health = httpx.get(f"{daemon.base_url}/health", timeout=10).json()
+    health = daemon.health()
     return next(m["loaded"] for m in health["models"] if m["name"] == name)
 
 

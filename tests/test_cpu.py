@@ -14,7 +14,6 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-import httpx
 import mlx.core as mx
 import mlx_lm
 import pytest
@@ -67,7 +66,7 @@ def _without_openblas(environ: Mapping[str, str]) -> dict[str, str]:
 def test_daemon_preloads_openblas(tiny_daemon: Daemon) -> None:
     if sys.platform != "linux" or os.environ.get(cpu.SWITCH) == "0":
         pytest.skip("OpenBLAS is for Linux, and PENSIEVE_OPENBLAS=0 turns it off")
-    backend = httpx.get(f"{tiny_daemon.base_url}/health").json()["backend"]
+    backend = tiny_daemon.health()["backend"]
     assert backend["device"] == "cpu" and backend["openblas"] is True
     assert backend["blas"].startswith("OpenBLAS 0.3")  # and where it came from
     assert backend["blas_kernel"] and backend["blas_fallback"] is None
@@ -86,7 +85,7 @@ def test_a_broken_openblas_leaves_the_reference_blas(
     monkeypatch.setenv(cpu.SWITCH, str(broken))  # the daemon's seam: which library to preload
     config = {"models": {"tiny": tiny_config["models"]["tiny"]}}
     with daemon_running(tmp_path / "home", config) as daemon:
-        backend = httpx.get(f"{daemon.base_url}/health").json()["backend"]
+        backend = daemon.health()["backend"]
         log = daemon.log()
     assert backend["openblas"] is False
     assert backend["blas"] == "reference BLAS (mlx-cpu wheel)"

@@ -10,7 +10,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.daemon import (
@@ -52,7 +51,7 @@ def test_embedded_model_answers_paris(smollm_daemon: Daemon) -> None:
 def test_embedded_model_is_imported_under_pensieve_home(smollm_daemon: Daemon) -> None:
     model_dir = smollm_daemon.home / "models" / "smollm2-135m-instruct"
     assert (model_dir / "model.safetensors").is_file()
-    health = httpx.get(f"{smollm_daemon.base_url}/health").json()
+    health = smollm_daemon.health()
     assert health["models"][0]["context_length"] == 8192
 
 
@@ -154,7 +153,7 @@ def test_sigterm_ends_streams_with_an_error_event_and_exits_0(
 def test_model_flag_replaces_the_default_source(tiny_dir: Path, tmp_path: Path) -> None:
     daemon = start_daemon(tmp_path / "home", {}, "--model", str(tiny_dir))
     try:
-        health = httpx.get(f"{daemon.base_url}/health").json()
+        health = daemon.health()
         assert health["models"][0]["source"] == str(tiny_dir)
         assert health["models"][0]["context_length"] == 4096
     finally:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
-import httpx
 import psutil
 import pytest
 import tomli_w
@@ -79,7 +78,7 @@ def reach(daemon: Daemon, level: Level) -> dict[str, Any]:
 
 
 def health(daemon: Daemon) -> dict[str, Any]:
-    report: dict[str, Any] = httpx.get(f"{daemon.base_url}/health", timeout=10).json()
+    report: dict[str, Any] = daemon.health()
     return report
 
 

@@ -303,7 +303,7 @@ def test_probe_and_health_need_no_token(tiny_daemon: Daemon) -> None:
     assert httpx.get(f"{tiny_daemon.base_url}/").status_code == 401
     with tiny_daemon.http() as http:
         assert http.get("/").json()["name"] == "pensieve"
-    health = httpx.get(f"{tiny_daemon.base_url}/health").json()
+    health = tiny_daemon.health()
     assert health["status"] == "ok"
     assert health["model"] == "tiny"
     tiny = next(m for m in health["models"] if m["name"] == "tiny")
@@ -315,7 +315,7 @@ def test_probe_and_health_need_no_token(tiny_daemon: Daemon) -> None:
 def wait_until_idle(daemon: Daemon, seconds: float = 3.0) -> int:
     deadline = time.monotonic() + seconds
     while True:
-        active: int = httpx.get(f"{daemon.base_url}/health").json()["requests"]["active"]
+        active: int = daemon.health()["requests"]["active"]
         if active == 0 or time.monotonic() > deadline:
             return active
         time.sleep(0.05)

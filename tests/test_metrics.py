@@ -11,7 +11,7 @@ from tests.daemon import Daemon
 
 def scrape(daemon: Daemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with daemon.http() as http:
-        response = http.get("/metrics", headers={"x-api-key": ""})  # needs no token
+        response = http.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     return {
@@ -76,3 +76,17 @@ def test_each_message_logs_its_tokens_cache_ttft_and_rate(tiny_daemon: Daemon) -
         usage["cache_read_input_tokens"],
         usage["output_tokens"],
     ]
+
+
+def test_metrics_and_the_full_health_report_need_the_token(tiny_daemon: Daemon) -> None:
+    """They tell who does what (paths, requests, tok/s): not for every local user."""
+    with tiny_daemon.http() as http:
+        assert http.get("/metrics", headers={"x-api-key": ""}).status_code == 401
+        assert http.get("/metrics", headers={"x-api-key": "wrong"}).status_code == 401
+        brief = http.get("/health", headers={"x-api-key": ""})
+        wrong = http.get("/health", headers={"x-api-key": "wrong"})
+        full = http.get("/health").json()
+    # Without the token, /health says whether the daemon is up, and nothing more.
+    assert brief.status_code == wrong.status_code == 200
+    assert brief.json() == wrong.json() == {"status": "ok"}
+    assert full["status"] == "ok" and "models" in full and "pid" in full

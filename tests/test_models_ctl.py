@@ -376,7 +376,8 @@ def test_setup_claude_merges_env_keeps_the_rest_and_undo_restores_bytes(
         "ANTHROPIC_DEFAULT_SONNET_MODEL": "coder",
         "ANTHROPIC_DEFAULT_HAIKU_MODEL": "quick",
     }
-    assert os.stat(settings).st_mode & 0o777 == 0o640
+    # It holds the token now: private, whatever mode it had (undo puts that back).
+    assert os.stat(settings).st_mode & 0o777 == 0o600
 
     # A second run (say after changing the tiers) keeps the first backup.
     second = ctl(home, "setup-claude")

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import falcon.inspect
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
@@ -19,6 +21,12 @@ from pensieved.engine.core import Engine
 from pensieved.http.app import create_app
 from pensieved.models.registry import ModelRegistry
 from pensieved.wire.openapi import DOCUMENT, render
+from pensieved.wire.protocol import (
+    MAX_MESSAGES,
+    MAX_STOP_SEQUENCE_BYTES,
+    MAX_STOP_SEQUENCES,
+    MAX_TOOLS,
+)
 from tests.conftest import TINY_CONTEXT
 from tests.daemon import Daemon, running_daemon
 
@@ -107,3 +115,71 @@ def test_fuzzing_finds_no_server_error(
 
     run()
     assert calls  # hypothesis really generated and sent requests
+
+
+# A campaign over the limits: the lists the document bounds (`maxItems`) and
+# the bytes of stop sequences it cannot state, on both sides of each bound.
+# Within them a request is served; past them it is a 400 that names the field.
+USER = {"role": "user", "content": "hi"}
+STOP_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1)
+
+
+@st.composite
+def stop_count(draw: st.DrawFn) -> tuple[str, dict[str, Any], bool]:
+    count = draw(st.integers(MAX_STOP_SEQUENCES - 2, MAX_STOP_SEQUENCES + 2))
+    stops = draw(st.lists(STOP_TEXT.map(lambda s: s[:4]), min_size=count, max_size=count))
+    return "stop_sequences", {"stop_sequences": stops}, count > MAX_STOP_SEQUENCES
+
+
+@st.composite
+def stop_bytes(draw: st.DrawFn) -> tuple[str, dict[str, Any], bool]:
+    stops = draw(st.lists(STOP_TEXT, min_size=1, max_size=4))
+    # Stretch the last one until all of them are about the limit, in UTF-8 bytes.
+    used = sum(len(stop.encode()) for stop in stops[:-1])
+    target = MAX_STOP_SEQUENCE_BYTES + draw(st.integers(-3, 3))
+    last = stops[-1]
+    stops[-1] = last * max(1, (target - used) // len(last.encode()))
+    total = sum(len(stop.encode()) for stop in stops)
+    return "stop_sequences", {"stop_sequences": stops}, total > MAX_STOP_SEQUENCE_BYTES
+
+
+@st.composite
+def past_a_list_limit(draw: st.DrawFn) -> tuple[str, dict[str, Any], bool]:
+    extra = draw(st.integers(1, 2))
+    if draw(st.booleans()):
+        return "messages", {"messages": [USER] * (MAX_MESSAGES + extra)}, True
+    tools = [
+        {"name": f"t{i}", "input_schema": {"type": "object"}} for i in range(MAX_TOOLS + extra)
+    ]
+    return "tools", {"tools": tools}, True
+
+
+LIMIT_CASES = st.one_of(stop_count(), stop_bytes(), past_a_list_limit())
+
+
+def test_fuzzing_the_limits_finds_each_refused_by_name(fuzz_daemon: Daemon) -> None:
+    calls = []
+
+    @given(case=LIMIT_CASES)
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    def run(case: tuple[str, dict[str, Any], bool]) -> None:
+        field, fields, over = case
+        calls.append(field)
+        payload = {"model": "tiny", "max_tokens": 1, "messages": [USER], **fields}
+        response = httpx.post(
+            f"{fuzz_daemon.base_url}/v1/messages",
+            json=payload,
+            headers={"x-api-key": fuzz_daemon.token},
+            timeout=120,
+        )
+        if not over:
+            assert response.status_code == 200, response.text
+            return
+        assert response.status_code == 400, response.text
+        error = response.json()
+        assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+        assert error["error"]["message"].startswith(f"{field}: "), error
+        assert error["request_id"] == response.headers["request-id"]
+
+    run()
+    assert calls

@@ -41,7 +41,7 @@ REPLIES = [
     "Let me run the tests. (1)",
     "",  # a call with no text before it
     "  leading spaces, trailing newline\n",
-    "A user may write <|im_start|> or <|im_end|> in text; they are still special tokens.",
+    "A user may write <|im_start|> or <|im_end|> in text; they stay text (control_tokens.py).",
     "Digits 1234567890, unicode café ✓ 中文, emoji 🙂, tabs\tand\r\nCRLF.",
 ]
 

@@ -193,7 +193,8 @@ def test_a_disconnect_mid_prefill_frees_the_slot(one_slot_daemon: Daemon) -> Non
         "messages": [{"role": "user", "content": words(1200)}],
         "stream": True,
     }
-    cancelled = "request cancelled after 0 tokens"
+    # Cancelled in its prefill, or (the client left first) before it joined the batch.
+    cancelled = "request cancelled "
     wait_until_idle(one_slot_daemon)  # earlier tests' requests are gone
     before = one_slot_daemon.log().count(cancelled)
     with one_slot_daemon.http() as http:

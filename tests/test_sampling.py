@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from pensieved.config import ConfigError, ModelConfig, parse_config
+from pensieved.config import BUILTIN_SOURCE, ConfigError, ModelConfig, parse_config, stops_loops
+from pensieved.conversation.stops import LOOP_SHORTEST, LOOP_TIMES, looping
 from pensieved.models.gguf import import_gguf
 from pensieved.models.registry import BUILTIN_SAMPLING, builtin_gguf_path
 from pensieved.models.sampling import FALLBACK, defaults_for, recommended
@@ -129,6 +130,7 @@ def sampling_daemon(
             "configured-hot": {"source": str(greedy_model), "temperature": 1.0, **common},
             "configured-top-k-1": {"source": str(tiny_dir), "top_k": 1, **common},
             "plain": {"source": str(tiny_dir), **common},
+            "stops-loops": {"source": str(greedy_model), "stop_loops": True, **common},
         }
     }
     with daemon_running(tmp_path_factory.mktemp("sampling-daemon"), config) as daemon:
@@ -182,3 +184,39 @@ def test_the_defaults_in_force_are_shown(sampling_daemon: Daemon) -> None:
     assert models["plain"]["sampling"]["min_p"] == {"value": FALLBACK["min_p"], "from": "pensieve"}
     assert one["sampling_defaults"]["temperature"] == {"value": 1.0, "from": "config"}
     assert one["sampling_defaults"]["top_k"] == {"value": FALLBACK["top_k"], "from": "pensieve"}
+
+
+def test_a_passage_three_times_running_is_a_loop() -> None:
+    passage = list(range(LOOP_SHORTEST))
+    assert looping([7, 7] + passage * LOOP_TIMES)
+    assert looping(list(range(100, 164)) * LOOP_TIMES)  # the longest passage watched
+    assert looping([5] * LOOP_SHORTEST * LOOP_TIMES)  # one token over and over
+    assert not looping(passage * (LOOP_TIMES - 1))
+    assert not looping(passage * LOOP_TIMES + [99])  # it has moved on
+    assert not looping(list(range(LOOP_SHORTEST - 1)) * 5)  # too short to be a passage
+    assert not looping(list(range(65)) * LOOP_TIMES)  # longer than watched
+
+
+def test_loops_are_stopped_for_the_embedded_model_unless_the_config_says() -> None:
+    assert stops_loops(ModelConfig("b", BUILTIN_SOURCE))
+    assert not stops_loops(ModelConfig("b", BUILTIN_SOURCE, stop_loops=False))
+    assert not stops_loops(MODEL)
+    assert stops_loops(ModelConfig("m", "/m", stop_loops=True))
+
+
+def test_a_looping_reply_ends_its_turn_where_the_model_has_stop_loops(
+    sampling_daemon: Daemon,
+) -> None:
+    """The tiny model's greedy reply falls into a loop; with `stop_loops` it ends there."""
+    client = sampling_daemon.client()
+
+    def ask(model: str) -> Any:
+        return client.messages.create(model=model, max_tokens=120, messages=ASK)
+
+    endless, stopped = ask("recommends-greedy"), ask("stops-loops")
+    assert endless.stop_reason == "max_tokens"
+    assert stopped.stop_reason == "end_turn"
+    assert stopped.usage.output_tokens < endless.usage.output_tokens
+    text = stopped.content[0].text  # type: ignore[union-attr]
+    assert endless.content[0].text.startswith(text)  # type: ignore[union-attr]
+    assert "stopped a reply looping" in sampling_daemon.log()

@@ -20,6 +20,7 @@ PROTECTED = [
     ("POST", "/v1/messages/count_tokens"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/tiny"),
+    ("GET", "/metrics"),
 ]
 
 

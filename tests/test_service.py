@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import plistlib
+import resource
 import shutil
 import signal
 import socket
@@ -12,10 +13,12 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pensieved.config import Config
+from pensieved.service.limits import OPEN_FILES, raise_open_files
 from pensieved.service.manager import ServiceError, ServiceManager, tcc_protected
 from pensieved.service.units import (
     LABEL,
@@ -25,7 +28,7 @@ from pensieved.service.units import (
     render_plist,
     render_systemd_unit,
 )
-from tests.daemon import daemon_env, free_port
+from tests.daemon import daemon_env, free_port, start_daemon
 
 UID = 501
 GUI, USER = f"gui/{UID}", f"user/{UID}"
@@ -91,6 +94,8 @@ def test_plist_has_the_launchd_keys_and_absolute_paths(pensieve_home: Path) -> N
     assert plist["ThrottleInterval"] == 10
     assert plist["ProcessType"] == "Interactive"
     assert plist["ExitTimeOut"] == 30
+    # launchd's default soft limit is 256 open files.
+    assert plist["SoftResourceLimits"] == {"NumberOfFiles": 10240}
     assert plist["ProgramArguments"][0].endswith("/pensieved")
     for path in (
         *plist["ProgramArguments"][:1],
@@ -112,6 +117,43 @@ def test_plist_has_the_launchd_keys_and_absolute_paths(pensieve_home: Path) -> N
     assert plistlib.loads(render_plist(desc, "Background"))["LimitLoadToSessionType"] == (
         "Background"
     )
+
+
+def wanted_open_files(hard: int) -> int:
+    return OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_one_and_never_lowered() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = wanted_open_files(hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # as launchd starts an agent
+        assert raise_open_files() == (256, wanted)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (wanted, hard)
+        assert raise_open_files(wanted=100) == (wanted, wanted)  # never lowered
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (wanted, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc/PID/limits")
+def test_a_daemon_started_with_256_open_files_raises_its_limit(
+    tiny_config: dict[str, Any], tmp_path: Path
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # inherited, as from launchd
+    try:
+        daemon = start_daemon(tmp_path / "home", tiny_config)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        limits = Path(f"/proc/{daemon.process.pid}/limits").read_text().splitlines()
+        row = next(line for line in limits if line.startswith("Max open files"))
+        # Importing Granian raises it too (to the hard limit), later in the start.
+        assert int(row.split()[3]) >= wanted_open_files(hard)
+        assert f"open-file limit raised from 256 to {wanted_open_files(hard)}" in daemon.log()
+    finally:
+        daemon.stop()
 
 
 def test_program_names_the_config_file_when_there_is_one(pensieve_home: Path) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 from pensieved.config import Config, ModelConfig, ensure_token
 from pensieved.models.registry import (
     CLAUDE_TIERS,
+    HUB_PREFIX,
     ModelRegistry,
     builtin_gguf_path,
     is_builtin,
@@ -173,7 +174,7 @@ def model_context(config: Config, model: ModelConfig) -> int | None:
         from pensievectl import hub
 
         for cached in hub.cached_models():
-            if cached.repo_id == model.source:
+            if cached.repo_id == model.source.removeprefix(HUB_PREFIX):
                 files = sorted(cached.path.glob("snapshots/*/config.json"))
     try:
         declared = json.loads(files[-1].read_text())["max_position_embeddings"]

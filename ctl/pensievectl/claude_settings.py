@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from pensieved.config import write_private
+
 BACKUP_SUFFIX = ".pensieve-backup"
 # Left instead of a backup when there was no settings file: undo removes it.
 ABSENT_SUFFIX = ".pensieve-absent"
@@ -89,12 +91,10 @@ def _parse(path: Path, data: bytes | None) -> dict[str, object]:
 
 
 def _write(path: Path, data: bytes, mode: int | None = None) -> None:
-    # The token goes in here: a new file is private. Write-then-rename so a
-    # crash never leaves Claude Code a half-written file.
-    if mode is None:
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _sidecar(path, ".pensieve-tmp")
-    temporary.write_bytes(data)
-    temporary.chmod(mode)
-    temporary.replace(path)
+    """Write-then-rename, so a crash never leaves Claude Code a half-written file.
+
+    Written 0600: the token goes in here (undo puts the backup's mode back).
+    """
+    write_private(path, data)
+    if mode is not None:
+        path.chmod(mode)

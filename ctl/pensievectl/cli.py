@@ -29,6 +29,7 @@ from pensieved.config import (
     config_option,
     load_config,
     parse_config,
+    write_private,
 )
 from pensieved.service import control
 from pensieved.service.manager import ServiceError, ServiceManager
@@ -358,8 +359,8 @@ def config_set(ctx: click.Context, key: str, value: str) -> None:
         parse_config(data, _config(ctx).paths)
     except ConfigError as exc:
         raise click.ClickException(f"not written: {exc}") from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(data))
+    # 0600, renamed into place: the file may hold the token (server.auth_token).
+    write_private(path, tomli_w.dumps(data).encode())
     click.echo(f"{key} = {tomli_w.dumps({'v': parsed})[4:].strip()}  ({path})")
     if seeded:
         click.echo(f"kept {', '.join(seeded)} (the models in force) beside it; apply with reload")

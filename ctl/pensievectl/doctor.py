@@ -93,6 +93,11 @@ def run_checks(config: Config, environ: Mapping[str, str] | None = None) -> list
                 "start it: make run (or pensievectl service install)",
             )
             return [down, *checks]
+        if health["status"] == "degraded":
+            reason = health.get("reason") or "the default model cannot serve"
+            fix = "fix its [models] table, then pensievectl reload"
+            checks.insert(0, Check("daemon", FAIL, f"degraded on {setup.base_url}: {reason}", fix))
+            return checks
         checks.insert(0, Check("daemon", OK, f"{health['status']} on {setup.base_url}"))
         checks.extend(_tier_checks(config, setup, http))
     return checks

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pensievectl import hub
 from pensieved.config import BUILTIN_SOURCE, Config, ModelConfig
+from pensieved.models.registry import HUB_PREFIX
+from pensieved.models.registry import is_builtin as builtin_source
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ def downloads(config: Config) -> list[Download]:
 
 
 def is_builtin(model: ModelConfig) -> bool:
-    return model.source in (BUILTIN_SOURCE, "builtin")
+    return builtin_source(model.source)
 
 
 def location(model: ModelConfig, config: Config, on_disk: list[Download]) -> Download | None:
@@ -55,8 +57,9 @@ def location(model: ModelConfig, config: Config, on_disk: list[Download]) -> Dow
         wanted = config.paths.models_dir / model.name  # where registry.materialize imports it
     else:
         wanted = Path(source).expanduser()
+    repo = source.removeprefix(HUB_PREFIX)
     for download in on_disk:
-        if download.name == source or download.path == wanted or download.path == _real(wanted):
+        if download.name == repo or download.path == wanted or download.path == _real(wanted):
             return download
     return None
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sys
+import threading
 from pathlib import Path
 from typing import NoReturn
 
@@ -15,6 +18,13 @@ from pensieved.config import Config, ConfigError, config_option, load_config, wi
 from pensieved.service.units import EXIT_CANNOT_START, EXIT_CRASHED, supervisor
 
 log = logging.getLogger("pensieved")
+
+# Seconds the process may take to end once the daemon has stopped: streams
+# are ended, the model freed and the log written by then, and a prompt build
+# still running on a worker thread (its result has no reader) must not keep
+# the process alive and growing. asyncio.run and the interpreter's exit both
+# wait for worker threads, with no limit.
+EXIT_WAIT_S = 3.0
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,13 +83,44 @@ def main(
         def current_config() -> Config:
             return with_overrides(load_config(config_path), host, port, model)
 
-        code = asyncio.run(serve(current_config(), current_config))
+        async def serve_then_leave() -> int:
+            try:
+                code = await serve(current_config(), current_config)
+            except (ConfigError, StartupError):
+                raise  # refused before serving: no worker has started
+            except Exception:
+                exit_within(EXIT_WAIT_S, EXIT_CRASHED)
+                raise
+            exit_within(EXIT_WAIT_S, code)
+            return code
+
+        code = asyncio.run(serve_then_leave())
     except (ConfigError, StartupError) as exc:
         _cannot_start(str(exc))
     except Exception:
         log.exception("pensieved crashed")
         sys.exit(EXIT_CRASHED)
     sys.exit(code)
+
+
+def exit_within(seconds: float, code: int) -> None:
+    """End the process with `code` in `seconds`, unless it has ended by then."""
+
+    def leave() -> None:
+        stuck = [
+            thread.name
+            for thread in threading.enumerate()
+            if not thread.daemon and thread is not threading.main_thread()
+        ]
+        log.warning("exiting without waiting for %s", ", ".join(stuck) or "the interpreter")
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, leave)
+    timer.daemon = True
+    timer.start()
 
 
 def _cannot_start(message: str) -> NoReturn:

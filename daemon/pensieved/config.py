@@ -20,6 +20,9 @@ import click
 from pensieved.paths import Paths, default_paths, private_dir
 
 BUILTIN_SOURCE = "builtin:smollm2-135m-instruct"
+# A configured token shorter than this is refused (the generated one has 52).
+MIN_TOKEN_CHARS = 32
+MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
 
@@ -41,6 +44,9 @@ class ServerConfig:
     allow_remote: bool = False
     # Seconds a client may take to send its request headers (slow-loris guard).
     header_timeout: float = 10.0
+    # Seconds a client may take to send a whole request body (then 408): a
+    # body dripped byte by byte would hold its connection for good.
+    body_timeout: float = 60.0
     # Requests served at once; more wait in the kernel's accept queue.
     max_connections: int = 64
     # On SIGTERM/SIGINT or `pensievectl stop`: seconds in-flight requests get
@@ -148,6 +154,9 @@ class ModelConfig:
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    # End a reply that repeats one passage over and over (a small model's
+    # loop) as if the model had ended it; None: on for the embedded model.
+    stop_loops: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -192,7 +201,11 @@ def load_config(path: Path | None = None, paths: Paths | None = None) -> Config:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    return parse_config(data, paths)
+    config = parse_config(data, paths)
+    if config.server.auth_token:
+        # The file holds the token now: it must be as private as the token file.
+        _check_private(path, "config file")
+    return config
 
 
 def parse_config(data: dict[str, Any], paths: Paths) -> Config:
@@ -216,6 +229,9 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
         header_timeout=float(
             _get(server_table, "server.header_timeout", (int, float), ServerConfig.header_timeout)
         ),
+        body_timeout=float(
+            _get(server_table, "server.body_timeout", (int, float), ServerConfig.body_timeout)
+        ),
         max_connections=_get(
             server_table, "server.max_connections", int, ServerConfig.max_connections
         ),
@@ -225,6 +241,8 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
     )
     if server.header_timeout <= 0:
         raise ConfigError("server.header_timeout: must be > 0")
+    if server.body_timeout <= 0:
+        raise ConfigError("server.body_timeout: must be > 0")
     if server.max_connections < 1:
         raise ConfigError("server.max_connections: must be >= 1")
     if not 0 < server.port < 65536:
@@ -235,6 +253,11 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
         raise ConfigError("server.text_interval_ms: must be between 0 and 1000")
     if server.drain_seconds < 0:
         raise ConfigError("server.drain_seconds: must be >= 0")
+    if server.auth_token is not None and len(server.auth_token) < MIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"server.auth_token: {len(server.auth_token)} characters is guessable; use at "
+            f"least {MIN_TOKEN_CHARS} (or leave it out: a random one is made and stored 0600)"
+        )
 
     engine_table = _table(data, "engine")
     engine = EngineConfig(
@@ -288,6 +311,13 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
     models: list[ModelConfig] = []
     for name, table in _table(data, "models").items():
         key = f"models.{name}"
+        if not MODEL_NAME.fullmatch(name):
+            # The name becomes a folder of the models directory, which an
+            # import replaces: `..` or `/` in it would reach outside.
+            raise ConfigError(
+                f"models.{name!r}: a model name is letters, digits, '.', '_' and '-', "
+                "not starting with '.'"
+            )
         if not isinstance(table, dict):
             raise ConfigError(f"{key}: expected a table")
         source = _get(table, f"{key}.source", str, None)
@@ -323,6 +353,7 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
         if not 1 <= speculate_tokens <= 64:
             raise ConfigError(f"{key}.speculate_tokens: must be between 1 and 64")
         sampling = _sampling_settings(table, key)
+        stop_loops = _get(table, f"{key}.stop_loops", bool, None)
         models.append(
             ModelConfig(
                 name=name,
@@ -337,6 +368,7 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
                 speculate=speculate,
                 speculate_tokens=speculate_tokens,
                 draft=draft,
+                stop_loops=stop_loops,
                 **sampling,
             )
         )
@@ -435,15 +467,28 @@ def _get(table: dict[str, Any], key: str, kind: Any, default: Any) -> Any:
     return value
 
 
-def _check_private(path: Path) -> None:
+def _check_private(path: Path, what: str = "token file") -> None:
     info = path.stat()
     if info.st_uid != os.getuid():
-        raise ConfigError(f"token file {path} belongs to another user; refusing to use it")
+        raise ConfigError(f"{what} {path} belongs to another user; refusing to use it")
     if info.st_mode & 0o077:
         raise ConfigError(
-            f"token file {path} has mode {oct(info.st_mode & 0o777)[2:]}: others could read "
-            f"it; run `chmod 600 {path}`"
+            f"{what} {path} has mode {oct(info.st_mode & 0o777)[2:]} and holds the token: "
+            f"others could read it; run `chmod 600 {path}`"
         )
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write `path` 0600 through a temporary file renamed over it (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(out.fileno(), 0o600)  # a leftover partial file keeps its old mode
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, path)
 
 
 def with_overrides(
@@ -461,6 +506,13 @@ def with_overrides(
         replaced = dataclasses.replace(default, source=model, default=True)
         models = tuple(replaced if m is default else m for m in models)
     return dataclasses.replace(config, server=server, models=models)
+
+
+def stops_loops(model: ModelConfig) -> bool:
+    """Whether `model`'s replies end where they loop: `stop_loops`, else the embedded model's."""
+    if model.stop_loops is not None:
+        return model.stop_loops
+    return model.source in (BUILTIN_SOURCE, "builtin")
 
 
 def draft_config(model: ModelConfig) -> ModelConfig | None:
@@ -485,10 +537,7 @@ def ensure_token(config: Config) -> str:
             return token
     private_dir(token_file.parent)
     token = f"pensieve-{secrets.token_urlsafe(32)}"
-    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    os.chmod(token_file, 0o600)
+    write_private(token_file, (token + "\n").encode())
     return token
 
 

@@ -4,9 +4,14 @@ A session must never brick on content the model cannot use: Claude Code keeps
 a pasted screenshot in every later turn, and a conversation begun in the cloud
 carries server-tool history. So images become a short placeholder (unless the
 model's config says `images = "reject"`), documents and search results are
-inlined with their titles and sources (PDFs through pypdf), a tool search's
-`tool_reference` becomes a line naming the tool, and the cloud's own blocks
-become short text or nothing. Only an explicit `reject` refuses.
+inlined with their titles and sources (PDFs through pypdf, in a child
+process: pdf.py), a tool search's `tool_reference` becomes a line naming the
+tool, and the cloud's own blocks become short text or nothing. Only an
+explicit `reject` refuses.
+
+A PDF is read within caps (pages, characters, time, the child's memory) and
+each request within a budget of characters and reading time; what passes a
+cap is cut, with a line saying so, never refused.
 """
 
 from __future__ import annotations
@@ -14,19 +19,27 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import json
 import logging
 import threading
 from collections import OrderedDict
 from typing import Any
 
-import pypdf
-
+from pensieved.conversation.pdf import (
+    CUT_CHARS,
+    CUT_ERROR,
+    CUT_MEMORY,
+    CUT_PAGES,
+    CUT_TIME,
+    PdfLimits,
+    PdfText,
+    read_pdf,
+)
 from pensieved.wire.errors import InvalidRequest
 from pensieved.wire.protocol import (
     CompactionBlock,
     ContainerUploadBlock,
+    CountTokensRequest,
     DocumentBlock,
     ImageBlock,
     InputMessage,
@@ -36,22 +49,40 @@ from pensieved.wire.protocol import (
     ServerToolResultBlock,
     ServerToolUseBlock,
     TextBlock,
+    ThinkingBlock,
     ToolReferenceBlock,
     ToolResultBlock,
     ToolSearchToolResultBlock,
+    ToolUseBlock,
 )
 
 log = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "[image omitted: this model cannot see images]"
 
+# The caps on reading PDFs (docs/security.md). The API itself takes at most
+# 100 pages. The characters are a fixed bound, as the model's context is not
+# known here: a million characters is about 250k tokens, more than any
+# local model's context holds (a longer prompt is then refused as too long,
+# with the count Claude Code compacts on), and about a second of tokenizing.
+MAX_PDF_PAGES = 100
+MAX_DOCUMENT_CHARS = 1_000_000  # of one PDF, and of all the PDFs of one request
+PDF_SECONDS = 20.0  # to read one PDF
+REQUEST_PDF_SECONDS = 60.0  # to read all the PDFs of one request
+PDF_MEMORY_BYTES = 768 * 1024**2  # the reading child's address space
+
 
 class BlockText:
-    """Renders one model's non-text blocks; `images` is its config's "placeholder" or "reject"."""
+    """Renders one request's non-text blocks; `images` is the model's "placeholder" or "reject".
+
+    One instance per request: it keeps that request's budget of PDF text and time.
+    """
 
     def __init__(self, model_name: str, images: str = "placeholder") -> None:
         self._model_name = model_name
         self._images = images
+        self._chars_left = MAX_DOCUMENT_CHARS
+        self._seconds_left = REQUEST_PDF_SECONDS
 
     def text(self, block: Any, where: str) -> str:
         """`block` as text for the prompt; "" when it is better left out."""
@@ -101,10 +132,7 @@ class BlockText:
         if kind == "base64" and isinstance(data, str):
             media = source.get("media_type", "")
             if media == "application/pdf":
-                text = pdf_text(data)
-                if text is None:
-                    return "[PDF omitted: its text could not be extracted]"
-                return text or "[PDF omitted: it holds no text, only images]"
+                return self._pdf(data)
             if isinstance(media, str) and media.startswith("text/"):
                 try:
                     return base64.b64decode(data).decode("utf-8", errors="replace")
@@ -118,6 +146,33 @@ class BlockText:
                 "[document omitted: it is in Anthropic's Files API, which this server cannot read]"
             )
         return f"[document omitted: a {kind!r} source is not supported]"
+
+    def _pdf(self, data: str) -> str:
+        if self._chars_left <= 0:
+            return (
+                "[PDF omitted: the documents before it already fill this request's "
+                f"{MAX_DOCUMENT_CHARS:,} characters]"
+            )
+        if self._seconds_left <= 0:
+            return (
+                "[PDF omitted: reading the PDFs before it already took this request's "
+                f"{REQUEST_PDF_SECONDS:g} seconds]"
+            )
+        pdf, fresh = pdf_text(data, min(PDF_SECONDS, self._seconds_left))
+        if fresh:
+            self._seconds_left -= pdf.seconds
+        if not pdf.readable:
+            return "[PDF omitted: its text could not be extracted]"
+        text = "\n\n".join(pdf.pages)
+        cut = pdf.cut
+        if len(text) > self._chars_left:
+            text, cut = text[: self._chars_left], CUT_CHARS
+        self._chars_left -= len(text)
+        unread = f"[PDF: {pdf.unreadable} of its pages could not be read]" if pdf.unreadable else ""
+        if cut is None and not unread:
+            return text or "[PDF omitted: it holds no text, only images]"
+        notes = (text, unread, _cut_line(pdf, cut) if cut is not None else "")
+        return "\n".join(part for part in notes if part)
 
     def _content_part(self, part: Any, where: str) -> str:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -203,32 +258,77 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-# Every turn resends the whole conversation, PDFs included: extract each once.
+def _cut_line(pdf: PdfText, cut: str) -> str:
+    """The line that ends a PDF's text where a cap stopped reading it."""
+    shown = f"{len(pdf.pages)} page{'s' if len(pdf.pages) != 1 else ''} with text"
+    if cut == CUT_PAGES:
+        return f"[PDF cut: only its first {MAX_PDF_PAGES} of {pdf.total_pages} pages are shown]"
+    if cut == CUT_CHARS:
+        return f"[PDF cut: only its first {MAX_DOCUMENT_CHARS:,} characters are shown]"
+    if cut == CUT_TIME:
+        return f"[PDF cut: reading it took more than {pdf.seconds:.0f} seconds; {shown} shown]"
+    if cut == CUT_MEMORY:
+        limit = PDF_MEMORY_BYTES // 1024**2
+        return f"[PDF cut: reading it needed more than {limit} MB of memory; {shown} shown]"
+    return f"[PDF cut: reading it failed part way; {shown} shown]"
+
+
+def cheap_to_render(request: CountTokensRequest) -> bool:
+    """Whether the request's blocks render in time linear in their size, with no extraction.
+
+    Only such requests may be rendered on the event loop: a document (a
+    PDF) or the cloud's blocks, whatever their size, go to a thread.
+    """
+    for msg in request.messages:
+        if isinstance(msg.content, str):
+            continue
+        for block in msg.content:
+            if isinstance(block, ToolResultBlock):
+                parts = block.content
+                if not isinstance(parts, str) and not all(
+                    isinstance(part, _CHEAP_BLOCKS) for part in parts
+                ):
+                    return False
+            elif not isinstance(block, _CHEAP_BLOCKS | ToolUseBlock | ThinkingBlock):
+                return False
+    return True
+
+
+_CHEAP_BLOCKS = TextBlock | ImageBlock | ToolReferenceBlock
+
+# Every turn resends the whole conversation, PDFs included: read each once.
+# Bounded by count and by the bytes of text held.
 _PDF_CACHE_ENTRIES = 32
-_pdf_texts: OrderedDict[bytes, str | None] = OrderedDict()
+_PDF_CACHE_BYTES = 64 * 1024**2
+_pdf_texts: OrderedDict[bytes, PdfText] = OrderedDict()
+_pdf_held = 0
 _pdf_lock = threading.Lock()  # prompts render on worker threads
 
 
-def pdf_text(data: str) -> str | None:
-    """The text of a base64 PDF, page by page; None when it cannot be read."""
+def pdf_text(data: str, seconds: float = PDF_SECONDS) -> tuple[PdfText, bool]:
+    """The text of a base64 PDF, read within the caps; and whether it was read now (not cached)."""
+    global _pdf_held
     key = hashlib.sha256(data.encode()).digest()
     with _pdf_lock:
         if key in _pdf_texts:
             _pdf_texts.move_to_end(key)
-            return _pdf_texts[key]
-    text = _extract_pdf(data)
+            return _pdf_texts[key], False
+    limits = PdfLimits(MAX_PDF_PAGES, MAX_DOCUMENT_CHARS, seconds, PDF_MEMORY_BYTES)
+    pdf = read_pdf(data, limits)
+    if pdf.cut is not None:
+        log.info(
+            "PDF read cut (%s) after %d pages with text, %.1f s",
+            pdf.cut,
+            len(pdf.pages),
+            pdf.seconds,
+        )
+    if pdf.cut == CUT_ERROR and not pdf.pages:
+        return pdf, True  # perhaps no process could be started: try again next time
     with _pdf_lock:
-        _pdf_texts[key] = text
-        while len(_pdf_texts) > _PDF_CACHE_ENTRIES:
-            _pdf_texts.popitem(last=False)
-    return text
-
-
-def _extract_pdf(data: str) -> str | None:
-    try:
-        reader = pypdf.PdfReader(io.BytesIO(base64.b64decode(data)))
-        pages = [(page.extract_text() or "").strip() for page in reader.pages]
-    except Exception as exc:  # pypdf raises many kinds on a damaged or odd file
-        log.info("PDF text could not be extracted: %s: %s", type(exc).__name__, exc)
-        return None
-    return "\n\n".join(page for page in pages if page)
+        if key not in _pdf_texts:
+            _pdf_texts[key] = pdf
+            _pdf_held += pdf.size
+        while _pdf_texts and (len(_pdf_texts) > _PDF_CACHE_ENTRIES or _pdf_held > _PDF_CACHE_BYTES):
+            _, dropped = _pdf_texts.popitem(last=False)
+            _pdf_held -= dropped.size
+    return pdf, True

@@ -395,18 +395,26 @@ def thinking_processor(plan: ThinkingBudget, tokenizer: Any) -> LogitsProcessor 
 REPETITION_WINDOW = 64
 
 
-def repetition_processor(penalty: float, exempt: tuple[int, ...]) -> LogitsProcessor:
+def repetition_processor(
+    penalty: float, exempt: tuple[int, ...], grammar: Any = None
+) -> LogitsProcessor:
     """Make the last REPETITION_WINDOW tokens less likely again, by `penalty` (sign-aware).
 
     As mlx-lm's and llama.cpp's penalty, but `exempt` (the end-of-turn tokens)
     is never penalized: the window reaches back into the prompt, which ends
     turns with them, and a penalized end token keeps a small model writing.
+    Nor is anything while `grammar` (the request's grammar processor, run
+    before this one) constrains the output: a call's or a document's JSON
+    repeats its quotes and braces on purpose, and a penalized closing quote
+    leaves a string open until the budget closes it.
     """
     import mlx.core as mx
 
     kept = set(exempt)
 
     def penalize(tokens: Any, logits: Any) -> Any:
+        if grammar is not None and grammar.constrained:
+            return logits
         recent = [t for t in dict.fromkeys(tokens[-REPETITION_WINDOW:].tolist()) if t not in kept]
         if not recent:
             return logits

@@ -41,6 +41,10 @@ ENTRY_BYTES = 200  # an entry's dict slot and array header, about
 MIN_CACHED_CHARS = 64
 # Past this many added tokens, matching them with a regex costs about what it saves.
 MAX_ADDED_TOKENS = 1024
+# Longer pieces (a document, a long file) are tokenized through the batch call,
+# which lets go of the GIL: a million characters take about a second here,
+# and the event loop must not wait for them.
+LONG_PIECE_CHARS = 8192
 
 
 class PieceTokenizer:
@@ -115,7 +119,10 @@ class PieceTokenizer:
         return ids
 
     def _encode(self, piece: str) -> list[int]:
-        ids: list[int] = self._backend.encode(piece, add_special_tokens=False).ids
+        if len(piece) >= LONG_PIECE_CHARS:
+            ids: list[int] = self._backend.encode_batch([piece], add_special_tokens=False)[0].ids
+            return ids
+        ids = self._backend.encode(piece, add_special_tokens=False).ids
         return ids
 
 

@@ -7,10 +7,12 @@ own conventions live.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from pensieved.conversation.attachments import BlockText, referenced_tools
+from pensieved.conversation.control_tokens import ControlTokens, after_newline
 from pensieved.conversation.pieces import PieceTokenizer
 from pensieved.conversation.toolcalls import (
     GENERIC,
@@ -60,6 +62,8 @@ def to_chat_messages(
       server-tool history) becomes text, or nothing (attachments.py).
     """
     as_text = BlockText(model_name, images)
+    # Unmerged: `_merged` joins each run of one role once at the end (merging
+    # as they come would copy the growing turn each time: quadratic).
     turns: list[ChatMessage] = []
     system = _system_text(request.system)
     if system:
@@ -97,7 +101,7 @@ def to_chat_messages(
                     texts.append(generic_result_text(name, body, block.is_error))
                     continue
                 if texts:  # text before a result stays before it
-                    _append(turns, {"role": msg.role, "content": "\n".join(texts)})
+                    turns.append({"role": msg.role, "content": "\n".join(texts)})
                     texts = []
                 content = f"Error: {body}" if block.is_error else body
                 turns.append(
@@ -116,19 +120,30 @@ def to_chat_messages(
         if calls:
             turn["tool_calls"] = calls
         if turn["content"] or calls or not turns or turns[-1]["role"] != "tool":
-            _append(turns, turn)
-    return turns
+            turns.append(turn)
+    return _merged(turns)
 
 
-def _append(turns: list[ChatMessage], turn: ChatMessage) -> None:
-    """Add `turn`, merging it into the previous turn of the same role."""
-    last = turns[-1] if turns else None
-    if last is None or last["role"] != turn["role"] or turn["role"] == "tool":
-        turns.append(turn)
-        return
-    last["content"] = _join(last["content"], turn["content"])
-    if "tool_calls" in turn:
-        last["tool_calls"] = [*last.get("tool_calls", []), *turn["tool_calls"]]
+def _merged(turns: Iterable[ChatMessage]) -> list[ChatMessage]:
+    """`turns` with each run of turns of one role (tool turns aside) merged into one turn:
+    contents joined by a blank line, calls in order. Each run is joined once."""
+    merged: list[ChatMessage] = []
+    parts: list[list[str]] = []  # the contents of each merged turn
+    for turn in turns:
+        last = merged[-1] if merged else None
+        if last is None or last["role"] != turn["role"] or turn["role"] == "tool":
+            merged.append(dict(turn))
+            parts.append([turn["content"]])
+            if "tool_calls" in turn:
+                merged[-1]["tool_calls"] = list(turn["tool_calls"])
+            continue
+        parts[-1].append(turn["content"])
+        if "tool_calls" in turn:
+            last.setdefault("tool_calls", []).extend(turn["tool_calls"])
+    for turn, contents in zip(merged, parts, strict=True):
+        if len(contents) > 1:
+            turn["content"] = "\n\n".join(text for text in contents if text)
+    return merged
 
 
 def _join(first: str, second: str) -> str:
@@ -226,6 +241,7 @@ class PromptBuilder:
         self._images = images
         self.native_format = detect_format(tokenizer)
         self._pieces = PieceTokenizer(tokenizer)
+        self._control = ControlTokens(tokenizer)
         self.has_thinking = bool(getattr(tokenizer, "has_thinking", False))
 
     def tool_format(self) -> ToolFormat:
@@ -251,10 +267,14 @@ class PromptBuilder:
         elif shown:
             turns = stable_first(turns)
         continues = turns[-1]["role"] == "assistant"
+        # Everything the template is given is the client's (control_tokens.py).
+        turns, marked = self._control.mark(turns)
         if not getattr(self._tokenizer, "has_chat_template", True):
             text = "".join(f"{t['role']}: {t['content']}\n" for t in turns)
             if not continues:
                 text += "assistant: "
+            if marked:
+                text = self._control.unmarked(text)
             tokens = list(self._tokenizer.encode(text))
             return Prompt(tokens, continues, tools, self.tool_format())
         kwargs: dict[str, Any] = {
@@ -262,11 +282,12 @@ class PromptBuilder:
             "continue_final_message": continues,
         }
         if tools and native:
-            kwargs["tools"] = tools
+            kwargs["tools"], marked_tools = self._control.mark(tools)
+            marked = marked or marked_tools
         if self.has_thinking:
             thinking = isinstance(request.thinking, ThinkingEnabled | ThinkingAdaptive)
             kwargs["enable_thinking"] = thinking
-        tokens = self._render(turns, kwargs)
+        tokens = self._render(turns, kwargs, marked)
         return Prompt(tokens, continues, tools, self.tool_format(), self._ends_in_thinking(tokens))
 
     def _ends_in_thinking(self, tokens: list[int]) -> bool:
@@ -278,34 +299,52 @@ class PromptBuilder:
             start >= max(0, len(tokens) - 8) and self._tokenizer.rfind_think_end(tokens) < start
         )
 
-    def _tokens(self, turns: list[ChatMessage], kwargs: dict[str, Any]) -> list[int]:
-        """The template's tokens for `turns`: by pieces where the tokenizer allows (pieces.py)."""
+    def _tokens(self, turns: list[ChatMessage], kwargs: dict[str, Any], marked: bool) -> list[int]:
+        """The template's tokens for `turns`: by pieces where the tokenizer allows (pieces.py);
+        with `marked` data, its marked spans as text (control_tokens.py)."""
         pieces = self._pieces
         # Read once: another render may turn pieces off meanwhile.
         pattern = pieces.pattern
         checking = pieces.checking
-        if pattern is None:
+        if pattern is None and not marked:
             return list(self._tokenizer.apply_chat_template(turns, **kwargs))
         text = self._tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
+        if marked:
+            if pattern is None:
+                return self._control.encode(text, self._whole)
+            tokens = self._control.encode(text, lambda part, _: pieces.encode(part, pattern))
+            if checking:
+                return pieces.confirm(tokens, self._control.encode(text, self._whole))
+            return tokens
+        assert pattern is not None
         tokens = pieces.encode(text, pattern)
         if checking:
             whole = list(self._tokenizer.apply_chat_template(turns, **kwargs))
             return pieces.confirm(tokens, whole)
         return tokens
 
-    def _render(self, turns: list[ChatMessage], kwargs: dict[str, Any]) -> list[int]:
+    def _whole(self, text: str, first: bool) -> list[int]:
+        """Part of a prompt, tokenized whole (`first`: it starts the prompt)."""
+
+        def encode(part: str) -> list[int]:
+            return list(self._tokenizer.encode(part, add_special_tokens=False))
+
+        return encode(text) if first else after_newline(encode, text)
+
+    def _render(self, turns: list[ChatMessage], kwargs: dict[str, Any], marked: bool) -> list[int]:
         try:
-            return self._tokens(turns, kwargs)
+            return self._tokens(turns, kwargs, marked)
         except Exception:
             # Some templates refuse a system turn anywhere but first; keep the
             # leading one and present later ones as user turns.
-            merged: list[ChatMessage] = []
-            for i, turn in enumerate(turns):
-                if turn["role"] == "system" and i > 0:
-                    turn = {"role": "user", "content": turn["content"]}
-                _append(merged, dict(turn))
+            merged = _merged(
+                {"role": "user", "content": turn["content"]}
+                if turn["role"] == "system" and i > 0
+                else turn
+                for i, turn in enumerate(turns)
+            )
             try:
-                return self._tokens(merged, kwargs)
+                return self._tokens(merged, kwargs, marked)
             except Exception as exc:
                 raise InvalidRequest(
                     f"messages: model {self._model_name!r} chat template cannot render "

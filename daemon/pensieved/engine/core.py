@@ -77,6 +77,8 @@ class Engine:
         # Tokenizers of models not loaded yet, to check a request before a load.
         self._prompt_sides: dict[ModelConfig, PromptSide] = {}
         self._prompt_sides_lock = threading.Lock()  # worker threads fill it
+        # Why a model's last load failed, until it loads (/health reports `degraded`).
+        self.failed_loads: dict[ModelConfig, str] = {}
         # Sampling defaults of models not loaded (for /health and /v1/models/{id}).
         self._unloaded_sampling: dict[ModelConfig, SamplingDefaults] = {}
         # Free memory to keep when loading a model: the memory guard's reject line.
@@ -298,7 +300,9 @@ class Engine:
                 return
             try:
                 future.set_result(self._load(config))
+                self.failed_loads.pop(config, None)
             except Exception as exc:
+                self.failed_loads[config] = str(exc)
                 # One line: the caller reports it too (a 500, `pensievectl
                 # load`'s error, pensieved's refusal to start); the traceback
                 # is for --log-level debug.
@@ -341,7 +345,7 @@ class Engine:
         self._runners[config] = Runner(loaded, self._settings, self.prefix_cache, self._samplers)
         if self._settings.persist_prompt_cache:
             saved = persisted_cache_path(self._models_dir, config)
-            warm = self.prefix_cache.load(config, saved, identity(loaded, path))
+            warm = self.prefix_cache.load(config, saved, identity(loaded))
             if warm:
                 log.info("prefix cache: %d tokens of %s warm from disk", warm, config.name)
         return loaded
@@ -398,9 +402,9 @@ class Engine:
             return
         for config, runner in self._runners.items():
             try:
-                path = materialize(config, self._models_dir)
+                # The path it was loaded from: never import anything in the stop window.
                 saved = persisted_cache_path(self._models_dir, config)
-                self.prefix_cache.save(config, saved, identity(runner.loaded, path))
+                self.prefix_cache.save(config, saved, identity(runner.loaded))
             except Exception:
                 log.exception("prefix cache: saving %s failed", config.name)
 

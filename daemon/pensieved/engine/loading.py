@@ -6,6 +6,7 @@ engine decides when to call them and keeps what they return.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -36,6 +37,7 @@ class LoadedModel:
     dequantized: bool = False
     weight_bytes: int = 0  # the draft model's included
     draft_model: Any = None  # the model that drafts for speculative decoding, if any
+    path: str = ""  # where its weights were read from (a folder, or a repo id)
     # Sampling for what a request leaves unset (models/sampling.py).
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     grammars: GrammarCompiler = field(init=False)
@@ -88,17 +90,21 @@ def load_weights(
         dequantized,
         weight_bytes,
         draft_model,
+        str(path),
         defaults_for(config, recommended(model_directory(path))),
     )
 
 
 def sampling_defaults(config: ModelConfig, models_dir: Path) -> SamplingDefaults:
     """What `config`'s model samples with where a request is silent, without loading it."""
-    from pensieved.models.registry import local_model_dir
+    from pensieved.models.registry import hub_repo, local_model_dir
 
     folder = local_model_dir(config, models_dir)
-    if folder is None and not Path(config.source).expanduser().exists():
-        folder = model_directory(config.source)  # a repo id: its snapshot, if downloaded
+    if folder is None:
+        try:  # a repo id: its snapshot, if downloaded
+            folder = model_directory(hub_repo(config.source))
+        except FileNotFoundError:
+            folder = None  # a local folder that is missing: loading it says so
     return defaults_for(config, recommended(folder))
 
 
@@ -256,13 +262,49 @@ def persisted_cache_path(models_dir: Path, config: ModelConfig) -> Path:
     return models_dir / ".prompt-cache" / f"{config.name}.safetensors"
 
 
-def identity(loaded: LoadedModel, path: str | Path) -> dict[str, str]:
-    """What a saved KV cache must match to be loaded into a model."""
+def identity(loaded: LoadedModel) -> dict[str, str]:
+    """What a saved KV cache must match to be loaded into a model.
+
+    The folder's files, not only its path: a repo downloaded again with new
+    weights of the same size, or a changed chat template, is another model.
+    """
     return {
-        "model_path": str(path),
+        "model_path": loaded.path,
         "weight_bytes": str(loaded.weight_bytes),
         "dequantized": str(loaded.dequantized),
+        "files": model_fingerprint(loaded.path),
     }
+
+
+# What a model's files say about it: read whole (they are small) or by size and time.
+_FINGERPRINT_READ = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """A hash of a model folder: its config and tokenizer, and each weight file's size and time.
+
+    A Hugging Face snapshot's real path names its commit, so that is in it too.
+    """
+    folder = model_directory(path)
+    digest = hashlib.sha256()
+    if folder is None:
+        digest.update(str(path).encode())
+        return digest.hexdigest()
+    real = folder.resolve()
+    digest.update(str(real).encode())
+    for name in _FINGERPRINT_READ:
+        file = real / name
+        if file.is_file():
+            digest.update(name.encode() + b"\0" + file.read_bytes())
+    for weights in sorted(real.glob("*.safetensors*")) + sorted(real.glob("*.json")):
+        info = weights.stat()
+        digest.update(f"{weights.name}:{info.st_size}:{info.st_mtime_ns}".encode())
+    return digest.hexdigest()
 
 
 def gb(value: float) -> int:

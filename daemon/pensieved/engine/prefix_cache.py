@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pensieved.engine import kv_quant
+from pensieved.paths import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -299,9 +301,21 @@ class PrefixCache:
                 return False
             tokens = recent[-1]
             entry = self._lru._trie.get(model, tokens)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # The token ids of the last prompt are in it: a private folder, a 0600
+        # file, and written beside the old one then renamed over it, so that a
+        # stop cut short leaves the previous file whole.
+        private_dir(path.parent)
+        partial = path.with_name(f".{path.stem}.partial.safetensors")
         metadata = {**identity, "tokens": json.dumps(tokens)}
-        save_prompt_cache(str(path), entry.prompt_cache, metadata)
+        old_umask = os.umask(0o077)
+        try:
+            save_prompt_cache(str(partial), entry.prompt_cache, metadata)
+        finally:
+            os.umask(old_umask)
+        partial.chmod(0o600)
+        with partial.open("rb") as written:
+            os.fsync(written.fileno())
+        os.replace(partial, path)
         log.info("prefix cache: saved %d tokens to %s", len(tokens), path)
         return True
 

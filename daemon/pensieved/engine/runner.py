@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pensieved.config import EngineConfig
+from pensieved.config import EngineConfig, stops_loops
 from pensieved.conversation.constraints import repetition_processor, thinking_processor
-from pensieved.conversation.stops import StopMatcher
+from pensieved.conversation.stops import LOOP_WINDOW, StopMatcher, looping
 from pensieved.engine import kv_quant
 from pensieved.engine.loading import LoadedModel, new_generator
 from pensieved.engine.prefix_cache import Divergence, PrefixCache
@@ -81,6 +81,8 @@ class Job:
     cached_tokens: int = 0
     grammar: Any = None  # the request's grammar processor, if any
     decoding: bool = False  # its prompt is prefilled
+    # The last tokens of free text, where the model's `stop_loops` watches them.
+    recent: list[int] | None = None
 
 
 @dataclass
@@ -119,15 +121,13 @@ class Runner:
     def insert(self, request: GenerationRequest, stream: GenerationStream) -> None:
         """Join the batch, reusing what the prefix cache holds of the prompt."""
         if stream.cancelled.is_set():
+            log.info("request cancelled before it started")
             return
         if request.side and self._main_prefilling():
             self.held.append((request, stream))
             return
         loaded = self.loaded
         processors = []
-        if request.sampling.repetition_penalty != 1.0:
-            stops = tuple(sorted(loaded.tokenizer.eos_token_ids))
-            processors.append(repetition_processor(request.sampling.repetition_penalty, stops))
         if request.thinking is not None:
             budget = thinking_processor(request.thinking, loaded.tokenizer)
             if budget is not None:
@@ -136,6 +136,11 @@ class Runner:
         if request.grammar is not None:
             grammar = loaded.grammars.processor(request.grammar, budget=request.max_tokens)
             processors.append(grammar)
+        if request.sampling.repetition_penalty != 1.0:
+            # After the grammar: it is left out where the grammar constrains.
+            stops = tuple(sorted(loaded.tokenizer.eos_token_ids))
+            penalty = request.sampling.repetition_penalty
+            processors.append(repetition_processor(penalty, stops, grammar))
         cache, cached, divergence = self.prefix_cache.fetch_explained(loaded.config, request.prompt)
         if divergence is not None:
             self._explain_miss(divergence, cached)
@@ -160,6 +165,7 @@ class Runner:
             StopMatcher(request.stop_sequences),
             cached_tokens=cached,
             grammar=grammar,
+            recent=[] if stops_loops(loaded.config) else None,
         )
         stream._deliver(Admitted(cached))
 
@@ -278,6 +284,11 @@ class Runner:
             event = Finished("stop_sequence", matched, job.output_tokens, job.cached_tokens)
             self._finish(uid, event)
             return
+        if finish_reason is None and self._looping(job, token):
+            finish_reason = "stop"  # ends the turn as the model's own end token would
+            log.info("stopped a reply looping on one passage after %d tokens", job.output_tokens)
+            detokenizer.finalize()
+            text += job.stops.feed(detokenizer.last_segment)[0]
         if finish_reason is not None:
             text += job.stops.flush()
         if text:
@@ -294,6 +305,14 @@ class Runner:
         else:
             reason = "max_tokens"
         self._finish(uid, Finished(reason, None, job.output_tokens, job.cached_tokens))
+
+    def _looping(self, job: Job, token: int) -> bool:
+        """Whether free text now repeats one passage over and over (`stop_loops` models only)."""
+        if job.recent is None or (job.grammar is not None and job.grammar.constrained):
+            return False
+        job.recent.append(token)
+        del job.recent[:-LOOP_WINDOW]
+        return looping(job.recent)
 
     def _finish(self, uid: int, event: Finished | Failed) -> None:
         self.last_used = time.monotonic()

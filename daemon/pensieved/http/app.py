@@ -23,10 +23,18 @@ from pensieved.http.messages import CountTokensResource, MessagesResource, Promp
 from pensieved.http.metrics import Metrics, MetricsMiddleware, MetricsResource
 from pensieved.http.models import ModelsResource
 from pensieved.http.origin import HostOriginGuard
+from pensieved.http.work import RequestWork
 from pensieved.memory.admission import AdmissionMiddleware
 from pensieved.memory.guard import Level, MemoryGuard
 from pensieved.models.registry import ModelRegistry
-from pensieved.wire.errors import ApiError, AuthenticationFailed, error_body, error_type_for_status
+from pensieved.wire.errors import (
+    MESSAGE_CHARS,
+    ApiError,
+    AuthenticationFailed,
+    error_body,
+    error_type_for_status,
+    shown,
+)
 from pensieved.wire.openapi import DOCUMENT
 
 log = logging.getLogger(__name__)
@@ -41,16 +49,31 @@ class RequestIdMiddleware:
 
 
 class AuthMiddleware:
-    """Token on every route but the connectivity probe and health check."""
+    """Token on every route but the connectivity probe; /health without it says only the status.
 
-    OPEN = frozenset({("HEAD", "/"), ("GET", "/health"), ("GET", "/metrics")})
+    The full /health and /metrics tell who is doing what (model paths,
+    requests, tokens per second, prompt-cache activity): for the token's
+    holder, not for every local user.
+    """
+
+    OPEN = frozenset({("HEAD", "/")})
+    BRIEF = ("GET", "/health")
 
     def __init__(self, token: str) -> None:
         self._token = token.encode()
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        if (req.method, req.path.rstrip("/") or "/") in self.OPEN:
+        route = (req.method, req.path.rstrip("/") or "/")
+        if route in self.OPEN:
             return
+        try:
+            self._check(req)
+        except AuthenticationFailed:
+            if route != self.BRIEF:
+                raise
+            req.context.brief = True  # a liveness probe: the status alone
+
+    def _check(self, req: falcon.asgi.Request) -> None:
         provided = req.get_header("x-api-key")
         if provided is None:
             authorization = req.get_header("Authorization") or ""
@@ -90,14 +113,10 @@ def health_report(
     import mlx.core as mx  # reading allocator counters is not array work
 
     loaded = {m.config: m for m in engine.loaded()}
-    if guard.accepting:
-        status = "ok"
-    elif guard.level is Level.REJECT and not guard.draining:
-        status = "overloaded"
-    else:
-        status = "stopping"
+    status, reason = daemon_status(config, engine, guard)
     return {
         "status": status,
+        **({"reason": reason} if reason else {}),
         "version": __version__,
         "pid": os.getpid(),
         "listen": config.base_url,
@@ -134,6 +153,19 @@ def health_report(
     }
 
 
+def daemon_status(config: Config, engine: Engine, guard: MemoryGuard) -> tuple[str, str | None]:
+    """ok, overloaded, stopping, or degraded (the default model cannot serve), and why."""
+    if guard.draining or (not guard.accepting and guard.level is not Level.REJECT):
+        return "stopping", None
+    if not guard.accepting:
+        return "overloaded", None
+    default = config.default_model
+    failed = engine.failed_loads.get(default)
+    if failed is not None and not engine.is_loaded(default):
+        return "degraded", f"the default model {default.name!r} cannot load: {failed}"
+    return "ok", None
+
+
 class HealthResource:
     def __init__(
         self, registry: ModelRegistry, engine: Engine, started: float, guard: MemoryGuard
@@ -144,6 +176,10 @@ class HealthResource:
         self._guard = guard
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        if getattr(req.context, "brief", False):
+            status, _ = daemon_status(self._registry.config, self._engine, self._guard)
+            json_response(resp, {"status": status})
+            return
         report = health_report(self._registry.config, self._engine, self._started, self._guard)
         json_response(resp, report)
 
@@ -186,13 +222,14 @@ def _write_error(
 async def _handle_api_error(
     req: falcon.asgi.Request, resp: falcon.asgi.Response, ex: ApiError, params: dict[str, Any]
 ) -> None:
+    # Quoted and cut short: a client's value in the path or message is one bounded line.
     log.info(
-        "%s %s %s → %d %s",
+        "%s %s %r → %d %r",
         getattr(req.context, "request_id", "-"),
         req.method,
-        req.path,
+        shown(req.path),
         ex.status,
-        ex.message,
+        shown(ex.message, MESSAGE_CHARS),
     )
     _write_error(req, resp, ex.status, ex.error_type, ex.message, ex.headers, ex.details)
 
@@ -205,9 +242,9 @@ async def _handle_http_error(
 ) -> None:
     status = ex.status_code
     if status == 404:
-        message = f"not found: {req.method} {req.path}"
+        message = f"not found: {req.method} {shown(req.path)}"
     elif status == 405:
-        message = f"method {req.method} is not allowed on {req.path}"
+        message = f"method {req.method} is not allowed on {shown(req.path)}"
     else:
         message = ex.description or ex.title or "request failed"
     _write_error(req, resp, status, error_type_for_status(status), message)
@@ -217,7 +254,7 @@ async def _handle_unexpected(
     req: falcon.asgi.Request, resp: falcon.asgi.Response, ex: Exception, params: dict[str, Any]
 ) -> None:
     # Never a traceback in a response: log it, answer with the request id.
-    log.exception("unhandled error on %s %s", req.method, req.path)
+    log.exception("unhandled error on %s %r", req.method, shown(req.path))
     _write_error(req, resp, 500, "api_error", "internal server error; see the daemon log")
 
 
@@ -227,18 +264,20 @@ def create_app(
     token: str,
     started: float | None = None,
     guard: MemoryGuard | None = None,
+    work: RequestWork | None = None,
 ) -> falcon.asgi.App[Any, Any]:
     started = started or time.time()
     config = registry.config
     guard = guard or MemoryGuard(config.memory, engine=engine)
-    preparer = PromptPreparer(registry, engine)
+    preparer = PromptPreparer(registry, engine, work)
     metrics = Metrics(engine, registry)
     middleware: list[Any] = [
         RequestIdMiddleware(),
         MetricsMiddleware(metrics),
         HostOriginGuard(config.server.port, config.server.allow_remote),
         AuthMiddleware(token),
-        AdmissionMiddleware(guard),
+        # Read per request: a reload's new body_timeout applies at once.
+        AdmissionMiddleware(guard, lambda: registry.config.server.body_timeout),
     ]
     app: falcon.asgi.App[Any, Any] = falcon.asgi.App(
         middleware=middleware,

@@ -14,6 +14,7 @@ import falcon.asgi
 from falcon.asgi import SSEvent
 
 from pensieved.config import ModelConfig
+from pensieved.conversation.attachments import cheap_to_render
 from pensieved.conversation.constraints import ThinkingBudget
 from pensieved.conversation.content import ContentAssembler, ThinkingMarkers
 from pensieved.conversation.grammar import OutputGrammar
@@ -22,15 +23,16 @@ from pensieved.conversation.toolcalls import GENERIC, ToolFormat
 from pensieved.engine.core import Engine
 from pensieved.engine.loading import LoadedModel
 from pensieved.engine.stream import ClientGone, Failed, Finished, GenerationRequest, Sampling
-from pensieved.http.asgi import disconnected, json_response, read_body
+from pensieved.http.asgi import disconnected, json_response, off_loop, read_body, release_body
 from pensieved.http.metrics import Metrics
 from pensieved.http.reply import Reply, sign_thinking
 from pensieved.http.sse import events_when_ready, message_events
 from pensieved.http.threads import ThreadStore, ThreadTurn
+from pensieved.http.work import RequestWork
 from pensieved.models.registry import ModelRegistry, small_tier
 from pensieved.wire import responses
 from pensieved.wire.decode import decode_request
-from pensieved.wire.errors import ApiError, Busy, EngineFailure, Overloaded, prompt_too_long
+from pensieved.wire.errors import ApiError, Busy, EngineFailure, Overloaded, prompt_too_long, shown
 from pensieved.wire.protocol import (
     CountTokensRequest,
     MessagesRequest,
@@ -44,7 +46,8 @@ log = logging.getLogger(__name__)
 # Requests up to this size are rendered on the event loop (well under a
 # millisecond); a thread hop would cost about as much. Larger ones, such as
 # Claude Code's ~20k-token turns, tokenize for tens of milliseconds, so they
-# go to a thread and other streams keep flowing.
+# go to a thread and other streams keep flowing. So does any request whose
+# rendering costs more than its size (a PDF), however small its body.
 INLINE_BYTES = 2048
 
 
@@ -57,9 +60,13 @@ class PreparedPrompt:
 class PromptPreparer:
     """Resolves the model, loads it if needed, and renders the prompt off the event loop."""
 
-    def __init__(self, registry: ModelRegistry, engine: Engine) -> None:
+    def __init__(
+        self, registry: ModelRegistry, engine: Engine, work: RequestWork | None = None
+    ) -> None:
         self._registry = registry
         self._engine = engine
+        # The daemon's threads for request work (http/work.py), not asyncio's default executor.
+        self.work = work or RequestWork()
 
     async def prepare(self, request: CountTokensRequest, inline: bool = False) -> PreparedPrompt:
         config = self._registry.resolve(request.model)
@@ -72,7 +79,7 @@ class PromptPreparer:
         if inline:
             prompt = loaded.builder.build(request)
         else:
-            prompt = await asyncio.to_thread(loaded.builder.build, request)
+            prompt = await self.work.run(loaded.builder.build, request)
         return PreparedPrompt(loaded, prompt)
 
     async def check_before_load(self, request: MessagesRequest, config: ModelConfig) -> None:
@@ -83,9 +90,9 @@ class PromptPreparer:
         error`, which the SDKs report with status 200. The tokenizer alone
         finds these, so they get their real status first.
         """
-        side = await asyncio.to_thread(self._engine.prompt_side, config)
+        side = await self.work.run(self._engine.prompt_side, config)
         if side is not None:
-            prompt = await asyncio.to_thread(side.builder.build, request)
+            prompt = await self.work.run(side.builder.build, request)
             check_fits(len(prompt.tokens), side.context_length)
 
 
@@ -95,8 +102,11 @@ class CountTokensResource:
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         body = await read_body(req)
-        request = decode_request(body, CountTokensRequest)
-        prepared = await self._preparer.prepare(request, inline=len(body) <= INLINE_BYTES)
+        request = await off_loop(
+            self._preparer.work, len(body), decode_request, body, CountTokensRequest
+        )
+        inline = len(body) <= INLINE_BYTES and cheap_to_render(request)
+        prepared = await self._preparer.prepare(request, inline=inline)
         json_response(resp, responses.token_count(len(prepared.prompt.tokens)))
 
 
@@ -131,11 +141,14 @@ class MessagesResource:
         self._registry = registry
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        # A full batch and queue refuse before the body is read, decoded and rendered.
+        self._check_busy()
         body = await read_body(req)
+        work = self._preparer.work
         # A thread's `continue` becomes the full conversation before it is checked.
-        body, thread = self._threads.expand(body, req.context.credential)
-        request = decode_request(body, MessagesRequest)
-        small = len(body) <= INLINE_BYTES
+        body, thread = await self._threads.expand_on(work, body, req.context.credential)
+        request = await off_loop(work, len(body), decode_request, body, MessagesRequest)
+        small = len(body) <= INLINE_BYTES and cheap_to_render(request)
         request_id: str = req.context.request_id
         if request.stream:
             config = self._registry.resolve(request.model)
@@ -232,7 +245,7 @@ class MessagesResource:
         if small and not prepared.prompt.tools and reply_schema(request) is None:
             plan, cached = plan_and_look_up()  # no grammar, a short prefix walk: microseconds
         else:
-            plan, cached = await asyncio.to_thread(plan_and_look_up)
+            plan, cached = await self._preparer.work.run(plan_and_look_up)
         generation = GenerationRequest(
             prompt=prepared.prompt.tokens,
             max_tokens=max_tokens,
@@ -247,23 +260,17 @@ class MessagesResource:
         message_id = responses.new_message_id()
         request_id: str = req.context.request_id
         log.info(
-            "%s %s model=%s→%s prompt=%d max_tokens=%d%s%s",
+            "%s %s model=%r→%s prompt=%d max_tokens=%d%s%s",
             request_id,
             "stream" if request.stream else "create",
-            request.model,
+            shown(request.model),  # the client's string: quoted, so it cannot forge a line
             model.name,
             input_tokens,
             max_tokens,
             f" (asked {request.max_tokens})" if max_tokens != request.max_tokens else "",
             f" tools={len(plan.tools)}" + (" forced" if plan.forced else "") if plan.tools else "",
         )
-        settings = self._registry.config.engine
-        if self._engine.active_requests() >= settings.max_sequences + settings.max_queue:
-            raise Busy(
-                f"{settings.max_sequences} requests are generating and {settings.max_queue} "
-                "more are waiting; try again shortly",
-                {"retry-after": "2"},
-            )
+        self._check_busy()  # again: others may have been submitted meanwhile
         gone = disconnected(req)
         reply = Reply(
             self._engine.submit(model, generation),
@@ -274,7 +281,17 @@ class MessagesResource:
             coalesce=self._registry.config.server.text_interval_ms / 1000,
             thinking_end=plan.thinking_markers.end if plan.thinking_markers else None,
         )
+        release_body(req)  # the engine has it now: its body no longer waits to be admitted
         return message_id, _Started(reply, model, input_tokens, cached, gone)
+
+    def _check_busy(self) -> None:
+        settings = self._registry.config.engine
+        if self._engine.active_requests() >= settings.max_sequences + settings.max_queue:
+            raise Busy(
+                f"{settings.max_sequences} requests are generating and {settings.max_queue} "
+                "more are waiting; try again shortly",
+                {"retry-after": "2"},
+            )
 
 
 def request_sampling(request: MessagesRequest, model: LoadedModel) -> Sampling:

@@ -31,7 +31,10 @@ from typing import Any, ClassVar
 import msgspec
 from falcon.asgi import SSEvent
 
-from pensieved.wire.errors import InvalidRequest, NotFound
+from pensieved.http.asgi import off_loop
+from pensieved.http.work import RequestWork
+from pensieved.wire.decode import decode_as
+from pensieved.wire.errors import InvalidRequest, NotFound, shown
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,8 @@ class ThreadTurn:
 
     owner: str
     previous_message_id: str | None
-    conversation: dict[str, Any]  # `system`, `tools`, `messages` as JSON values
+    # `system`, `tools` and `messages`, each message as JSON text (`msgspec.Raw`)
+    conversation: dict[str, Any]
 
 
 @dataclass
@@ -106,43 +110,52 @@ class ThreadStore:
         A body without a well-formed `thread` comes back as it is, for the
         request decoder to accept or refuse with its usual words.
         """
-        if b'"thread"' not in body:  # the common case costs one scan
+        parsed = _parse(body)
+        if parsed is None:
             return body, None
-        try:
-            request = msgspec.json.decode(body)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        owner, held = self._take(parsed, credential)
+        if owner is None:
             return body, None
-        thread = request.get("thread") if isinstance(request, dict) else None
-        if not isinstance(thread, dict) or not isinstance(request.get("messages"), list):
+        if held is None:
+            return body, ThreadTurn(owner, None, _conversation(parsed.fields, parsed.messages))
+        expanded, conversation = _continued(parsed, held)
+        return expanded, ThreadTurn(owner, parsed.previous, conversation)
+
+    async def expand_on(
+        self, work: RequestWork, body: bytes, credential: str
+    ) -> tuple[bytes, ThreadTurn | None]:
+        """`expand`, decoding and encoding a large body on `work`'s threads, off the event loop.
+
+        Only the store itself is read on the loop; the rest touches no shared state.
+        """
+        if b'"thread"' not in body:
             return body, None
+        parsed = await off_loop(work, len(body), _parse, body)
+        if parsed is None:
+            return body, None
+        owner, held = self._take(parsed, credential)
+        if owner is None:
+            return body, None
+        if held is None:
+            return body, ThreadTurn(owner, None, _conversation(parsed.fields, parsed.messages))
+        expanded, conversation = await off_loop(
+            work, len(body) + len(held), _continued, parsed, held
+        )
+        return expanded, ThreadTurn(owner, parsed.previous, conversation)
+
+    def _take(self, parsed: _Parsed, credential: str) -> tuple[str | None, bytes | None]:
+        """Whose thread `parsed` starts or continues (None: neither), and what it continues."""
         owner = hashlib.sha256(credential.encode()).hexdigest()
-        if thread.get("type") == "create":
-            if len(body) > self._max_thread_bytes:
+        if parsed.kind == "create":
+            if parsed.size > self._max_thread_bytes:
                 raise ThreadUnsupported(
-                    f"this conversation ({len(body)} bytes) is larger than a thread may hold "
+                    f"this conversation ({parsed.size} bytes) is larger than a thread may hold "
                     f"here ({self._max_thread_bytes} bytes); send it without `thread`"
                 )
-            return body, ThreadTurn(owner, None, _conversation(request, request["messages"]))
-        previous = thread.get("previous_message_id")
-        if thread.get("type") != "continue" or not isinstance(previous, str):
-            return body, None
-        held = self._lookup(previous, owner)
-        stored = msgspec.json.decode(held.conversation)
-        for field in _KEPT:
-            # The SDK leaves these out; a client that repeats them must repeat them unchanged.
-            if request.get(field) is not None and request[field] != stored.get(field):
-                raise ThreadFingerprintMismatch(
-                    f"thread: `{field}` differs from the value stored with the thread of "
-                    f"{previous!r}; send the stored value, or replay the full conversation "
-                    'with `thread: {"type": "create"}` to change it'
-                )
-            if stored.get(field) is not None:
-                request[field] = stored[field]
-        messages = stored["messages"] + request["messages"]
-        request["messages"] = messages
-        return msgspec.json.encode(request), ThreadTurn(
-            owner, previous, _conversation(request, messages)
-        )
+            return owner, None
+        if parsed.kind != "continue" or parsed.previous is None:
+            return None, None
+        return owner, self._lookup(parsed.previous, owner).conversation
 
     def record(
         self, turn: ThreadTurn | None, message_id: str, content: list[dict[str, Any]]
@@ -196,7 +209,7 @@ class ThreadStore:
         if held is None or held.owner != owner:
             raise ThreadNotFound(
                 f"thread: no usable thread state was found for previous_message_id "
-                f"{message_id!r}; replay the full conversation with "
+                f"{shown(message_id)!r}; replay the full conversation with "
                 '`thread: {"type": "create"}` to start a new thread'
             )
         held.expires = self._clock() + self._idle
@@ -219,6 +232,68 @@ class ThreadStore:
             self._drop(message_id)
 
 
-def _conversation(request: dict[str, Any], messages: list[Any]) -> dict[str, Any]:
-    kept = {field: request[field] for field in _KEPT if request.get(field) is not None}
+@dataclass(frozen=True)
+class _Parsed:
+    """A threaded request, taken apart only to its top-level fields and messages."""
+
+    kind: str | None  # "create", "continue", or what the client sent
+    previous: str | None
+    fields: dict[str, msgspec.Raw]
+    messages: list[msgspec.Raw]
+    size: int
+
+
+class _Thread(msgspec.Struct):
+    type: str | None = None
+    previous_message_id: str | None = None
+
+
+def _parse(body: bytes) -> _Parsed | None:
+    """`body`'s thread, fields and messages, or None where it has no well-formed `thread`.
+
+    Each message and field stays JSON text: a body of `{}`s decoded into
+    Python objects would take 24 times its size.
+    """
+    if b'"thread"' not in body:  # the common case costs one scan
+        return None
+    fields = decode_as(body, dict[str, msgspec.Raw])
+    if fields is None:
+        return None
+    thread = decode_as(fields.get("thread"), _Thread)
+    messages = decode_as(fields.get("messages"), list[msgspec.Raw])
+    if thread is None or messages is None:
+        return None
+    return _Parsed(thread.type, thread.previous_message_id, fields, messages, len(body))
+
+
+def _continued(parsed: _Parsed, held: bytes) -> tuple[bytes, dict[str, Any]]:
+    """The body of a `continue` with the held conversation before its messages, and that."""
+    stored = decode_as(held, dict[str, msgspec.Raw]) or {}
+    fields = dict(parsed.fields)
+    for field in _KEPT:
+        # The SDK leaves these out; a client that repeats them must repeat them unchanged.
+        sent, kept = fields.get(field), stored.get(field)
+        if _present(sent) and (not _present(kept) or _value(sent) != _value(kept)):
+            raise ThreadFingerprintMismatch(
+                f"thread: `{field}` differs from the value stored with the thread of "
+                f"{parsed.previous!r}; send the stored value, or replay the full conversation "
+                'with `thread: {"type": "create"}` to change it'
+            )
+        if kept is not None and _present(kept):
+            fields[field] = kept
+    messages = (decode_as(stored.get("messages"), list[msgspec.Raw]) or []) + parsed.messages
+    fields["messages"] = msgspec.Raw(msgspec.json.encode(messages))
+    return msgspec.json.encode(fields), _conversation(fields, messages)
+
+
+def _value(raw: msgspec.Raw | None) -> Any:
+    return None if raw is None else msgspec.json.decode(raw)
+
+
+def _present(value: msgspec.Raw | None) -> bool:
+    return value is not None and bool(value) and not (len(value) == 4 and bytes(value) == b"null")
+
+
+def _conversation(fields: dict[str, msgspec.Raw], messages: list[Any]) -> dict[str, Any]:
+    kept = {field: fields[field] for field in _KEPT if _present(fields.get(field))}
     return {**kept, "messages": messages}

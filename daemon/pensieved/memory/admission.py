@@ -1,10 +1,17 @@
 """Admission: refuse work before it starts, instead of finding out halfway.
 
-Two checks, both cheap enough for every request (`bench/admission.py`):
+Three checks, all cheap enough for every request (`bench/admission.py`):
 
 - `AdmissionMiddleware`: at the reject or shutdown level (or while
   draining), new `/v1/messages` requests get 529 before their body is read or
-  a model loaded.
+  a model loaded; so does one whose body, with the others being read,
+  would take available memory below the reject line.
+- `BodyAdmission`: a body is memory from its first byte until its request
+  reaches the engine (decoded, rendered, planned), and up to
+  `max_connections` are read at once. Their bytes are counted, and bodies
+  over `LARGE_BODY_BYTES` take one of `LARGE_BODIES` places for that time:
+  the rest wait, unread. Each is read within `[server] body_timeout`, not
+  counting that wait.
 - `Admission.admit`: just before prefill, the request's peak memory is
   estimated (KV cache for its prompt and the output it will likely write,
   plus activations) and it is refused with 529 if it would take available
@@ -61,6 +68,18 @@ LOGIT_COPIES = 8
 EXPECTED_OUTPUT_TOKENS = 4096
 
 ROUTES = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+
+# Bodies past this size are read and prepared a few at a time. Claude Code's
+# turns are 80 KB to a few MB (with screenshots); 64 bodies of 24 MB read at
+# once took 1.3 GB before any check (security review #5).
+LARGE_BODY_BYTES = 1024 * 1024
+LARGE_BODIES = 2
+# What a body's bytes take once decoded and rendered, for the memory check:
+# fields nothing reads stay JSON text (wire/protocol.py); text and tool
+# inputs become strings and small objects, then prompt text and tokens.
+BODY_EXPANSION = 4
+# Seconds a client has to send a whole body (`[server] body_timeout`).
+BODY_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -335,14 +354,112 @@ def _after_submit(function: Callable[[], None]) -> None:
     loop.call_soon(function)
 
 
-class AdmissionMiddleware:
-    """New work is refused at the reject and shutdown levels and while draining."""
+class BodyLease:
+    """One request's body in `BodyAdmission`: its bytes, and a large body's place."""
 
-    def __init__(self, guard: MemoryGuard) -> None:
+    def __init__(self, owner: BodyAdmission, timeout: float) -> None:
+        self._owner = owner
+        self.timeout = timeout  # seconds to read the whole body
+        self.nbytes = 0
+        self._place = False
+
+    def needs_place(self, size: int) -> bool:
+        """Whether a body of `size` bytes must wait for a large body's place it has not got."""
+        return not self._place and size > self._owner.large_bytes
+
+    async def take_place(self) -> None:
+        """Wait for one of the `LARGE_BODIES` places; held until `release`."""
+        await self._owner.places.acquire()
+        self._place = True
+
+    def add(self, size: int) -> None:
+        """Count `size` more bytes read."""
+        self.nbytes += size
+        self._owner.nbytes += size
+
+    def release(self) -> None:
+        """The request reached the engine, or ended: its body no longer counts. Idempotent."""
+        self._owner.nbytes -= self.nbytes
+        self.nbytes = 0
+        if self._place:
+            self._place = False
+            self._owner.places.release()
+
+
+class BodyAdmission:
+    """Request bodies in memory before their requests reach the engine: counted, large ones few."""
+
+    def __init__(
+        self,
+        guard: MemoryGuard,
+        timeout: Callable[[], float] = lambda: BODY_TIMEOUT,
+        large_bodies: int = LARGE_BODIES,
+        large_bytes: int = LARGE_BODY_BYTES,
+    ) -> None:
         self._guard = guard
+        self._timeout = timeout
+        self.large_bytes = large_bytes
+        self.places = asyncio.Semaphore(large_bodies)
+        self.nbytes = 0  # bytes of bodies read and not yet released
+
+    def lease(self) -> BodyLease:
+        return BodyLease(self, self._timeout())
+
+    def refusal(self, size: int) -> Overloaded | None:
+        """529 when this body and those being read would take memory below the reject line."""
+        reading = self._guard.reading
+        if reading is None:
+            return None
+        needed = (self.nbytes + size) * BODY_EXPANSION
+        line = int(self._guard.settings.reject_below_gb * GB)
+        if reading.available - needed >= line:
+            return None
+        return Overloaded(
+            f"not enough memory to take this request's body ({size / 1024**2:.1f} MB, with "
+            f"{self.nbytes / 1024**2:.1f} MB of others being read): it would leave "
+            f"{max(reading.available - needed, 0) / GB:.2f} GB available, below the "
+            f"{self._guard.settings.reject_below_gb:g} GB reject line; retry later",
+            {"retry-after": RETRY_AFTER_LOW_MEMORY},
+        )
+
+
+BODY_KEY = "pensieve.body"
+
+
+class AdmissionMiddleware:
+    """New work is refused at the reject and shutdown levels, while draining, and for its body.
+
+    A request it admits carries its `BodyLease` (`body_lease`); the body
+    reader fills it, the resource releases it once the request reaches the
+    engine, and this releases it at the latest when the responder returns.
+    """
+
+    def __init__(
+        self, guard: MemoryGuard, body_timeout: Callable[[], float] = lambda: BODY_TIMEOUT
+    ) -> None:
+        self._guard = guard
+        self.bodies = BodyAdmission(guard, body_timeout)
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         if req.method == "POST" and req.path.rstrip("/") in ROUTES:
-            refusal = self._guard.refusal()
+            refusal = self._guard.refusal() or self.bodies.refusal(req.content_length or 0)
             if refusal is not None:
                 raise refusal
+            req.scope[BODY_KEY] = self.bodies.lease()
+
+    async def process_response(
+        self,
+        req: falcon.asgi.Request,
+        resp: falcon.asgi.Response,
+        resource: object,
+        req_succeeded: bool,
+    ) -> None:
+        lease = body_lease(req)
+        if lease is not None:
+            lease.release()
+
+
+def body_lease(req: falcon.asgi.Request) -> BodyLease | None:
+    """The lease `AdmissionMiddleware` gave `req`'s body, if it gave one."""
+    lease: BodyLease | None = req.scope.get(BODY_KEY)
+    return lease

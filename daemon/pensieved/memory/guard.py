@@ -1,7 +1,11 @@
 """The memory guard: how much memory is left, which level that is, and what each level does.
 
-A background task samples a `MemoryProbe` (probe.py) every `[memory] sample_interval`
-seconds; the request path only reads the level it left behind. Levels:
+A thread of its own samples a `MemoryProbe` (probe.py) every `[memory]
+sample_interval` seconds; the request path only reads the level it left
+behind. The thread needs neither the event loop nor a worker (a reading
+takes about a millisecond), so it keeps sampling while either is busy: a
+blocked loop or a queue of prompt builds is what memory runs out under.
+Levels:
 
 - normal: serve.
 - warn: log once, shrink caches (`shrink_callbacks`, then MLX's buffer
@@ -9,7 +13,9 @@ seconds; the request path only reads the level it left behind. Levels:
 - reject: new requests get 529 `overloaded_error`; in-flight ones go on.
 - shutdown: stop accepting, end in-flight streams with an `error` event,
   free the model, exit 0 (launchd does not restart a clean exit straight
-  back into the same pressure).
+  back into the same pressure). The stop runs on the event loop; should the
+  process still be alive `SHUTDOWN_GRACE_S` later (a blocked loop, a build
+  that will not end), the guard's thread ends it with `os._exit(0)`.
 
 Levels are entered as soon as available memory falls below a line and left
 only once it is `hysteresis_gb` above it, so a reading that hovers at a line
@@ -29,7 +35,10 @@ import contextlib
 import ctypes
 import enum
 import logging
+import os
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +56,15 @@ GB = 1024**3
 # Seconds a refused client is told to wait (`retry-after`).
 RETRY_AFTER_LOW_MEMORY = "10"
 RETRY_AFTER_SHUTTING_DOWN = "5"
+
+# Seconds a memory shutdown may take (ending streams, freeing the model,
+# saving the prefix cache: about a second when the loop is free) before the
+# guard's thread ends the process itself.
+SHUTDOWN_GRACE_S = 15.0
+# A memory shutdown's exit code, also when the guard's thread ends the
+# process: launchd and systemd restart only a failure, which would start the
+# daemon straight back into the same pressure.
+EXIT_MEMORY_SHUTDOWN = 0
 
 
 class Level(enum.IntEnum):
@@ -135,12 +153,22 @@ def _run_here(function: Callable[[], None]) -> None:
     function()
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # not on a thread that runs a loop
+        return None
+
+
 class MemoryGuard:
     """Holds the memory level; refuses new work at reject, and calls for shutdown below that.
 
     With an `engine`, MLX calls (clearing its cache, setting limits) run on the
     engine thread, where MLX work belongs. `on_shutdown` is called once, with
-    the reason, when the shutdown level is reached.
+    the reason, when the shutdown level is reached: on the event loop the
+    guard was started on, handed over from the guard's thread. Once started,
+    the guard's thread also keeps the shutdown's deadline: `exit_process`
+    (`os._exit`) after `shutdown_grace` seconds, whatever the loop is doing.
     """
 
     def __init__(
@@ -150,6 +178,8 @@ class MemoryGuard:
         *,
         engine: Engine | None = None,
         on_shutdown: Callable[[str], None] | None = None,
+        shutdown_grace: float = SHUTDOWN_GRACE_S,
+        exit_process: Callable[[int], None] = os._exit,
     ) -> None:
         self._settings = settings
         self._probe: Probe = probe or MemoryProbe()
@@ -167,8 +197,18 @@ class MemoryGuard:
         # level gets worse, before MLX's buffer cache is cleared. The prompt
         # cache registers its trim here.
         self.shrink_callbacks: list[Callable[[], None]] = []
-        self._task: asyncio.Task[None] | None = None
         self._read_failed = False
+        # Readings are acted on from the guard's thread and from the loop
+        # (a reload's new lines, the first reading): one at a time.
+        self._acting = threading.RLock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._wake = threading.Event()
+        self._shutdown_grace = shutdown_grace
+        self._exit_process = exit_process
+        # When the guard's thread ends the process (monotonic); None: no shutdown under way.
+        self._exit_at: float | None = None
 
     def available_memory(self) -> int:
         """Bytes the system can hand out now (for a model load's room check)."""
@@ -190,25 +230,42 @@ class MemoryGuard:
 
     def observe(self, reading: MemoryReading) -> Level:
         """Act on `reading`: change level, log it, release memory, or call for shutdown."""
-        self.reading = reading
-        self.kv_at_reading = self._engine.kv_cache_bytes if self._engine is not None else 0
-        if self.level is Level.SHUTDOWN:
-            return self.level  # the way down is one way
-        new = classify(reading, self.level, self._settings)
-        if new == self.level:
+        with self._acting:
+            self.reading = reading
+            self.kv_at_reading = self._engine.kv_cache_bytes if self._engine is not None else 0
+            if self.level is Level.SHUTDOWN:
+                return self.level  # the way down is one way
+            new = classify(reading, self.level, self._settings)
+            if new == self.level:
+                return new
+            old, self.level = self.level, new
+            figures = describe(reading, self._settings)
+            if new > old:
+                log.warning("memory level %s → %s: %s", old.label, new.label, figures)
+                self.release_memory()
+            else:
+                log.info("memory level %s → %s: %s", old.label, new.label, figures)
+            if new is Level.SHUTDOWN:
+                self._call_for_shutdown(
+                    f"memory is critically low ({reading.available / GB:.2f} GB available)"
+                )
             return new
-        old, self.level = self.level, new
-        figures = describe(reading, self._settings)
-        if new > old:
-            log.warning("memory level %s → %s: %s", old.label, new.label, figures)
-            self.release_memory()
-        else:
-            log.info("memory level %s → %s: %s", old.label, new.label, figures)
-        if new is Level.SHUTDOWN:
-            reason = f"memory is critically low ({reading.available / GB:.2f} GB available)"
-            if self.on_shutdown is not None:
-                self.on_shutdown(reason)
-        return new
+
+    def _call_for_shutdown(self, reason: str) -> None:
+        """Set the deadline, then have the loop stop the daemon (at once if this is the loop)."""
+        if self._thread is not None and not self._stopping:
+            self._exit_at = time.monotonic() + self._shutdown_grace
+            self._wake.set()
+        callback, loop = self.on_shutdown, self._loop
+        if callback is None:
+            return
+        if loop is None or _running_loop() is loop:
+            callback(reason)
+            return
+        try:
+            loop.call_soon_threadsafe(callback, reason)
+        except RuntimeError:  # the loop is closed: the process is on its way out
+            log.info("%s; the daemon is already stopping", reason)
 
     def release_memory(self) -> None:
         """Shrink caches, then hand MLX's buffer cache back to the system."""
@@ -277,30 +334,78 @@ class MemoryGuard:
         hand_back_freed_buffers()
 
     def start(self) -> Level:
-        """Take the first reading, then keep sampling in the background."""
+        """Take the first reading, then keep sampling on the guard's own thread.
+
+        Called on the event loop, `on_shutdown` is handed to that loop.
+        """
+        self._loop = _running_loop()
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._watch, name="pensieve-memory-guard", daemon=True
+        )
         level = self.sample()
         assert self.reading is not None
         log.info("memory level %s: %s", level.label, describe(self.reading, self._settings))
-        self._task = asyncio.get_running_loop().create_task(self._sample_forever())
+        self._thread.start()
         return level
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop sampling. A memory shutdown under way keeps its deadline until the process ends."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        if self._exit_at is None:
+            thread.join(timeout)
+            self._thread = None
 
-    async def _sample_forever(self) -> None:
+    def _watch(self) -> None:
+        """The guard's thread: a reading every `sample_interval`, and the shutdown's deadline."""
+        next_sample = time.monotonic() + self._settings.sample_interval
         while True:
-            await asyncio.sleep(self._settings.sample_interval)
-            try:
-                # psutil reads /proc and the kernel: keep it off the event loop.
-                reading = await asyncio.to_thread(self._probe.read)
-            except Exception:
-                if not self._read_failed:
-                    log.exception("reading memory failed; keeping the last level")
-                    self._read_failed = True
+            now = time.monotonic()
+            exit_at = self._exit_at
+            if exit_at is not None and now >= exit_at:
+                self._exit_now()
+                return
+            if self._stopping:
+                if exit_at is None:
+                    return
+                wake = exit_at
+            elif now >= next_sample:
+                self._sample_here()
+                next_sample = time.monotonic() + self._settings.sample_interval
                 continue
+            else:
+                wake = next_sample if exit_at is None else min(next_sample, exit_at)
+            self._wake.wait(wake - now)
+            self._wake.clear()
+
+    def _sample_here(self) -> None:
+        try:
+            reading = self._probe.read()
+        except Exception:
+            if not self._read_failed:
+                log.exception("reading memory failed; keeping the last level")
+                self._read_failed = True
+            return
+        try:
             self.observe(reading)
+        except Exception:  # the thread must outlive one bad reading
+            log.exception("acting on a memory reading failed")
+
+    def _exit_now(self) -> None:
+        log.error(
+            "memory shutdown: the daemon is still running %gs after it was called for; "
+            "exiting now (exit %d)",
+            self._shutdown_grace,
+            EXIT_MEMORY_SHUTDOWN,
+        )
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        self._exit_process(EXIT_MEMORY_SHUTDOWN)
 
     # -- the request path ---------------------------------------------------
 

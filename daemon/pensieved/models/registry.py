@@ -146,11 +146,48 @@ def materialize(model: ModelConfig, models_dir: Path) -> str:
     elif Path(source).expanduser().is_dir():
         return str(Path(source).expanduser().resolve())
     else:
-        return source  # a Hugging Face repo id; mlx_lm.load fetches or finds it in its cache
+        return hub_repo(source)  # mlx_lm.load fetches it, or finds it in the HF cache
     if not _imported_from(target, gguf_file):
         log.info("importing %s into %s", gguf_file, target)
         import_gguf(gguf_file, target, sampling)
     return str(target)
+
+
+HUB_PREFIX = "hf:"
+
+
+def hub_repo(source: str) -> str:
+    """The Hugging Face repo id a source names; a missing local folder is refused, never fetched.
+
+    `org/name` is also a relative path: a source that looks like a path (`/`,
+    `./`, `~`, or whose first folder exists here) and names no directory is a
+    folder that went missing, and fetching a repo of that name would run
+    someone else's weights and chat template. `hf:org/name` always means the hub.
+    """
+    if source.startswith(HUB_PREFIX):
+        return source[len(HUB_PREFIX) :]
+    first = source.split("/", 1)[0]
+    path_like = source.startswith(("/", "./", "../", "~")) or (
+        "/" in source and first not in ("", ".") and Path(first).is_dir()
+    )
+    if path_like:
+        raise FileNotFoundError(
+            f"model directory {source} does not exist (a Hugging Face repo is `org/name`, "
+            f"or `{HUB_PREFIX}org/name` where a folder of that name exists here)"
+        )
+    return source
+
+
+def check_source(model: ModelConfig) -> None:
+    """Raise `FileNotFoundError` when `model`'s source is a file or folder that is not there."""
+    source = model.source
+    if is_builtin(source):
+        builtin_gguf_path()
+    elif source.lower().endswith(".gguf"):
+        if not Path(source).expanduser().is_file():
+            raise FileNotFoundError(f"model {model.name!r}: no GGUF file at {source}")
+    elif not Path(source).expanduser().is_dir():
+        hub_repo(source)
 
 
 def is_builtin(source: str) -> bool:

@@ -29,12 +29,14 @@ from pensieved.engine.core import Engine
 from pensieved.http.app import create_app, health_report
 from pensieved.http.asgi import DisconnectWatcher
 from pensieved.http.origin import is_loopback
+from pensieved.http.work import RequestWork
 from pensieved.memory.admission import Admission
 from pensieved.memory.guard import Level, MemoryGuard, describe
-from pensieved.models.registry import ModelRegistry
+from pensieved.models.registry import ModelRegistry, check_source
 from pensieved.paths import private_dir
 from pensieved.service.clients import client_report
 from pensieved.service.control import ControlServer, ControlSocketError
+from pensieved.service.limits import raise_open_files
 from pensieved.service.notify import sd_notify
 from pensieved.service.units import STDERR_LOG, STDOUT_LOG, supervisor
 from pensieved.wire.errors import NotFound
@@ -133,6 +135,9 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
     """
     token = ensure_token(config)
     log_to_file(config.paths.log_dir / LOG_FILE, supervisor())
+    before, after = raise_open_files()
+    if after != before:
+        log.info("open-file limit raised from %d to %d", before, after)
     started_at = time.time()
     host = config.server.host
     if not is_loopback(host):
@@ -146,6 +151,8 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
     engine = Engine(config.paths.models_dir, config.engine)
     registry = ModelRegistry(config)
     guard = MemoryGuard(config.memory, engine=engine)
+    # Prompt builds and other request work: threads of the daemon's own (http/work.py).
+    work = RequestWork()
     # A model is loaded only if available memory stays above the reject line.
     engine.memory_floor_bytes = int(config.memory.reject_below_gb * 1024**3)
     engine.admission = Admission(guard).admit
@@ -201,7 +208,7 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
 
     async def clients(_: dict[str, Any]) -> dict[str, Any]:
         # Where `pensievectl env` & co point Claude Code, and whether it fits.
-        return await asyncio.to_thread(client_report, registry, engine, token)
+        return await work.run(client_report, registry, engine, token)
 
     handlers = {"status": status, "stop": stop_command, "reload": reload, "unload": unload}
     control = ControlServer(
@@ -212,8 +219,9 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
     except ControlSocketError as exc:  # already running, path too long, not ours
         raise StartupError(str(exc)) from exc
     try:
-        return await _serve(registry, token, engine, guard, stop_requested, started_at)
+        return await _serve(registry, token, engine, guard, stop_requested, started_at, work)
     finally:
+        work.close()  # builds still running are not waited for (cli.py bounds the exit)
         await control.close()
 
 
@@ -226,12 +234,24 @@ async def apply_config(
 ) -> dict[str, Any]:
     """Put `new` in force without dropping requests; report what needs a restart.
 
-    Requests arriving meanwhile resolve under the new config. A model whose
-    entry changed or went away is unloaded once its in-flight requests finish;
-    then the new default model is loaded, so there is never more than one
-    version of a model in memory.
+    All or nothing: the new default model is loaded first, beside the models
+    in force (and every new local source must exist), so a config that
+    cannot serve is refused with the reason and the one in force stays.
+    Then requests resolve under the new config, and a model whose entry
+    changed or went away is unloaded once its in-flight requests finish.
     """
     old = registry.config
+    for model in new.models:
+        if model not in old.models:
+            check_source(model)
+    if not engine.is_loaded(new.default_model):
+        try:
+            await engine.load(new.default_model)
+        except Exception as exc:
+            raise RuntimeError(
+                f"not reloaded: the new default model {new.default_model.name!r} did not load "
+                f"({exc}); the config in force stays"
+            ) from exc
     changed = [key for key in RESTART_KEYS if getattr(old.server, key) != getattr(new.server, key)]
     # Until a restart the daemon keeps serving where it serves: `status`,
     # /health and `pensievectl env` must say that, not what the file says.
@@ -245,7 +265,6 @@ async def apply_config(
     retired = [m.config for m in engine.loaded() if m.config not in new.models]
     for config in retired:
         await engine.unload(config)
-    await engine.load(new.default_model)
     log.info("config reloaded; unloaded %s", [c.name for c in retired] or "nothing")
     return {
         "reloaded": True,
@@ -282,6 +301,7 @@ async def _serve(
     guard: MemoryGuard,
     stop_requested: asyncio.Event,
     started_at: float,
+    work: RequestWork,
 ) -> int:
     from granian.constants import Interfaces
     from granian.http import HTTP1Settings
@@ -321,7 +341,7 @@ async def _serve(
             ) from exc
         log.info("model warm in %.1fs", time.perf_counter() - started)
 
-    app = create_app(registry, engine, token, started_at, guard)
+    app = create_app(registry, engine, token, started_at, guard, work)
     server = Server(
         DisconnectWatcher(app),
         address=host,
@@ -355,6 +375,8 @@ async def _serve(
             await drain(engine, registry.config.server.drain_seconds, cut_drain)
             # End in-flight streams with an error event, free the model, stop listening.
             await asyncio.to_thread(engine.stop)
+            # Requests waiting on a prompt build get 529: Granian waits for every open request.
+            work.close()
             await asyncio.sleep(0.2)
             server.stop()  # type: ignore[no-untyped-call]
 
@@ -403,7 +425,7 @@ async def _serve(
         ready.cancel()
         stop_watch.cancel()
         idle_watch.cancel()
-        await guard.stop()
+        guard.stop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         engine.stop()

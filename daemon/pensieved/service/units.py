@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pensieved.config import Config
+from pensieved.service.limits import OPEN_FILES
 
 LABEL = "dev.pensieve.daemon"
 SYSTEMD_UNIT = "pensieve.service"
@@ -140,6 +141,8 @@ def render_plist(desc: ServiceDescription, session: str = "Aqua") -> bytes:
             "ThrottleInterval": desc.throttle,
             "ProcessType": "Interactive",
             "ExitTimeOut": desc.stop_timeout,
+            # launchd's default soft limit is 256 open files (limits.py).
+            "SoftResourceLimits": {"NumberOfFiles": OPEN_FILES},
             "LimitLoadToSessionType": session,
             "EnvironmentVariables": {**desc.environment, SUPERVISOR_ENV: "launchd"},
             "WorkingDirectory": str(desc.working_dir),

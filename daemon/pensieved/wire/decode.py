@@ -6,6 +6,9 @@ field names (`messages.0.content`). Block types newer than this server in
 assistant turns and tool results are dropped, not refused: a conversation
 begun in the cloud must go on here. The checks after decoding refuse what the
 API refuses, in its own words.
+
+Every check is linear in the body, and client values quoted in an error are
+cut short (`shown`): a 32 MB body must cost neither minutes nor a 32 MB message.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import Any, TypeVar, get_args
 import msgspec
 
 from pensieved.wire.client_tools import KNOWN_CLIENT_TOOL_TYPES, client_tool_definition
-from pensieved.wire.errors import InvalidRequest
+from pensieved.wire.errors import InvalidRequest, shown
 from pensieved.wire.protocol import (
+    MAX_STOP_SEQUENCE_BYTES,
     ContentBlock,
     CountTokensRequest,
     InputMessage,
@@ -61,9 +65,7 @@ def decode_request(body: bytes, kind: type[RequestT]) -> RequestT:
         raise InvalidRequest("request body is nested too deeply") from exc
     if not request.messages:
         raise InvalidRequest("messages: at least one message is required")
-    for i, stop in enumerate(getattr(request, "stop_sequences", None) or []):
-        if not stop:
-            raise InvalidRequest(f"stop_sequences.{i}: must not be empty")
+    _check_stop_sequences(getattr(request, "stop_sequences", None) or [])
     _check_tools(request)
     _check_messages(request.messages)
     _check_tool_pairs(request.messages)
@@ -85,60 +87,123 @@ def _decode(body: bytes, kind: type[RequestT]) -> RequestT:
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError:
-        # Perhaps a block type newer than this server in the history: read
-        # the body untyped, drop those, and try again; else the first error.
-        data = msgspec.json.decode(body)
-        if not _drop_unknown_blocks(data):
+        # Perhaps a block type newer than this server in the history: drop
+        # those and try again; else the first error.
+        pruned = _drop_unknown_blocks(body)
+        if pruned is None:
             raise
-    return msgspec.convert(data, kind)
+    return msgspec.json.decode(pruned, type=kind)
 
 
 _KNOWN_BLOCKS = {block.__struct_config__.tag for block in get_args(ContentBlock)}
 _KNOWN_RESULT_PARTS = {part.__struct_config__.tag for part in get_args(ToolResultContent)}
 
 
-def _drop_unknown_blocks(data: Any) -> int:
-    """Drop blocks of unknown types from assistant turns and tool results; how many.
+class _Tagged(msgspec.Struct):
+    """A block read only as far as its type: the rest is skipped, not built."""
+
+    type: str | None = None
+
+
+_Object = dict[str, msgspec.Raw]
+
+
+def _drop_unknown_blocks(body: bytes) -> bytes | None:
+    """The body without blocks of unknown types in assistant turns and tool results; None if none.
 
     A conversation begun in the cloud may hold blocks newer than this server
     (beta tools, fallbacks): in the history they are no request, and the
     model could not use them anyway. A user turn's own unknown blocks are
-    still an error.
+    still an error. The body is taken apart only down to each block's type,
+    the rest kept as JSON text, so this costs about the body's size in memory,
+    whatever it holds.
     """
-    messages = data.get("messages") if isinstance(data, dict) else None
-    if not isinstance(messages, list):
-        return 0
     dropped: list[str] = []
 
-    def known(block: Any, tags: set[Any]) -> bool:
-        kind = block.get("type") if isinstance(block, dict) else None
-        if isinstance(kind, str) and kind not in tags:
+    def known(block: msgspec.Raw, tags: set[Any]) -> bool:
+        kind = _tag(block)
+        if kind is not None and kind not in tags:
             dropped.append(kind)
             return False
         return True
 
-    kept = []
+    def kept_parts(block: msgspec.Raw) -> msgspec.Raw:
+        if _tag(block) != "tool_result":
+            return block
+        fields = decode_as(block, _Object)
+        parts = decode_as(fields.get("content"), list[msgspec.Raw]) if fields else None
+        if fields is None or parts is None:
+            return block
+        fields["content"] = _raw([part for part in parts if known(part, _KNOWN_RESULT_PARTS)])
+        return _raw(fields)
+
+    data = decode_as(body, _Object)
+    messages = decode_as(data.get("messages"), list[_Object]) if data else None
+    if data is None or messages is None:
+        return None
+    kept: list[_Object] = []
     for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
+        content = decode_as(message.get("content"), list[msgspec.Raw])
+        if content is None:
             kept.append(message)
             continue
-        for block in content:
-            if (
-                isinstance(block, dict)
-                and block.get("type") == "tool_result"
-                and isinstance(block.get("content"), list)
-            ):
-                block["content"] = [b for b in block["content"] if known(b, _KNOWN_RESULT_PARTS)]
-        if message.get("role") == "assistant":
-            message["content"] = [b for b in content if known(b, _KNOWN_BLOCKS)]
-            if content and not message["content"]:
+        blocks = [kept_parts(block) for block in content]
+        if decode_as(message.get("role"), str) == "assistant":
+            blocks = [block for block in blocks if known(block, _KNOWN_BLOCKS)]
+            if content and not blocks:
                 continue  # nothing left of it to show
+        message["content"] = _raw(blocks)
         kept.append(message)
-    data["messages"] = kept
-    if dropped:
-        log.info("history blocks of unknown types dropped: %s", ", ".join(sorted(set(dropped))))
-    return len(dropped)
+    if not dropped:
+        return None
+    kinds = sorted(set(dropped))
+    log.info(
+        "history blocks of unknown types dropped: %s",
+        shown(", ".join(repr(kind) for kind in kinds[:10]))
+        + (f" and {len(kinds) - 10} more" if len(kinds) > 10 else ""),
+    )
+    data["messages"] = _raw(kept)
+    return msgspec.json.encode(data)
+
+
+LooseT = TypeVar("LooseT")
+
+
+def decode_as(raw: bytes | msgspec.Raw | None, kind: type[LooseT]) -> LooseT | None:
+    """`raw` decoded as `kind`, or None where it is absent, not JSON or not a `kind`.
+
+    For reading a body loosely before it is validated: with `msgspec.Raw`
+    in `kind`, the parts not needed stay JSON text.
+    """
+    if raw is None or not raw:
+        return None
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None  # the typed decode refuses it in its own words
+
+
+def _tag(block: msgspec.Raw) -> str | None:
+    tagged = decode_as(block, _Tagged)
+    return tagged.type if tagged is not None else None
+
+
+def _raw(value: Any) -> msgspec.Raw:
+    return msgspec.Raw(msgspec.json.encode(value))
+
+
+def _check_stop_sequences(stops: list[str]) -> None:
+    """Stop sequences are matched on every token: their number and size are bounded."""
+    total = 0
+    for i, stop in enumerate(stops):
+        if not stop:
+            raise InvalidRequest(f"stop_sequences.{i}: must not be empty")
+        total += len(stop.encode())
+        if total > MAX_STOP_SEQUENCE_BYTES:
+            raise InvalidRequest(
+                f"stop_sequences: at most {MAX_STOP_SEQUENCE_BYTES} bytes of stop sequences in "
+                f"all; these pass that at stop_sequences.{i}"
+            )
 
 
 def _check_tools(request: CountTokensRequest) -> None:
@@ -161,8 +226,8 @@ def _check_tools(request: CountTokensRequest) -> None:
                 # The API's own words where a platform lacks a tool type.
                 expected = ", ".join(repr(name) for name in KNOWN_CLIENT_TOOL_TYPES)
                 raise InvalidRequest(
-                    f"{where}: Input tag {tool.type!r} found using 'type' does not match any "
-                    f"of the expected tags: {expected}. Server tools run on Anthropic's "
+                    f"{where}: Input tag {shown(tool.type)!r} found using 'type' does not match "
+                    f"any of the expected tags: {expected}. Server tools run on Anthropic's "
                     "side; this server runs client tools only."
                 )
             # The client sends the type alone: give the model the documented tool.
@@ -172,7 +237,7 @@ def _check_tools(request: CountTokensRequest) -> None:
             raise InvalidRequest(f"{where}.name: Field required")
         if not TOOL_NAME.match(tool.name):
             raise InvalidRequest(
-                f"{where}.name: tool name {tool.name!r} must match ^[a-zA-Z0-9_-]{{1,128}}$"
+                f"{where}.name: tool name {shown(tool.name)!r} must match ^[a-zA-Z0-9_-]{{1,128}}$"
             )
         if tool.name in seen:
             raise InvalidRequest(f"{where}.name: tool names must be unique: {tool.name!r}")
@@ -191,7 +256,7 @@ def _check_tools(request: CountTokensRequest) -> None:
                 "needs tools"
             )
         if isinstance(choice, ToolChoiceTool) and choice.name not in seen:
-            raise InvalidRequest(f"tool_choice.name: no tool named {choice.name!r} in tools")
+            raise InvalidRequest(f"tool_choice.name: no tool named {shown(choice.name)!r} in tools")
         if isinstance(request.thinking, ThinkingEnabled | ThinkingAdaptive):
             raise InvalidRequest(
                 "tool_choice: thinking may not be enabled when tool_choice forces tool use"
@@ -252,10 +317,14 @@ def _check_tool_pairs(messages: list[InputMessage]) -> None:
             turns[-1][2].extend(blocks)
         else:
             turns.append((msg.role, index, blocks))
-    calls: list[str] = []
+    # The calls in order, as dict keys: looked up once per result (a list was
+    # quadratic: 32k pairs took 5 s on the event loop).
+    calls: dict[str, None] = {}
     for role, first, blocks in turns:
         if role == "assistant":
-            calls = [block.id for _, block in blocks if isinstance(block, ToolUseBlock)]
+            calls = dict.fromkeys(
+                block.id for _, block in blocks if isinstance(block, ToolUseBlock)
+            )
             continue
         answered: set[str] = set()
         for where, block in blocks:
@@ -264,7 +333,7 @@ def _check_tool_pairs(messages: list[InputMessage]) -> None:
             if block.tool_use_id not in calls:
                 raise InvalidRequest(
                     f"{where}: unexpected `tool_use_id` found in `tool_result` blocks: "
-                    f"{block.tool_use_id}. Each `tool_result` block must have a "
+                    f"{shown(block.tool_use_id)}. Each `tool_result` block must have a "
                     "corresponding `tool_use` block in the previous message."
                 )
             answered.add(block.tool_use_id)
@@ -272,20 +341,23 @@ def _check_tool_pairs(messages: list[InputMessage]) -> None:
         if missing:
             raise InvalidRequest(
                 f"messages.{first}: `tool_use` ids were found without `tool_result` blocks "
-                f"immediately after: {', '.join(missing)}. Each `tool_use` block must have a "
-                "corresponding `tool_result` block in the next message."
+                f"immediately after: {shown(', '.join(missing))}. Each `tool_use` block must "
+                "have a corresponding `tool_result` block in the next message."
             )
-        calls = []
+        calls = {}
 
 
 def _field_message(error: str) -> str:
-    """`Expected int, got str - at `$.max_tokens`` → `max_tokens: Expected int, got str`."""
+    """`Expected int, got str - at `$.max_tokens`` → `max_tokens: Expected int, got str`.
+
+    msgspec quotes the value it refused: that part is cut short.
+    """
     missing = re.match(r"Object missing required field `(?P<field>\w+)`", error)
     match = _PATH.search(error)
     path = match.group("path") if match else ""
-    path = re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
+    path = shown(re.sub(r"\[(\d+)\]", r".\1", path).lstrip("."))
     if missing:
         field = f"{path}.{missing.group('field')}" if path else missing.group("field")
         return f"{field}: Field required"
-    message = _PATH.sub("", error)
+    message = shown(_PATH.sub("", error))
     return f"{path}: {message}" if path else message

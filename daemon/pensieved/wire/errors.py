@@ -44,6 +44,17 @@ class RequestTooLarge(ApiError):
     error_type = "request_too_large"
 
 
+class RequestTimeout(ApiError):
+    """The body did not arrive in time (`[server] body_timeout`).
+
+    The API has no 408 of its own; `timeout_error` is its type for a request
+    that ran out of time, and the SDKs retry a 408.
+    """
+
+    status = 408
+    error_type = "timeout_error"
+
+
 class RateLimited(ApiError):
     status = 429
     error_type = "rate_limit_error"
@@ -80,6 +91,7 @@ _TYPES_BY_STATUS = {
         AuthenticationFailed,
         PermissionDenied,
         NotFound,
+        RequestTimeout,
         RequestTooLarge,
         RateLimited,
         EngineFailure,
@@ -88,6 +100,23 @@ _TYPES_BY_STATUS = {
 _TYPES_BY_STATUS[405] = "invalid_request_error"
 _TYPES_BY_STATUS[503] = "overloaded_error"
 _TYPES_BY_STATUS[529] = "overloaded_error"
+
+
+# Client values quoted in errors and logs are cut to this many characters.
+SHOWN_CHARS = 200
+# A whole error message, at most: a net for client values quoted uncut.
+MESSAGE_CHARS = 1000
+
+
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """`value` cut to `limit` characters, saying how long it was: for quoting client values.
+
+    A client value can be 32 MB; an error message or a log line quoting it
+    whole would be as big.
+    """
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}… ({len(value)} characters)"
 
 
 def error_type_for_status(status: int) -> str:
@@ -102,7 +131,7 @@ def error_body(
     request_id: str | None,
     details: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    error: dict[str, Any] = {"type": error_type, "message": message}
+    error: dict[str, Any] = {"type": error_type, "message": shown(message, MESSAGE_CHARS)}
     if details is not None:
         error["details"] = details
     return {"type": "error", "error": error, "request_id": request_id}

@@ -32,8 +32,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return {str(status): _json("Error", "An Anthropic-shaped error") for status in statuses}
 
 
-# 529: refused for memory, load, a full batch and queue, or shutdown.
-PROTECTED_ERRORS = (400, 401, 403, 404, 413, 500, 529)
+# 408: the body came too slowly ([server] body_timeout). 529: refused for
+# memory, load, a full batch and queue, or shutdown.
+PROTECTED_ERRORS = (400, 401, 403, 404, 408, 413, 500, 529)
 
 RESPONSE_SCHEMAS: dict[str, Any] = {
     "Error": {

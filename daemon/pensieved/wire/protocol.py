@@ -5,6 +5,12 @@ Unknown fields are ignored, as Claude Code and newer SDKs send many
 newer than this server in assistant turns and tool results: a conversation
 begun in the cloud must go on here. Decoding and the checks after it are in
 decode.py; the response shapes in responses.py.
+
+Fields nothing here reads (`cache_control`, `citations`, `metadata`, an
+image's `source`) are not declared: accepted and skipped, never built into
+Python objects. Declared as any JSON, a body of `{}`s there took 24 times its
+size. Lists a request can multiply work with are bounded (`MAX_*`, in the
+OpenAPI document as `maxItems`).
 """
 
 from __future__ import annotations
@@ -15,47 +21,49 @@ import msgspec
 
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 
+# The API's own limit on messages in one request.
+MAX_MESSAGES = 100_000
+# As many as tool search's catalog holds; Claude Code sends 24-27, plus MCP tools.
+MAX_TOOLS = 10_000
+# Stop sequences are matched on the engine thread that serves every request
+# (conversation/stops.py): one automaton, at about a microsecond per byte to
+# build and per generated character to run. The API documents no limit;
+# clients send a few.
+MAX_STOP_SEQUENCES = 1024
+MAX_STOP_SEQUENCE_BYTES = 16 * 1024  # all of them together, UTF-8
+
 
 class TextBlock(msgspec.Struct, tag="text", tag_field="type"):
     text: str
-    cache_control: Any = None
-    citations: Any = None
 
 
 class ImageBlock(msgspec.Struct, tag="image", tag_field="type"):
-    source: Any = None
-    cache_control: Any = None
+    """An image: never decoded, as a text model is shown a placeholder (its `source` skipped)."""
 
 
 class DocumentBlock(msgspec.Struct, tag="document", tag_field="type"):
     # text, content, base64 (PDF or plain text), url or file: see conversation/attachments.py.
     source: Any = None
-    cache_control: Any = None
     title: str | None = None
     context: str | None = None
-    citations: Any = None
 
 
 class SearchResultBlock(msgspec.Struct, tag="search_result", tag_field="type"):
     source: str
     title: str
     content: list[TextBlock]
-    cache_control: Any = None
-    citations: Any = None
 
 
 class ToolReferenceBlock(msgspec.Struct, tag="tool_reference", tag_field="type"):
     """Tool search's answer, inside a tool result: the named tool becomes available."""
 
     tool_name: str
-    cache_control: Any = None
 
 
 class ToolUseBlock(msgspec.Struct, tag="tool_use", tag_field="type"):
     id: str
     name: str
     input: Any
-    cache_control: Any = None
 
 
 ToolResultContent = TextBlock | ImageBlock | DocumentBlock | SearchResultBlock | ToolReferenceBlock
@@ -65,7 +73,6 @@ class ToolResultBlock(msgspec.Struct, tag="tool_result", tag_field="type"):
     tool_use_id: str
     content: str | list[ToolResultContent] = ""
     is_error: bool = False
-    cache_control: Any = None
 
 
 class ThinkingBlock(msgspec.Struct, tag="thinking", tag_field="type"):
@@ -87,13 +94,11 @@ class ServerToolUseBlock(msgspec.Struct, tag="server_tool_use", tag_field="type"
     id: str
     name: str
     input: Any = None
-    cache_control: Any = None
 
 
 class ServerToolResultBlock(msgspec.Struct, tag_field="type"):
     tool_use_id: str
     content: Any = None
-    cache_control: Any = None
 
 
 class WebSearchToolResultBlock(ServerToolResultBlock, tag="web_search_tool_result"):
@@ -129,26 +134,22 @@ class McpToolUseBlock(msgspec.Struct, tag="mcp_tool_use", tag_field="type"):
     name: str
     server_name: str = ""
     input: Any = None
-    cache_control: Any = None
 
 
 class McpToolResultBlock(msgspec.Struct, tag="mcp_tool_result", tag_field="type"):
     tool_use_id: str
     content: str | list[TextBlock] = ""
     is_error: bool = False
-    cache_control: Any = None
 
 
 class ContainerUploadBlock(msgspec.Struct, tag="container_upload", tag_field="type"):
     file_id: str = ""
-    cache_control: Any = None
 
 
 class CompactionBlock(msgspec.Struct, tag="compaction", tag_field="type"):
     """The cloud's summary of the conversation before it (context management)."""
 
     content: str | None = None
-    cache_control: Any = None
 
 
 CloudBlock = (
@@ -193,7 +194,6 @@ class Tool(msgspec.Struct):
     # documented schema (client_tools.py); server tools (web_search_...,
     # code_execution_...) run on Anthropic's side and are refused.
     type: str | None = None
-    cache_control: Any = None
     # Constrain this tool's input to its schema even under tool_choice auto.
     strict: bool | None = None
     # Left out of the prompt until a tool_reference block names it (tool search).
@@ -259,16 +259,16 @@ class OutputConfig(msgspec.Struct):
 
 class CountTokensRequest(msgspec.Struct):
     model: str
-    messages: list[InputMessage]
+    messages: Annotated[list[InputMessage], msgspec.Meta(max_length=MAX_MESSAGES)]
     system: str | list[TextBlock] | None = None
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
     output_config: OutputConfig | None = None
     # The older, top-level spelling of output_config.format.
     output_format: JsonOutputFormat | None = None
     # The MCP connector: remote servers the API would call. Refused when set.
-    mcp_servers: list[Any] | None = None
+    mcp_servers: list[msgspec.Raw] | None = None
 
 
 class ThreadCreate(msgspec.Struct, tag="create", tag_field="type"):
@@ -293,7 +293,7 @@ class MessagesRequest(CountTokensRequest, kw_only=True):
     # Also an extension (vLLM's name; llama.cpp's `repeat_penalty`): > 1 makes
     # the last 64 tokens less likely again.
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0, le=2)] | None = None
-    stop_sequences: list[str] | None = None
+    # Also at most MAX_STOP_SEQUENCE_BYTES in all (checked in decode.py).
+    stop_sequences: Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: bool = False
-    metadata: dict[str, Any] | None = None
     thread: ThreadCreate | ThreadContinue | None = None
