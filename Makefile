@@ -14,7 +14,7 @@ NPM        := $(shell command -v npm 2>/dev/null)
 NODE_STAMP := $(CLIENTS)/node_modules/.installed-stamp
 CLIENTS_VENV := .venv-clients
 
-.PHONY: setup run install uninstall test lint layers typecheck bench bench-claude soak openapi fuzz clean clients
+.PHONY: setup run install uninstall test test-fast lint layers typecheck bench bench-claude soak openapi fuzz clean clients
 
 # Idempotent: the venv, the project and its test tools, the embedded model,
 # and (with node) the official TypeScript SDK for tests/test_ts_sdk.py.
@@ -59,6 +59,10 @@ layers: $(STAMP)
 test: setup lint typecheck layers
 	$(BIN)/pytest
 
+# The tests that start no daemon (marked in tests/conftest.py): a quick loop while editing.
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not daemon" $(TEST_ARGS)
+
 clean:
 	@sh tools/venv.sh in-use $(VENV)
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
@@ -72,12 +76,13 @@ fuzz: setup
 	PENSIEVE_FUZZ_EXAMPLES=500 $(BIN)/pytest tests/test_openapi.py -k fuzzing
 
 # Speed figures for docs/performance.md and closing notes (not part of `make test`).
+# BENCH_ARGS go to every bench; each takes the options it knows (bench/args.py).
 bench: setup
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/speed.py $(BENCH_ARGS)
-	$(BIN)/python bench/speculation.py --runs 1 --no-draft
-	$(BIN)/python bench/kv_quant.py
-	$(BIN)/python bench/blas.py
+	$(BIN)/python bench/speculation.py --runs 1 --no-draft $(BENCH_ARGS)
+	$(BIN)/python bench/kv_quant.py $(BENCH_ARGS)
+	$(BIN)/python bench/blas.py $(BENCH_ARGS)
 
 # Captured Claude Code traffic replayed: what the prefix cache serves per
 # request, against its targets (`BENCH_ARGS="--model NAME"`: a model of your config).

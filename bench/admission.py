@@ -26,8 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pensieved.config import BUILTIN_SOURCE, EngineConfig, MemoryConfig, ModelConfig  # noqa: E402
+from pensieved.conversation.plan import GenerationRequest  # noqa: E402
 from pensieved.engine.core import Engine  # noqa: E402
-from pensieved.engine.stream import GenerationRequest, GenerationStream  # noqa: E402
+from pensieved.engine.stream import GenerationStream  # noqa: E402
 from pensieved.memory.admission import Admission  # noqa: E402
 from pensieved.memory.guard import MemoryGuard  # noqa: E402
 from pensieved.memory.probe import MemoryProbe  # noqa: E402

@@ -28,6 +28,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.args import parse  # noqa: E402
+
 from pensieved.engine import cpu  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -158,10 +160,14 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=1100)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse(parser)
     if args.worker:
         worker(args)
         return
+    if args.model and not Path(args.model).is_dir():
+        # `make bench BENCH_ARGS="--model tiny"` names speed.py's tiny model.
+        print(f"(blas.py: --model {args.model} is no model folder; measuring the embedded one)")
+        args.model = None
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         if args.model:

@@ -31,6 +31,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.args import parse  # noqa: E402
+
 from pensieved.config import ModelConfig  # noqa: E402
 from pensieved.engine.prefix_cache import PrefixCache  # noqa: E402
 
@@ -139,7 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096, help="context length (tokens)")
     parser.add_argument("--decode", type=int, default=64, help="greedy tokens compared")
-    args = parser.parse_args()
+    args = parse(parser)
     from pensieved.engine import cpu
 
     # The same BLAS as the daemon, which preloads the system OpenBLAS too.

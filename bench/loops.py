@@ -75,8 +75,13 @@ def request(task: str, git: bool, max_tokens: int) -> dict[str, Any]:
     return body
 
 
-def run(daemon: Daemon, model: str, git: bool, tries: int, max_tokens: int) -> tuple[int, int]:
-    """(replies that ran to the budget, replies stop_loops ended) of `tries`."""
+def run(
+    daemon: Daemon, model: str, git: bool, tries: int, max_tokens: int, examples: list[str]
+) -> tuple[int, int]:
+    """(replies that ran to the budget, replies stop_loops ended) of `tries`.
+
+    The end of one reply that ran to the budget goes to `examples`.
+    """
     bodies = [request(TASKS[i % len(TASKS)], git, max_tokens) for i in range(tries)]
     for body in bodies:
         body["model"] = model
@@ -88,7 +93,11 @@ def run(daemon: Daemon, model: str, git: bool, tries: int, max_tokens: int) -> t
         def ask(body: dict[str, Any]) -> str:
             response = http.post("/v1/messages", json=body)
             response.raise_for_status()
-            return str(response.json()["stop_reason"])
+            reply = response.json()
+            if reply["stop_reason"] == "max_tokens" and len(examples) < 6:
+                text = "".join(block.get("text", "") for block in reply["content"])
+                examples.append(f"{model}: ...{text[-300:]!r}")
+            return str(reply["stop_reason"])
 
         with ThreadPoolExecutor(8) as pool:
             reasons = list(pool.map(ask, bodies))
@@ -111,12 +120,15 @@ def main() -> None:
     }
     print(f"SmolLM2 135M, Claude Code --bare first turn, {args.tries} tries a row")
     print(f"{'settings':<20} {'prompt':<6} {'to budget':>10} {'loop stopped':>13}")
+    examples: list[str] = []
     with daemon_running(root / "home", config) as daemon:
         for name in SETTINGS:
             for git in (False, True):
-                budget, stopped = run(daemon, name, git, args.tries, args.max_tokens)
+                budget, stopped = run(daemon, name, git, args.tries, args.max_tokens, examples)
                 prompt, tries = "git" if git else "bare", args.tries
                 print(f"{name:<20} {prompt:<6} {budget:>6}/{tries:<3} {stopped:>9}/{tries}")
+    print("\nthe ends of replies that ran to the budget:")
+    print("\n".join(examples) or "none")
 
 
 if __name__ == "__main__":

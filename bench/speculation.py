@@ -30,22 +30,18 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.args import parse  # noqa: E402
+
 from pensieved.config import EngineConfig, ModelConfig  # noqa: E402
 from pensieved.conversation.grammar import OutputGrammar  # noqa: E402
+from pensieved.conversation.plan import GenerationRequest, Sampling  # noqa: E402
 from pensieved.conversation.toolcalls import GENERIC  # noqa: E402
 from pensieved.engine import cpu  # noqa: E402
 from pensieved.engine.loading import LoadedModel, load_weights  # noqa: E402
 from pensieved.engine.prefix_cache import PrefixCache  # noqa: E402
 from pensieved.engine.runner import Runner, SamplerPool  # noqa: E402
 from pensieved.engine.speculate import Speculator  # noqa: E402
-from pensieved.engine.stream import (  # noqa: E402
-    Failed,
-    Finished,
-    GenerationRequest,
-    GenerationStream,
-    Sampling,
-    TextDelta,
-)
+from pensieved.engine.stream import Failed, Finished, GenerationStream, TextDelta  # noqa: E402
 
 # A ~300-token file for the code-edit case.
 SOURCE = '''import json
@@ -233,7 +229,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=360)
     parser.add_argument("--draft-only", action="store_true", help="only the draft-model rows")
     parser.add_argument("--no-draft", action="store_true", help="leave out the draft-model rows")
-    args = parser.parse_args()
+    args = parse(parser)
     cpu.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
     from tests.models import build_tiny_model
 

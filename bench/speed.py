@@ -52,6 +52,7 @@ from bench.api_vs_engine import (  # noqa: E402
     bench_daemon,
     sdk_stream,
 )
+from bench.args import parse  # noqa: E402
 from bench.claude_code import Conversation, Json, fit_conversation  # noqa: E402
 from bench.mlx_server import MlxServer  # noqa: E402
 from bench.speed_report import Results, plot, table  # noqa: E402
@@ -315,7 +316,7 @@ def main() -> None:
         "at its end (default: 5; tiny: 9)",
     )
     parser.add_argument("--plot", type=Path, help="PNG path (default: bench/out/speed-MODEL.png)")
-    args = parser.parse_args()
+    args = parse(parser)
     # The tiny model decodes ~20x faster: longer and more runs for steadier figures.
     tiny = args.model == "tiny"
     args.max_tokens = args.max_tokens or (256 if tiny else 64)

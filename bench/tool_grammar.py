@@ -30,10 +30,11 @@ sys.path.insert(0, str(REPO))
 from pensieved.config import ModelConfig  # noqa: E402
 from pensieved.conversation.constraints import CLOSE_WINDOW  # noqa: E402
 from pensieved.conversation.grammar import OutputGrammar  # noqa: E402
+from pensieved.conversation.plan import GenerationRequest, Sampling  # noqa: E402
 from pensieved.conversation.toolcalls import GENERIC  # noqa: E402
 from pensieved.engine import cpu  # noqa: E402
 from pensieved.engine.core import Engine  # noqa: E402
-from pensieved.engine.stream import Finished, GenerationRequest, Sampling, TextDelta  # noqa: E402
+from pensieved.engine.stream import Finished, TextDelta  # noqa: E402
 
 SCHEMA = {
     "type": "object",

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+import inspect
+import re
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +23,40 @@ def pytest_configure(config: pytest.Config) -> None:
         "non_json_responses: the test means to receive bodies that are not JSON (or are cut "
         "off); the official-schema check lets those through and still checks JSON bodies",
     )
+    config.addinivalue_line(
+        "markers",
+        "daemon: the test runs a real pensieved, the engine on a model, or a CLI process (set "
+        "by conftest.py from the test's and its fixtures' code); `pytest -m 'not daemon'` "
+        "(make test-fast) runs the others",
+    )
+
+
+# What makes a test slow and whole-system: a pensieved started (tests/daemon.py's
+# helpers, a fixture chosen by name, `python -m pensieved`), the engine run
+# in-process on a model, or a CLI run as a process of its own.
+STARTS_A_DAEMON = re.compile(
+    r"\b(start_daemon|running_daemon|daemon_running|run_pensieve(d|ctl)|getfixturevalue|Engine)\("
+    r'|"-m", "pensieve(d|ctl)"|_BIN / "(pensievectl|pensieved|claude-local)"'
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `daemon` each test whose code, or any fixture's it uses, starts a pensieved."""
+    for item in items:
+        if not isinstance(item, pytest.Function):
+            continue
+        functions: list[Callable[..., Any]] = [item.function]
+        for definitions in item._fixtureinfo.name2fixturedefs.values():
+            functions.extend(definition.func for definition in definitions)
+        if any(_starts_a_daemon(function) for function in functions):
+            item.add_marker(pytest.mark.daemon)
+
+
+def _starts_a_daemon(function: Callable[..., Any]) -> bool:
+    try:
+        return bool(STARTS_A_DAEMON.search(inspect.getsource(function)))
+    except (OSError, TypeError):  # built-in fixtures
+        return False
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pensieved.config import EngineConfig, MemoryConfig, ModelConfig
+from pensieved.conversation.plan import GenerationRequest
 from pensieved.engine.core import Engine
-from pensieved.engine.stream import Failed, Finished, GenerationRequest, GenerationStream
+from pensieved.engine.stream import Failed, Finished, GenerationStream
 from pensieved.memory.admission import (
     EXPECTED_OUTPUT_TOKENS,
     FALLBACK_KV_BYTES_PER_TOKEN,
@@ -29,7 +30,8 @@ from pensieved.memory.admission import (
     kv_bytes,
     model_shape,
 )
-from pensieved.memory.guard import GB, Level, MemoryGuard
+from pensieved.memory.guard import Level, MemoryGuard
+from pensieved.paths import GB
 from pensieved.wire.errors import Overloaded
 from tests.test_memory import ScriptedProbe
 

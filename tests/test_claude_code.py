@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import Daemon, daemon_env, start_daemon
+from tests.daemon import CLAUDE_CODE_MAX_OUTPUT_TOKENS, OUTRAN, Daemon, daemon_env, start_daemon
 
 CLAUDE = Path(__file__).parent / "clients" / "node_modules" / ".bin" / "claude"
 
@@ -39,6 +39,19 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         daemon.stop()
 
 
+def check_replied(result: subprocess.CompletedProcess[str]) -> None:
+    """Whether Claude Code printed the model's reply, or said the reply outran its budget.
+
+    The second is Claude Code's own message (exit 1) for a reply that ended
+    at `CLAUDE_CODE_MAX_OUTPUT_TOKENS`: the request went through and the
+    model answered, at a length that is the 135M model's, not these lines'.
+    """
+    printed = result.stdout.strip()
+    assert printed, result.stderr
+    if result.returncode != 0:
+        assert OUTRAN.search(printed), printed + result.stderr
+
+
 def shell(daemon: Daemon, project: Path, script: str) -> subprocess.CompletedProcess[str]:
     """`script` in a user's shell: Pensieve's and Claude Code's commands on PATH, nothing set."""
     env = {
@@ -53,6 +66,7 @@ def shell(daemon: Daemon, project: Path, script: str) -> subprocess.CompletedPro
         # Offline here: no update checks, no telemetry.
         DISABLE_AUTOUPDATER="1",
         CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+        CLAUDE_CODE_MAX_OUTPUT_TOKENS=CLAUDE_CODE_MAX_OUTPUT_TOKENS,
     )
     return subprocess.run(
         ["bash", "-c", script], cwd=project, env=env, capture_output=True, text=True, timeout=600
@@ -65,18 +79,16 @@ def test_the_readme_lines_print_a_reply_and_so_does_a_continued_turn(
     project = tmp_path / "project"
     project.mkdir()
     first = shell(embedded, project, 'eval "$(pensievectl env)"\nclaude -p "Say hello."')
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert first.stdout.strip(), first.stderr
+    check_replied(first)
     second = shell(embedded, project, 'eval "$(pensievectl env)"\nclaude -c -p "Now say goodbye."')
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert second.stdout.strip(), second.stderr
+    check_replied(second)
     third = shell(embedded, project, 'claude-local -c -p "Thank you."')
-    assert third.returncode == 0, third.stdout + third.stderr
-    assert third.stdout.strip() and "minimal mode" in third.stderr
+    check_replied(third)
+    assert "minimal mode" in third.stderr
     # Claude Code's minimal mode: three tools, and the first turn's prompt,
     # ~1.1k tokens, read from the prefix cache by the turns after it.
     log = embedded.log()
     main_turns = re.findall(r"stream model=\S+ prompt=(\d+) .*tools=3", log)
     assert len(main_turns) >= 3 and all(int(n) < 2_000 for n in main_turns), log
-    cached = [int(n) for n in re.findall(r"done: end_turn in=\d+ cached=(\d+)", log)]
+    cached = [int(n) for n in re.findall(r"done: \w+ in=\d+ cached=(\d+)", log)]
     assert max(cached) > 1_000, log

@@ -163,7 +163,7 @@ def test_model_flag_replaces_the_default_source(tiny_dir: Path, tmp_path: Path) 
 def test_the_log_file_rotates_past_its_size(tmp_path: Path) -> None:
     import logging
 
-    from pensieved.service.server import _RotatingLog
+    from pensieved.service.logfile import _RotatingLog
 
     handler = _RotatingLog(tmp_path / "pensieved.log", maxBytes=1000, backupCount=2)
     logger = logging.getLogger("pensieve-rotation-test")

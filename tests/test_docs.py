@@ -141,3 +141,21 @@ def test_relative_links_resolve(page: Path) -> None:
         elif fragment and linked.suffix == ".md" and fragment not in anchors(linked):
             broken.append(f"{target} (no such heading in {linked.name})")
     assert not broken, f"{page.relative_to(ROOT)} has broken links: {broken}"
+
+
+def test_every_daemon_module_says_where_its_tests_are() -> None:
+    """docs/development.md's table names each daemon module, and only test files that exist."""
+    text = (ROOT / "docs" / "development.md").read_text()
+    table = text[text.index("### A module's tests") :]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    listed = {name for row in rows for name in re.findall(r"`([\w/]+\.py)`", row.split("|")[1])}
+    package = ROOT / "daemon" / "pensieved"
+    modules = {
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py")
+    }
+    assert modules - listed == set(), "modules missing from the table"
+    assert listed - modules == set(), "the table names modules that do not exist"
+    tests = {name for row in rows for name in re.findall(r"`(test_\w+)`", row.split("|")[2])}
+    assert {name for name in tests if not (ROOT / "tests" / f"{name}.py").exists()} == set()

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from pensieved.config import ConfigError, EngineConfig, ModelConfig, draft_config, parse_config
+from pensieved.conversation.plan import GenerationRequest, Sampling
 from pensieved.engine import speculate
 from pensieved.engine.core import Engine
 from pensieved.engine.loading import LoadedModel, load_weights, models_to_evict
 from pensieved.engine.speculate import Speculator
-from pensieved.engine.stream import Finished, GenerationRequest, Sampling
-from pensieved.models.residency import GB
-from pensieved.paths import default_paths
+from pensieved.engine.stream import Finished
+from pensieved.paths import GB, default_paths
 from pensieved.wire.errors import Overloaded
 from tests.models import build_tiny_model
 from tests.test_speculate import GREEDY, Recorder, prompt

@@ -26,8 +26,9 @@ import pytest
 
 from pensieved.config import MemoryConfig
 from pensieved.http.work import RequestWork
-from pensieved.memory.guard import EXIT_MEMORY_SHUTDOWN, GB, SHUTDOWN_GRACE_S, Level, MemoryGuard
+from pensieved.memory.guard import EXIT_MEMORY_SHUTDOWN, SHUTDOWN_GRACE_S, Level, MemoryGuard
 from pensieved.memory.probe import MemoryProbe, MemoryReading
+from pensieved.paths import GB
 from tests.daemon import start_daemon
 
 INTERVAL = 0.05

@@ -15,8 +15,8 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 from mlx_lm.utils import load
 
 from pensieved.config import ConfigError, ModelConfig, parse_config
-from pensieved.engine.kv_quant import stored_bytes_per_token
 from pensieved.engine.prefix_cache import PrefixCache
+from pensieved.models.facts import stored_bytes_per_token
 from pensieved.paths import default_paths
 from tests.daemon import daemon_running
 from tests.models import build_tiny_model
@@ -62,7 +62,7 @@ def prefilled(model: Any, tokens: list[int]) -> list[Any]:
 
 
 def entry(cache: PrefixCache, config: ModelConfig, tokens: list[int]) -> list[Any]:
-    return list(cache._lru._trie.get(config, tokens).prompt_cache)
+    return cache.stored(config, tokens)
 
 
 def full_bytes(length: int) -> int:

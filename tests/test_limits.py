@@ -24,9 +24,10 @@ import pytest
 
 from pensieved.config import MemoryConfig
 from pensieved.conversation.stops import StopMatcher
+from pensieved.http.admission import AdmissionMiddleware
 from pensieved.http.asgi import json_response, read_body, release_body
 from pensieved.http.threads import ThreadStore
-from pensieved.memory.admission import LARGE_BODIES, LARGE_BODY_BYTES, AdmissionMiddleware
+from pensieved.memory.bodies import LARGE_BODIES, LARGE_BODY_BYTES
 from pensieved.memory.guard import MemoryGuard
 from pensieved.wire.decode import decode_request
 from pensieved.wire.errors import InvalidRequest

@@ -25,9 +25,10 @@ from pensieved.config import Config, ConfigError, MemoryConfig, load_config
 from pensieved.engine.core import Engine
 from pensieved.http.app import create_app
 from pensieved.memory import darwin
-from pensieved.memory.guard import GB, Level, MemoryGuard, classify
+from pensieved.memory.guard import Level, MemoryGuard, classify
 from pensieved.memory.probe import MemoryProbe, MemoryReading, parse_psi
 from pensieved.models.registry import ModelRegistry
+from pensieved.paths import GB
 
 HEADROOM_GB = 8.0  # far more than other processes move available memory during a test
 

@@ -23,7 +23,8 @@ import psutil
 import pytest
 import tomli_w
 
-from pensieved.memory.guard import GB, Level
+from pensieved.memory.guard import Level
+from pensieved.paths import GB
 from pensieved.service import control
 from tests.daemon import (
     Daemon,

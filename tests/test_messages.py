@@ -110,9 +110,9 @@ def test_pings_keep_coming_while_prefill_progresses(tmp_path) -> None:
 
         async def engine_side() -> None:
             for chunk in range(40):  # 40 chunks, 10 ms apart: 0.4 s of prefill
-                stream._deliver(PromptProgress(chunk * 512, 40 * 512))
+                stream.deliver(PromptProgress(chunk * 512, 40 * 512))
                 await asyncio.sleep(0.01)
-            stream._deliver(Finished("end_turn", None, 0))
+            stream.deliver(Finished("end_turn", None, 0))
 
         feeder = asyncio.ensure_future(engine_side())
         events = text_events(stream, ping_interval=0.05)
@@ -135,9 +135,9 @@ def test_text_is_gathered_between_sends_and_the_end_comes_at_once(tmp_path) -> N
 
         def engine_thread() -> None:  # as the engine delivers: from another thread
             for count, word in enumerate(words, 1):
-                stream._deliver(TextDelta(word, count))
+                stream.deliver(TextDelta(word, count))
                 time.sleep(0.002)
-            stream._deliver(Finished("end_turn", None, len(words)))
+            stream.deliver(Finished("end_turn", None, len(words)))
 
         # A hold far longer than the test may take: only the end can wake it.
         events = text_events(stream, ping_interval=60.0, coalesce=60.0)

@@ -19,20 +19,14 @@ import pytest
 from pensieved.config import ConfigError, EngineConfig, ModelConfig, parse_config
 from pensieved.conversation.constraints import ThinkingBudget
 from pensieved.conversation.grammar import OutputGrammar
+from pensieved.conversation.plan import GenerationRequest, Sampling
 from pensieved.conversation.toolcalls import GENERIC
 from pensieved.engine import speculate
 from pensieved.engine.loading import LoadedModel, load_weights
 from pensieved.engine.prefix_cache import PrefixCache
 from pensieved.engine.runner import Job, Runner, SamplerPool
 from pensieved.engine.speculate import Speculator
-from pensieved.engine.stream import (
-    Event,
-    Finished,
-    GenerationRequest,
-    GenerationStream,
-    Sampling,
-    TextDelta,
-)
+from pensieved.engine.stream import Event, Finished, GenerationStream, TextDelta
 from pensieved.paths import default_paths
 from tests.models import THINKING_TEMPLATE, build_tiny_model
 

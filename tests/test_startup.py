@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from pensieved.service.logfile import LOG_BYTES
 from pensieved.service.preflight import Host, unsupported
-from pensieved.service.server import LOG_BYTES, StartupError, _something_answers, check_port_free
+from pensieved.service.server import StartupError, _something_answers, check_port_free
 from tests.daemon import daemon_env, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

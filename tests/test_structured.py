@@ -26,10 +26,10 @@ from pensieved.conversation.arguments import partial_json
 from pensieved.conversation.constraints import GrammarCompiler
 from pensieved.conversation.content import ContentAssembler
 from pensieved.conversation.grammar import OutputGrammar
+from pensieved.conversation.plan import plan_output
 from pensieved.conversation.schemas import generation_schema
 from pensieved.conversation.toolcalls import GENERIC
 from pensieved.engine.loading import load_weights
-from pensieved.http.messages import PreparedPrompt, plan_output
 from pensieved.wire.decode import decode_request
 from pensieved.wire.protocol import MessagesRequest
 from tests.daemon import Daemon, running_daemon, sse_events
@@ -294,7 +294,7 @@ def test_a_reasoning_model_constrains_its_strict_tools_under_auto(
         ],
     }
     request = decode_request(json.dumps(body).encode(), MessagesRequest)
-    plan = plan_output(request, PreparedPrompt(loaded, loaded.builder.build(request)))
+    plan = plan_output(request, loaded.builder.build(request), loaded)
     assert plan.grammar is not None
     assert plan.grammar.tools == (("get_weather", json.dumps(WEATHER)), ("Notes", None))
     assert plan.grammar.thinking == ("<think>", "</think>") and plan.grammar.thinking_open
@@ -302,9 +302,7 @@ def test_a_reasoning_model_constrains_its_strict_tools_under_auto(
     for tool in body["tools"]:
         tool.pop("strict", None)
     request = decode_request(json.dumps(body).encode(), MessagesRequest)
-    assert (
-        plan_output(request, PreparedPrompt(loaded, loaded.builder.build(request))).grammar is None
-    )
+    assert plan_output(request, loaded.builder.build(request), loaded).grammar is None
 
 
 # -- replies from a real daemon ------------------------------------------------

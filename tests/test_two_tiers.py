@@ -33,9 +33,9 @@ from pensieved.engine.core import Engine
 from pensieved.engine.prefix_cache import PrefixCache
 from pensieved.engine.stream import GenerationStream
 from pensieved.memory.admission import Admission, ModelShape
-from pensieved.memory.guard import GB, MemoryGuard
+from pensieved.memory.guard import MemoryGuard
 from pensieved.memory.probe import MemoryReading
-from pensieved.paths import default_paths
+from pensieved.paths import GB, default_paths
 from pensieved.service import control
 from pensieved.wire.errors import Overloaded
 from tests.daemon import Daemon, running_daemon, sse_events

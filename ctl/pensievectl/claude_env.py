@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pensieved.config import Config, ModelConfig, ensure_token
+from pensieved.models.facts import facts_of
 from pensieved.models.registry import (
     CLAUDE_TIERS,
     HUB_PREFIX,
@@ -162,7 +163,8 @@ def _from_config(config: Config) -> ClaudeSetup:
 def model_context(config: Config, model: ModelConfig) -> int | None:
     """The model's context without loading it: its config, else its config.json; None if unknown.
 
-    Reads what the daemon reads (`context_length`, else `max_position_embeddings`).
+    Reads what the daemon reads (`context_length`, else the declared window as
+    models/facts.py reads it; the daemon falls back on the tokenizer's limit).
     """
     if model.context_length is not None:
         return model.context_length
@@ -177,10 +179,9 @@ def model_context(config: Config, model: ModelConfig) -> int | None:
             if cached.repo_id == model.source.removeprefix(HUB_PREFIX):
                 files = sorted(cached.path.glob("snapshots/*/config.json"))
     try:
-        declared = json.loads(files[-1].read_text())["max_position_embeddings"]
-    except (IndexError, OSError, ValueError, KeyError):
+        return facts_of(json.loads(files[-1].read_text())).declared_context
+    except (IndexError, OSError, ValueError, AttributeError):
         return None
-    return declared if isinstance(declared, int) and declared > 0 else None
 
 
 def _gguf_context(model: ModelConfig) -> int | None:

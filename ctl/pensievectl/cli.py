@@ -19,8 +19,7 @@ import tomli_w
 
 from pensievectl import model_commands
 from pensievectl.claude_env import MINIMAL_MODE, ClaudeSetup, claude_setup, shell_lines
-from pensievectl.daemon_link import ask as _ask
-from pensievectl.daemon_link import config_of as _config
+from pensievectl.daemon_link import ask, config_of
 from pensieved.config import (
     Config,
     ConfigError,
@@ -79,7 +78,7 @@ def env(ctx: click.Context, shell: str, model_tiers: bool) -> None:
 
 def _claude_setup(ctx: click.Context) -> ClaudeSetup:
     try:
-        return claude_setup(_config(ctx))
+        return claude_setup(config_of(ctx))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -129,7 +128,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
     Exits 0 when it is running and 3 when it is not.
     """
-    report = _ask(_config(ctx), "status")
+    report = ask(config_of(ctx), "status")
     report.pop("ok", None)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -226,8 +225,8 @@ def stop(ctx: click.Context, timeout: float) -> None:
     A daemon installed as a service stays stopped until the next login or
     `pensievectl service install`.
     """
-    config = _config(ctx)
-    _ask(config, "stop")
+    config = config_of(ctx)
+    ask(config, "stop")
     deadline = time.monotonic() + timeout
     while control.socket_answers(config.paths.control_socket):
         if time.monotonic() > deadline:
@@ -245,7 +244,7 @@ def reload(ctx: click.Context) -> None:
     loaded; requests arriving meanwhile wait. A broken config is refused with
     its error and the one in force stays.
     """
-    answer = _ask(_config(ctx), "reload")
+    answer = ask(config_of(ctx), "reload")
     unloaded = ", ".join(answer["unloaded"]) or "nothing"
     click.echo(f"reloaded (unloaded: {unloaded})")
     if answer["restart_needed_for"]:
@@ -257,7 +256,7 @@ def reload(ctx: click.Context) -> None:
 @click.pass_context
 def unload(ctx: click.Context, model: str | None) -> None:
     """Free a model's memory now; the next request for it loads it again."""
-    answer = _ask(_config(ctx), "unload", model=model)
+    answer = ask(config_of(ctx), "unload", model=model)
     click.echo(f"unloaded {answer['unloaded']}")
 
 
@@ -266,7 +265,7 @@ def unload(ctx: click.Context, model: str | None) -> None:
 @click.pass_context
 def load(ctx: click.Context, model: str | None) -> None:
     """Load a model now, so that its first request is warm."""
-    answer = _ask(_config(ctx), "load", model=model)
+    answer = ask(config_of(ctx), "load", model=model)
     click.echo(f"loaded {answer['loaded']} (context {answer['context_length']} tokens)")
 
 
@@ -276,7 +275,7 @@ def load(ctx: click.Context, model: str | None) -> None:
 @click.pass_context
 def logs(ctx: click.Context, lines: int, follow: bool) -> None:
     """Show the daemon's log (LOG_DIR/pensieved.log)."""
-    path = _config(ctx).paths.log_dir / "pensieved.log"
+    path = config_of(ctx).paths.log_dir / "pensieved.log"
     if not path.exists() and not follow:
         raise click.ClickException(f"no log yet at {path}: the daemon has not run")
     if path.exists():
@@ -322,7 +321,7 @@ def config_path(ctx: click.Context) -> None:
 @click.pass_context
 def config_show(ctx: click.Context) -> None:
     """Print the config in force, defaults included, as TOML."""
-    config = _config(ctx)
+    config = config_of(ctx)
     click.echo(tomli_w.dumps(config_as_toml(config)), nl=False)
 
 
@@ -342,7 +341,7 @@ def config_set(ctx: click.Context, key: str, value: str) -> None:
     if key.startswith("models.") and "models" not in data:
         # [models.*] tables replace the built-in list as a whole: write the
         # models in force first, so that adding one keeps the embedded model.
-        data["models"] = model_tables(_config(ctx))
+        data["models"] = model_tables(config_of(ctx))
         seeded = list(data["models"])
     parts = key.split(".")
     table = data
@@ -356,7 +355,7 @@ def config_set(ctx: click.Context, key: str, value: str) -> None:
         parsed = value
     table[parts[-1]] = parsed
     try:
-        parse_config(data, _config(ctx).paths)
+        parse_config(data, config_of(ctx).paths)
     except ConfigError as exc:
         raise click.ClickException(f"not written: {exc}") from exc
     # 0600, renamed into place: the file may hold the token (server.auth_token).
@@ -378,7 +377,7 @@ def model_tables(config: Config) -> dict[str, dict[str, object]]:
 
 def _config_file(ctx: click.Context) -> Path:
     explicit: Path | None = ctx.find_root().params.get("config_path")
-    return explicit or _config(ctx).paths.config_file
+    return explicit or config_of(ctx).paths.config_file
 
 
 @main.group()
@@ -387,7 +386,7 @@ def service() -> None:
 
 
 def _manager(ctx: click.Context, platform: str = sys.platform) -> ServiceManager:
-    return ServiceManager(describe(_config(ctx.find_root())), platform=platform)
+    return ServiceManager(describe(config_of(ctx.find_root())), platform=platform)
 
 
 @service.command()
@@ -455,7 +454,7 @@ def prepare(ctx: click.Context) -> None:
     from pensieved.models.gguf import GGUFImportError
     from pensieved.models.registry import materialize
 
-    config = _config(ctx)
+    config = config_of(ctx)
     for model in config.models:
         try:
             location = materialize(model, config.paths.models_dir)
@@ -487,7 +486,7 @@ def doctor(ctx: click.Context, pull: bool | None) -> None:
     from pensievectl import doctor as checks
     from pensievectl.hub import pull as download
 
-    results = checks.run_checks(_config(ctx))
+    results = checks.run_checks(config_of(ctx))
     click.echo(checks.table(results))
     checks.offer_pulls(
         results,

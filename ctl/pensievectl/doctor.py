@@ -28,7 +28,9 @@ from pensievectl.claude_env import (
 )
 from pensievectl.launcher import find_claude
 from pensieved.config import Config, ConfigError
+from pensieved.models.facts import facts_of, kv_bytes_per_token
 from pensieved.models.registry import CLAUDE_TIERS, ModelRegistry, local_model_dir
+from pensieved.paths import GB
 from pensieved.wire.claude_code import (
     ESTIMATED_PROMPT_TOKENS,
     REPLY_ROOM,
@@ -37,7 +39,6 @@ from pensieved.wire.claude_code import (
 )
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-GB = 1024**3
 # The two-tier configs of docs/models.md, biggest first: (Mac memory in GB, repo).
 RECOMMENDED = (
     (64, "mlx-community/Qwen3-Coder-30B-A3B-Instruct-4bit"),
@@ -307,12 +308,11 @@ def _kv_bytes_per_token(config: Config, name: str) -> int | None:
     folder = local_model_dir(registry_model(config, name), config.paths.models_dir)
     try:
         spec = json.loads((folder / "config.json").read_text())  # type: ignore[operator]
-        heads = spec["num_attention_heads"]
-        head_dim = spec.get("head_dim") or spec["hidden_size"] // heads
-        kv_heads = spec.get("num_key_value_heads", heads)
-        return int(2 * spec["num_hidden_layers"] * kv_heads * head_dim * 2)  # K and V, fp16
-    except (TypeError, OSError, ValueError, KeyError):
+    except (TypeError, OSError, ValueError):
         return None
+    model = registry_model(config, name)
+    # As the daemon counts it (models/facts.py), at float16, packed for `kv_bits`.
+    return kv_bytes_per_token(facts_of(spec), 2, (model.kv_bits, model.kv_group_size))
 
 
 def _memory_check(

@@ -176,12 +176,18 @@ class Config:
 
     @property
     def base_url(self) -> str:
-        host = self.server.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        elif ":" in host:
+        host = loopback_for(self.server.host)
+        if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.server.port}"
+
+
+def loopback_for(host: str) -> str:
+    """Where a client on this machine reaches a server listening on `host`.
+
+    A wildcard is reached through the loopback address of its family.
+    """
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
 def load_config(path: Path | None = None, paths: Paths | None = None) -> Config:
@@ -209,7 +215,24 @@ def load_config(path: Path | None = None, paths: Paths | None = None) -> Config:
 
 
 def parse_config(data: dict[str, Any], paths: Paths) -> Config:
-    server_table = _table(data, "server")
+    """The config `data` (a parsed TOML file) describes, each section checked in file order."""
+    server = _server_config(_table(data, "server"))
+    engine = _engine_config(_table(data, "engine"))
+    memory = _memory_config(_table(data, "memory"))
+    service = _service_config(_table(data, "service"))
+    models = [_model_config(name, table) for name, table in _table(data, "models").items()]
+    if sum(m.default for m in models) > 1:
+        raise ConfigError("models: more than one model has default = true")
+    # A draft that names a configured model drafts with that model's weights.
+    sources = {m.name: m.source for m in models}
+    models = [
+        dataclasses.replace(m, draft=sources[m.draft]) if m.draft in sources else m for m in models
+    ]
+    config = Config(server=server, engine=engine, memory=memory, service=service, paths=paths)
+    return dataclasses.replace(config, models=tuple(models)) if models else config
+
+
+def _server_config(server_table: dict[str, Any]) -> ServerConfig:
     server = ServerConfig(
         host=_get(server_table, "server.host", str, ServerConfig.host),
         port=_get(server_table, "server.port", int, ServerConfig.port),
@@ -258,8 +281,10 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
             f"server.auth_token: {len(server.auth_token)} characters is guessable; use at "
             f"least {MIN_TOKEN_CHARS} (or leave it out: a random one is made and stored 0600)"
         )
+    return server
 
-    engine_table = _table(data, "engine")
+
+def _engine_config(engine_table: dict[str, Any]) -> EngineConfig:
     engine = EngineConfig(
         dequantize=_get(engine_table, "engine.dequantize", str, EngineConfig.dequantize),
         prompt_cache_gb=float(
@@ -295,10 +320,10 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
             raise ConfigError(f"engine.{key}: must be >= 1")
     if engine.max_queue < 0:
         raise ConfigError("engine.max_queue: must be >= 0")
+    return engine
 
-    memory = _memory_config(_table(data, "memory"))
 
-    service_table = _table(data, "service")
+def _service_config(service_table: dict[str, Any]) -> ServiceConfig:
     service = ServiceConfig(
         memory_high=_get(service_table, "service.memory_high", str, None),
         memory_max=_get(service_table, "service.memory_max", str, None),
@@ -307,80 +332,68 @@ def parse_config(data: dict[str, Any], paths: Paths) -> Config:
         value = getattr(service, key)
         if value is not None and not re.fullmatch(r"\d+(\.\d+)?[KMGT]?|\d+%|infinity", value):
             raise ConfigError(f"service.{key}: expected bytes like 12G, a percentage or infinity")
+    return service
 
-    models: list[ModelConfig] = []
-    for name, table in _table(data, "models").items():
-        key = f"models.{name}"
-        if not MODEL_NAME.fullmatch(name):
-            # The name becomes a folder of the models directory, which an
-            # import replaces: `..` or `/` in it would reach outside.
-            raise ConfigError(
-                f"models.{name!r}: a model name is letters, digits, '.', '_' and '-', "
-                "not starting with '.'"
-            )
-        if not isinstance(table, dict):
-            raise ConfigError(f"{key}: expected a table")
-        source = _get(table, f"{key}.source", str, None)
-        if not source:
-            raise ConfigError(f"{key}.source: required")
-        aliases = _get(table, f"{key}.aliases", list, [])
-        if not all(isinstance(a, str) for a in aliases):
-            raise ConfigError(f"{key}.aliases: expected a list of strings")
-        context = _get(table, f"{key}.context_length", int, None)
-        if context is not None and context < 1:
-            raise ConfigError(f"{key}.context_length: must be >= 1")
-        keep_alive = _get(table, f"{key}.keep_alive", (int, float), None)
-        if keep_alive is not None and keep_alive <= 0:
-            raise ConfigError(f"{key}.keep_alive: must be > 0 seconds (leave it out for forever)")
-        images = _get(table, f"{key}.images", str, ModelConfig.images)
-        if images not in IMAGE_MODES:
-            raise ConfigError(f"{key}.images: expected one of {', '.join(IMAGE_MODES)}")
-        kv_bits = _get(table, f"{key}.kv_bits", int, None)
-        if kv_bits is not None and kv_bits not in KV_BITS:
-            raise ConfigError(f"{key}.kv_bits: expected 8 or 4 (leave it out for full precision)")
-        kv_group_size = _get(table, f"{key}.kv_group_size", int, ModelConfig.kv_group_size)
-        if kv_group_size not in KV_GROUP_SIZES:
-            raise ConfigError(f"{key}.kv_group_size: expected one of 32, 64, 128")
-        draft = _get(table, f"{key}.draft", str, None) or None
-        speculate = _get(
-            table, f"{key}.speculate", str, "draft" if draft else ModelConfig.speculate
+
+def _model_config(name: str, table: Any) -> ModelConfig:
+    key = f"models.{name}"
+    if not MODEL_NAME.fullmatch(name):
+        # The name becomes a folder of the models directory, which an
+        # import replaces: `..` or `/` in it would reach outside.
+        raise ConfigError(
+            f"models.{name!r}: a model name is letters, digits, '.', '_' and '-', "
+            "not starting with '.'"
         )
-        if speculate not in SPECULATE_MODES:
-            raise ConfigError(f"{key}.speculate: expected one of {', '.join(SPECULATE_MODES)}")
-        if speculate == "draft" and not draft:
-            raise ConfigError(f'{key}.speculate: "draft" needs a draft model ({key}.draft)')
-        speculate_tokens = _get(table, f"{key}.speculate_tokens", int, ModelConfig.speculate_tokens)
-        if not 1 <= speculate_tokens <= 64:
-            raise ConfigError(f"{key}.speculate_tokens: must be between 1 and 64")
-        sampling = _sampling_settings(table, key)
-        stop_loops = _get(table, f"{key}.stop_loops", bool, None)
-        models.append(
-            ModelConfig(
-                name=name,
-                source=source,
-                aliases=tuple(aliases),
-                default=_get(table, f"{key}.default", bool, False),
-                context_length=context,
-                keep_alive=None if keep_alive is None else float(keep_alive),
-                images=images,
-                kv_bits=kv_bits,
-                kv_group_size=kv_group_size,
-                speculate=speculate,
-                speculate_tokens=speculate_tokens,
-                draft=draft,
-                stop_loops=stop_loops,
-                **sampling,
-            )
-        )
-    if sum(m.default for m in models) > 1:
-        raise ConfigError("models: more than one model has default = true")
-    # A draft that names a configured model drafts with that model's weights.
-    sources = {m.name: m.source for m in models}
-    models = [
-        dataclasses.replace(m, draft=sources[m.draft]) if m.draft in sources else m for m in models
-    ]
-    config = Config(server=server, engine=engine, memory=memory, service=service, paths=paths)
-    return dataclasses.replace(config, models=tuple(models)) if models else config
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key}: expected a table")
+    source = _get(table, f"{key}.source", str, None)
+    if not source:
+        raise ConfigError(f"{key}.source: required")
+    aliases = _get(table, f"{key}.aliases", list, [])
+    if not all(isinstance(a, str) for a in aliases):
+        raise ConfigError(f"{key}.aliases: expected a list of strings")
+    context = _get(table, f"{key}.context_length", int, None)
+    if context is not None and context < 1:
+        raise ConfigError(f"{key}.context_length: must be >= 1")
+    keep_alive = _get(table, f"{key}.keep_alive", (int, float), None)
+    if keep_alive is not None and keep_alive <= 0:
+        raise ConfigError(f"{key}.keep_alive: must be > 0 seconds (leave it out for forever)")
+    images = _get(table, f"{key}.images", str, ModelConfig.images)
+    if images not in IMAGE_MODES:
+        raise ConfigError(f"{key}.images: expected one of {', '.join(IMAGE_MODES)}")
+    kv_bits = _get(table, f"{key}.kv_bits", int, None)
+    if kv_bits is not None and kv_bits not in KV_BITS:
+        raise ConfigError(f"{key}.kv_bits: expected 8 or 4 (leave it out for full precision)")
+    kv_group_size = _get(table, f"{key}.kv_group_size", int, ModelConfig.kv_group_size)
+    if kv_group_size not in KV_GROUP_SIZES:
+        raise ConfigError(f"{key}.kv_group_size: expected one of 32, 64, 128")
+    draft = _get(table, f"{key}.draft", str, None) or None
+    speculate = _get(table, f"{key}.speculate", str, "draft" if draft else ModelConfig.speculate)
+    if speculate not in SPECULATE_MODES:
+        raise ConfigError(f"{key}.speculate: expected one of {', '.join(SPECULATE_MODES)}")
+    if speculate == "draft" and not draft:
+        raise ConfigError(f'{key}.speculate: "draft" needs a draft model ({key}.draft)')
+    speculate_tokens = _get(table, f"{key}.speculate_tokens", int, ModelConfig.speculate_tokens)
+    if not 1 <= speculate_tokens <= 64:
+        raise ConfigError(f"{key}.speculate_tokens: must be between 1 and 64")
+    sampling = _sampling_settings(table, key)
+    stop_loops = _get(table, f"{key}.stop_loops", bool, None)
+    return ModelConfig(
+        name=name,
+        source=source,
+        aliases=tuple(aliases),
+        default=_get(table, f"{key}.default", bool, False),
+        context_length=context,
+        keep_alive=None if keep_alive is None else float(keep_alive),
+        images=images,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        speculate=speculate,
+        speculate_tokens=speculate_tokens,
+        draft=draft,
+        stop_loops=stop_loops,
+        **sampling,
+    )
 
 
 # (lowest, highest, whether the lowest itself is allowed) for each sampling key.

@@ -24,6 +24,8 @@ from pathlib import Path
 import platformdirs
 
 APP_NAME = "Pensieve"
+# Sizes in config and reports are GiB; one constant for every layer and pensievectl.
+GB = 1024**3
 SOCKET_NAME = "pensieve.sock"
 # sizeof(sockaddr_un.sun_path): 108 on Linux, 104 on macOS and the BSDs.
 SUN_PATH_SIZE = {"linux": 108}

@@ -159,7 +159,7 @@ class GrammarCompiler:
         # Forced calls and JSON replies are complete wherever the grammar
         # accepts; a lazily constrained reply is free text there.
         complete = plan.forced or plan.reply_schema is not None
-        return _GrammarProcessor(matcher, self._ll_tokenizer(), budget, self._closers, complete)
+        return GrammarProcessor(matcher, self._ll_tokenizer(), budget, self._closers, complete)
 
     @functools.cached_property
     def _closers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -184,7 +184,7 @@ _CLOSERS = ('"}', '"]', '""', '"', "}", "]", "0", "false", "null", "[]", "{}", "
 CLOSE_WINDOW = 32
 
 
-class _GrammarProcessor:
+class GrammarProcessor:
     """Masks every token the grammar does not allow next; closes the document in time."""
 
     def __init__(

@@ -13,6 +13,7 @@ with:
 - a wall-clock deadline, past which the parent kills it (and its own, should
   the parent die first);
 - caps on pages and characters, checked as it goes, so it stops early;
+- a lower CPU priority (nice 10), so that its work waits for the daemon's;
 - lower pypdf limits on decompressed streams, and no external decoders.
 
 It writes each page's text as a JSON line as soon as it has it, so a child
@@ -175,10 +176,14 @@ def _emit(record: dict[str, Any]) -> None:
 
 
 def _limit(memory: int, seconds: float) -> None:
-    """Hold this process to `memory` bytes and `seconds` of wall-clock time."""
+    """Hold this process to `memory` bytes and `seconds` of wall-clock time, at low priority."""
     import resource
 
     import psutil
+
+    # A hostile file's work yields the CPU to the daemon's own requests.
+    with contextlib.suppress(OSError):
+        os.nice(10)
 
     with contextlib.suppress(ValueError, OSError):  # macOS: not enforced; the watchdog stands in
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))

@@ -18,17 +18,18 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pensieved.config import EngineConfig, ModelConfig, draft_config
+from pensieved.conversation.plan import GenerationRequest
 from pensieved.engine.loading import (
     LoadedModel,
-    PromptSide,
+    ModelFrontEnd,
     free_memory,
     gb,
     identity,
-    load_prompt_side,
+    load_front_end,
     load_weights,
     models_to_evict,
     persisted_cache_path,
@@ -36,12 +37,7 @@ from pensieved.engine.loading import (
 )
 from pensieved.engine.prefix_cache import PrefixCache
 from pensieved.engine.runner import Runner, SamplerPool
-from pensieved.engine.stream import (
-    SHUTTING_DOWN,
-    Failed,
-    GenerationRequest,
-    GenerationStream,
-)
+from pensieved.engine.stream import SHUTTING_DOWN, Failed, GenerationStream
 from pensieved.models.registry import local_model_dir, materialize
 from pensieved.models.residency import Resident
 from pensieved.models.sampling import SamplingDefaults
@@ -53,17 +49,57 @@ log = logging.getLogger(__name__)
 KV_COUNT_INTERVAL = 0.25
 
 
+# What the event loop asks of the engine thread, in order, through one queue.
+@dataclass(frozen=True)
+class Load:
+    model: ModelConfig
+    future: concurrent.futures.Future[LoadedModel]
+
+
+@dataclass(frozen=True)
+class Unload:
+    model: ModelConfig
+    future: concurrent.futures.Future[None]
+
+
+@dataclass(frozen=True)
+class Submit:
+    model: ModelConfig
+    request: GenerationRequest
+    stream: GenerationStream
+
+
+@dataclass(frozen=True)
+class Cancel:
+    stream: GenerationStream
+
+
+@dataclass(frozen=True)
+class Call:
+    """Run a function between steps (MLX calls belong on the engine thread)."""
+
+    function: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End the thread: fail what runs, save the prefix caches, refuse what is queued."""
+
+
+Command = Load | Unload | Submit | Cancel | Call | Stop
+
+
 class Engine:
     def __init__(self, models_dir: Path, settings: EngineConfig | None = None) -> None:
         self._models_dir = models_dir
         self._settings = settings or EngineConfig()
-        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._commands: queue.Queue[Command] = queue.Queue()
         # Keyed by the whole model config: a changed source is another model.
         self._runners: dict[ModelConfig, Runner] = {}
         # Unloads waiting for their model's requests to finish, and loads
         # waiting for those unloads: never two models' worth at once.
         self._retiring: dict[ModelConfig, list[concurrent.futures.Future[None]]] = {}
-        self._deferred_loads: list[tuple[ModelConfig, concurrent.futures.Future[LoadedModel]]] = []
+        self._deferred_loads: list[Load] = []
         self._thread = threading.Thread(target=self._run, name="pensieve-engine", daemon=True)
         # Requests ended by models since unloaded; the loaded ones count their own.
         self._served_before = 0
@@ -75,8 +111,8 @@ class Engine:
         self.prefix_cache = PrefixCache(gb(self._settings.prompt_cache_gb))
         self._samplers = SamplerPool()
         # Tokenizers of models not loaded yet, to check a request before a load.
-        self._prompt_sides: dict[ModelConfig, PromptSide] = {}
-        self._prompt_sides_lock = threading.Lock()  # worker threads fill it
+        self._front_ends: dict[ModelConfig, ModelFrontEnd] = {}
+        self._front_ends_lock = threading.Lock()  # worker threads fill it
         # Why a model's last load failed, until it loads (/health reports `degraded`).
         self.failed_loads: dict[ModelConfig, str] = {}
         # Sampling defaults of models not loaded (for /health and /v1/models/{id}).
@@ -102,10 +138,10 @@ class Engine:
         """Settings for models loaded from now on (the prefix cache's budget at once)."""
         self._settings = settings
         self.prefix_cache.max_bytes = gb(settings.prompt_cache_gb)
-        self._put(("call", lambda: self.prefix_cache.shrink(self.prefix_cache.max_bytes)))
+        self._put(Call(lambda: self.prefix_cache.shrink(self.prefix_cache.max_bytes)))
 
-    def prompt_side(self, config: ModelConfig) -> PromptSide | None:
-        """The tokenizer side of `config`'s model, without loading its weights.
+    def front_end(self, config: ModelConfig) -> ModelFrontEnd | None:
+        """`config`'s model's front end (tokenizer, template, context), without its weights.
 
         Safe on any thread (no MLX arrays); None when the model would first
         need importing, which only the engine thread may do.
@@ -113,15 +149,15 @@ class Engine:
         path = local_model_dir(config, self._models_dir)
         if path is None:
             return None
-        with self._prompt_sides_lock:
-            side = self._prompt_sides.get(config)
-        if side is None:
-            side = load_prompt_side(config, path)
-            with self._prompt_sides_lock:
-                if len(self._prompt_sides) >= 8:
-                    self._prompt_sides.clear()
-                self._prompt_sides[config] = side
-        return side
+        with self._front_ends_lock:
+            front = self._front_ends.get(config)
+        if front is None:
+            front = load_front_end(config, path)
+            with self._front_ends_lock:
+                if len(self._front_ends) >= 8:
+                    self._front_ends.clear()
+                self._front_ends[config] = front
+        return front
 
     def sampling_defaults(self, config: ModelConfig) -> SamplingDefaults:
         """The sampling `config`'s model uses where a request is silent (loaded or not)."""
@@ -129,11 +165,11 @@ class Engine:
         if runner is not None:
             return runner.loaded.sampling
         # Read from the model's files once: /health asks on every call.
-        with self._prompt_sides_lock:
+        with self._front_ends_lock:
             found = self._unloaded_sampling.get(config)
         if found is None:
             found = sampling_defaults(config, self._models_dir)
-            with self._prompt_sides_lock:
+            with self._front_ends_lock:
                 if len(self._unloaded_sampling) >= 32:
                     self._unloaded_sampling.clear()
                 self._unloaded_sampling[config] = found
@@ -146,11 +182,11 @@ class Engine:
     def stop(self, timeout: float = 10.0) -> None:
         with self._accepting:
             self._stopping = True
-            self._commands.put(("stop", None))
+            self._commands.put(Stop())
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def _put(self, command: tuple[str, Any]) -> None:
+    def _put(self, command: Command) -> None:
         """Queue a command, unless stopping: then nothing would ever read it."""
         with self._accepting:
             if self._stopping:
@@ -194,7 +230,7 @@ class Engine:
         if runner is not None and config not in self._retiring:
             return runner.loaded
         future: concurrent.futures.Future[LoadedModel] = concurrent.futures.Future()
-        self._put(("load", (config, future)))
+        self._put(Load(config, future))
         return await asyncio.wrap_future(future)
 
     async def unload(self, config: ModelConfig) -> bool:
@@ -202,7 +238,7 @@ class Engine:
         if config not in self._runners:
             return False
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._put(("unload", (config, future)))
+        self._put(Unload(config, future))
         await asyncio.wrap_future(future)
         return True
 
@@ -210,17 +246,17 @@ class Engine:
         stream = GenerationStream(self, asyncio.get_running_loop())
         if self.admission is not None:
             self.admission(model, request, stream)
-        self._put(("submit", (model.config, request, stream)))
+        self._put(Submit(model.config, request, stream))
         return stream
 
     def cancel_stream(self, stream: GenerationStream) -> None:
         """Stop generating for `stream` (its reader is gone); see `GenerationStream.cancel`."""
         # Straight onto the queue, even while stopping: the stop answers it.
-        self._commands.put(("cancel", stream))
+        self._commands.put(Cancel(stream))
 
     def call_soon(self, function: Callable[[], None]) -> None:
         """Run `function` on the engine thread between steps (MLX calls belong there)."""
-        self._put(("call", function))
+        self._put(Call(function))
 
     # -- engine thread ----------------------------------------------------
 
@@ -234,17 +270,17 @@ class Engine:
             except queue.Empty:
                 command = None
             while command is not None:
-                if command[0] == "stop":
+                if isinstance(command, Stop):
                     self._fail_all()
                     self._save_prefix_caches()
                     self._refuse_pending()
                     self._free_models()
                     return
                 try:
-                    self._handle(*command)
+                    self._handle(command)
                 except Exception:
                     # The engine thread must outlive any one request's failure.
-                    log.exception("engine command %s failed", command[0])
+                    log.exception("engine command %s failed", type(command).__name__)
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:
@@ -273,64 +309,63 @@ class Engine:
         if not self._retiring:
             deferred, self._deferred_loads = self._deferred_loads, []
             for load in deferred:
-                self._handle("load", load)
+                self._handle(load)
 
     def _refuse_pending(self) -> None:
         """Answer what was queued behind `stop`, so that nothing waits forever."""
         while True:
             try:
-                kind, payload = self._commands.get_nowait()
+                command = self._commands.get_nowait()
             except queue.Empty:
                 break
-            if kind == "submit":
-                payload[2]._deliver(SHUTTING_DOWN)
-            elif kind in ("load", "unload"):
-                payload[1].set_exception(Overloaded("the server is shutting down"))
-        for _, future in self._deferred_loads:
-            future.set_exception(Overloaded("the server is shutting down"))
+            match command:
+                case Submit(stream=stream):
+                    stream.deliver(SHUTTING_DOWN)
+                case Load(future=future) | Unload(future=future):
+                    future.set_exception(Overloaded("the server is shutting down"))
+        for load in self._deferred_loads:
+            load.future.set_exception(Overloaded("the server is shutting down"))
         for futures in self._retiring.values():
             for retired in futures:
                 retired.set_result(None)
 
-    def _handle(self, kind: str, payload: Any) -> None:
-        if kind == "load":
-            config, future = payload
-            if self._retiring and (config not in self._runners or config in self._retiring):
-                self._deferred_loads.append((config, future))
-                return
-            try:
-                future.set_result(self._load(config))
-                self.failed_loads.pop(config, None)
-            except Exception as exc:
-                self.failed_loads[config] = str(exc)
-                # One line: the caller reports it too (a 500, `pensievectl
-                # load`'s error, pensieved's refusal to start); the traceback
-                # is for --log-level debug.
-                log.error("loading model %s failed: %s", config.name, exc)
-                log.debug("loading model %s failed", config.name, exc_info=True)
-                future.set_exception(exc)
-        elif kind == "unload":
-            config, future = payload
-            if config not in self._runners:
-                future.set_result(None)
-                return
-            self._retiring.setdefault(config, []).append(future)
-            self._retire_idle()
-        elif kind == "submit":
-            config, request, stream = payload
-            try:
+    def _handle(self, command: Command) -> None:
+        match command:
+            case Load(config, future):
+                if self._retiring and (config not in self._runners or config in self._retiring):
+                    self._deferred_loads.append(command)
+                    return
+                try:
+                    future.set_result(self._load(config))
+                    self.failed_loads.pop(config, None)
+                except Exception as exc:
+                    self.failed_loads[config] = str(exc)
+                    # One line: the caller reports it too (a 500, `pensievectl
+                    # load`'s error, pensieved's refusal to start); the traceback
+                    # is for --log-level debug.
+                    log.error("loading model %s failed: %s", config.name, exc)
+                    log.debug("loading model %s failed", config.name, exc_info=True)
+                    future.set_exception(exc)
+            case Unload(config, future):
                 if config not in self._runners:
-                    # Unloaded between the request's load() and this submit.
-                    self._load(config)
-                self._runners[config].insert(request, stream)
-            except Exception as exc:
-                stream._deliver(Failed(f"generation could not start: {exc}"))
-                raise
-        elif kind == "cancel":
-            for runner in self._runners.values():
-                runner.cancel(payload)
-        elif kind == "call":
-            payload()
+                    future.set_result(None)
+                    return
+                self._retiring.setdefault(config, []).append(future)
+                self._retire_idle()
+            case Submit(config, request, stream):
+                try:
+                    if config not in self._runners:
+                        # Unloaded between the request's load() and this submit.
+                        self._load(config)
+                    self._runners[config].insert(request, stream)
+                except Exception as exc:
+                    stream.deliver(Failed(f"generation could not start: {exc}"))
+                    raise
+            case Cancel(stream):
+                for runner in self._runners.values():
+                    runner.cancel(stream)
+            case Call(function):
+                function()
 
     def _load(self, config: ModelConfig) -> LoadedModel:
         if config in self._runners:
@@ -340,7 +375,7 @@ class Engine:
         draft_path = None if draft is None else materialize(draft, self._models_dir)
         self._make_room(config, Path(path), None if draft_path is None else Path(draft_path))
         loaded = load_weights(config, path, self._settings, draft_path)
-        with self._prompt_sides_lock:  # read again from the files, imported now
+        with self._front_ends_lock:  # read again from the files, imported now
             self._unloaded_sampling.pop(config, None)
         self._runners[config] = Runner(loaded, self._settings, self.prefix_cache, self._samplers)
         if self._settings.persist_prompt_cache:

@@ -41,7 +41,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pensieved.paths import default_paths, private_dir
+from pensieved.paths import GB, default_paths, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ REEXEC_MARK = "PENSIEVE_OPENBLAS_PRELOADED"
 # Forces OpenBLAS's kernel in a DYNAMIC_ARCH build (one that carries a kernel per CPU).
 CORETYPE = "OPENBLAS_CORETYPE"
 # Dequantized float32 weights above this size stay quantized in "auto" mode.
-AUTO_DEQUANTIZE_MAX_BYTES = 4 * 1024**3
+AUTO_DEQUANTIZE_MAX_BYTES = 4 * GB
 _SYSTEM_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",

@@ -19,8 +19,11 @@ from pensieved.config import EngineConfig, ModelConfig, draft_config
 from pensieved.conversation.constraints import GrammarCompiler
 from pensieved.conversation.prompt import PromptBuilder
 from pensieved.engine import cpu
+from pensieved.engine.mlx_internals import disown_wired_limit
+from pensieved.models.facts import context_window
 from pensieved.models.residency import Resident, expected_weight_bytes, plan_room
 from pensieved.models.sampling import SamplingDefaults, defaults_for, recommended
+from pensieved.paths import GB
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +219,7 @@ def new_generator(loaded: LoadedModel, settings: EngineConfig) -> Any:
     # The limit is the memory guard's (`[memory] wired_limit_percent`, set
     # before any model loads): put back the one in force before, and keep
     # this generator from restoring an older one later.
-    previous = generator._old_wired_limit
-    generator._old_wired_limit = None
+    previous = disown_wired_limit(generator)
     if previous is not None:
         mx.synchronize()  # MLX: never change the wired limit during an async eval
         mx.set_wired_limit(previous)
@@ -225,14 +227,14 @@ def new_generator(loaded: LoadedModel, settings: EngineConfig) -> Any:
 
 
 @dataclass(frozen=True)
-class PromptSide:
+class ModelFrontEnd:
     """What a request can be checked with before its model's weights load."""
 
     builder: PromptBuilder
     context_length: int
 
 
-def load_prompt_side(config: ModelConfig, path: Path) -> PromptSide:
+def load_front_end(config: ModelConfig, path: Path) -> ModelFrontEnd:
     """The tokenizer and context of the model in `path`, without its weights (any thread)."""
     from mlx_lm.utils import load_tokenizer
 
@@ -241,20 +243,19 @@ def load_prompt_side(config: ModelConfig, path: Path) -> PromptSide:
         declared = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
     except (OSError, ValueError):
         declared = None
-    context = config.context_length or _context_length(declared, tokenizer)
-    return PromptSide(PromptBuilder(tokenizer, config.name, config.images), context)
+    context = config.context_length or context_window(declared, tokenizer_limit(tokenizer))
+    return ModelFrontEnd(PromptBuilder(tokenizer, config.name, config.images), context)
 
 
 def context_length(model: Any, tokenizer: Any) -> int:
     args = getattr(model, "args", None)
-    return _context_length(getattr(args, "max_position_embeddings", None), tokenizer)
+    declared = getattr(args, "max_position_embeddings", None)
+    return context_window(declared, tokenizer_limit(tokenizer))
 
 
-def _context_length(declared: Any, tokenizer: Any) -> int:
-    for value in (declared, getattr(tokenizer, "model_max_length", None)):
-        if isinstance(value, int) and 0 < value < 10_000_000:
-            return value
-    return 4096
+def tokenizer_limit(tokenizer: Any) -> Any:
+    """The longest input the tokenizer's config names (`model_max_length`), if any."""
+    return getattr(tokenizer, "model_max_length", None)
 
 
 def persisted_cache_path(models_dir: Path, config: ModelConfig) -> Path:
@@ -308,4 +309,4 @@ def model_fingerprint(path: str | Path) -> str:
 
 
 def gb(value: float) -> int:
-    return int(value * 1024**3)
+    return int(value * GB)

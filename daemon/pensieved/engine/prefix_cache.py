@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pensieved.engine import kv_quant
+from pensieved.engine import kv_quant, mlx_internals
 from pensieved.paths import private_dir
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,10 @@ class _Order:
             except ValueError:
                 pass
 
+    def entries(self, *kinds: str) -> list[tuple[Any, list[int]]]:
+        """(model, tokens) of the entries of `kinds` (all by default), least recent first."""
+        return [entry for kind in kinds or self._ordering for entry in self._lrus[kind]]
+
     def pop(self) -> tuple[Any, list[int]]:
         for kind in self._ordering:
             if self._lrus[kind]:
@@ -95,15 +99,13 @@ class _Order:
 
 class PrefixCache:
     def __init__(self, max_bytes: int, compact: bool = True) -> None:
-        from mlx_lm.models.cache import LRUPromptCache
-
         self.max_bytes = max_bytes
         # Entries are copied to exactly what they cover; off only where a
         # test sizes entries it never means to allocate (lazy arrays).
         self._compact = compact
-        self._lru = LRUPromptCache(max_size=1 << 30, max_bytes=max(max_bytes, 0))
-        self._lru._lru = _Order()  # type: ignore[assignment]
-        self._lru._n_bytes_by_type = {SIDE: 0, MAIN: 0}
+        # mlx-lm's LRUPromptCache, evicting every side entry before any main one.
+        self._order = _Order()
+        self._entries = mlx_internals.prompt_cache_lru(max_bytes, self._order, (SIDE, MAIN))
         self._lock = threading.Lock()
         self.hit_tokens = 0  # prompt tokens served from the cache, all time
         # The last few explained misses, newest last (for `pensievectl status`).
@@ -111,22 +113,22 @@ class PrefixCache:
 
     @property
     def nbytes(self) -> int:
-        return int(self._lru.nbytes)
+        return int(self._entries.nbytes)
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return len(self._entries)
 
     def cached_length(self, model: Any, tokens: list[int]) -> int:
         """How many of `tokens` a `fetch` now would take from the cache (event-loop safe)."""
         if not tokens or self.max_bytes <= 0:
             return 0
         with self._lock:
-            result = self._lru._trie.search(model, tokens)
+            result = mlx_internals.trie_search(self._entries, model, tokens)
         if result.exact is not None:
             return len(tokens) - 1
         shorter = len(result.shorter) if result.shorter is not None else 0
         if result.longer is not None and result.common_prefix > shorter:
-            return min(len(tokens) - 1, result.common_prefix)
+            return min(len(tokens) - 1, int(result.common_prefix))
         return shorter
 
     def fetch(self, model: Any, tokens: list[int]) -> tuple[list[Any] | None, int]:
@@ -148,7 +150,7 @@ class PrefixCache:
             return None, 0, None
         with self._lock:
             divergence = self._divergence(model, tokens)
-            cache, rest = self._lru.fetch_nearest_cache(model, tokens)
+            cache, rest = self._entries.fetch_nearest_cache(model, tokens)
         if cache is None:
             return None, 0, divergence
         cached = len(tokens) - len(rest)
@@ -168,7 +170,7 @@ class PrefixCache:
         is not a miss; one that departs from an entry at token `at`, with more
         than `MISS_TOKENS` of the entry's tokens wasted past it, is.
         """
-        found = self._lru._trie.search(model, tokens)
+        found = mlx_internals.trie_search(self._entries, model, tokens)
         if found.exact is not None:
             return None
         theirs = found.longer
@@ -177,7 +179,7 @@ class PrefixCache:
             if at > 0 or found.shorter is not None:
                 return None
             # Nothing shared at all: compare with this model's newest entry.
-            newest = [t for owner, t in self._lru._lru._lrus[MAIN] if owner == model]
+            newest = [t for owner, t in self._order.entries(MAIN) if owner == model]
             if not newest:
                 return None
             theirs = newest[-1]
@@ -222,17 +224,17 @@ class PrefixCache:
             log.debug("prefix cache: %d bytes for %d tokens exceed the budget", size, len(tokens))
             return
         with self._lock:
-            found = self._lru._trie.search(model, tokens)
+            found = mlx_internals.trie_search(self._entries, model, tokens)
             kind = SIDE if side and not self._extends_main(model, found) else MAIN
             if kind == SIDE and self.nbytes - self._side_bytes() + size > self.max_bytes:
                 log.debug("prefix cache: a side entry of %d tokens not kept", len(tokens))
                 return
             self._drop_short_sibling(model, tokens, found)
             # Evicts entries (side ones first, then least recently used) until the total fits.
-            self._lru.insert_cache(model, tokens, cache, cache_type=kind)
+            self._entries.insert_cache(model, tokens, cache, cache_type=kind)
 
     def _side_bytes(self) -> int:
-        return int(self._lru._n_bytes_by_type[SIDE])
+        return mlx_internals.bytes_of_kind(self._entries, SIDE)
 
     def _extends_main(self, model: Any, found: Any) -> bool:
         """Whether a main entry is a prefix of the tokens the trie search `found` was for.
@@ -242,7 +244,7 @@ class PrefixCache:
         prefix = found.exact if found.exact is not None else found.shorter
         if prefix is None:
             return False
-        return bool(self._lru._trie.get(model, prefix).cache_type == MAIN)
+        return bool(mlx_internals.trie_entry(self._entries, model, prefix).cache_type == MAIN)
 
     def _drop_short_sibling(self, model: Any, tokens: list[int], found: Any) -> None:
         """Forget the entry that shares a prefix with `tokens` and adds little beyond it.
@@ -257,26 +259,22 @@ class PrefixCache:
         self._forget(model, sibling)
 
     def _forget(self, model: Any, tokens: list[int]) -> None:
-        keep = self._lru
-        entry = keep._trie.pop(model, tokens)
-        keep._lru.remove(model, tokens)
-        keep._n_bytes -= entry.nbytes
-        keep._n_bytes_by_type[entry.cache_type] -= entry.nbytes
+        mlx_internals.forget_entry(self._entries, model, tokens)
+
+    def stored(self, model: Any, tokens: list[int]) -> list[Any]:
+        """The cache layers of the entry for exactly `tokens` (as kept: maybe quantized)."""
+        with self._lock:
+            return list(mlx_internals.trie_entry(self._entries, model, tokens).prompt_cache)
 
     def shrink(self, max_bytes: int) -> None:
         """Evict least recently used entries until at most `max_bytes` remain."""
         with self._lock:
-            self._lru.trim_to(n_bytes=max_bytes)
+            self._entries.trim_to(n_bytes=max_bytes)
 
     def drop(self, model: Any) -> None:
         """Forget every entry of `model` (it was unloaded)."""
         with self._lock:
-            entries = [
-                tokens
-                for lru in self._lru._lru._lrus.values()
-                for owner, tokens in list(lru)
-                if owner == model
-            ]
+            entries = [tokens for owner, tokens in self._order.entries() if owner == model]
             for tokens in entries:
                 self._forget(model, tokens)
 
@@ -291,16 +289,11 @@ class PrefixCache:
         from mlx_lm.models.cache import save_prompt_cache
 
         with self._lock:
-            recent = [
-                tokens
-                for lru in self._lru._lru._lrus.values()
-                for owner, tokens in lru
-                if owner == model
-            ]
+            recent = [tokens for owner, tokens in self._order.entries() if owner == model]
             if not recent:
                 return False
             tokens = recent[-1]
-            entry = self._lru._trie.get(model, tokens)
+            entry = mlx_internals.trie_entry(self._entries, model, tokens)
         # The token ids of the last prompt are in it: a private folder, a 0600
         # file, and written beside the old one then renamed over it, so that a
         # stop cut short leaves the previous file whole.

@@ -15,19 +15,19 @@ from typing import Any
 
 from pensieved.config import EngineConfig, stops_loops
 from pensieved.conversation.constraints import repetition_processor, thinking_processor
+from pensieved.conversation.plan import GenerationRequest, Sampling
 from pensieved.conversation.stops import LOOP_WINDOW, StopMatcher, looping
 from pensieved.engine import kv_quant
 from pensieved.engine.loading import LoadedModel, new_generator
+from pensieved.engine.mlx_internals import keep_first_space
 from pensieved.engine.prefix_cache import Divergence, PrefixCache
 from pensieved.engine.speculate import Speculator
 from pensieved.engine.stream import (
     Admitted,
     Failed,
     Finished,
-    GenerationRequest,
     GenerationStream,
     PromptProgress,
-    Sampling,
     TextDelta,
 )
 
@@ -159,7 +159,7 @@ class Runner:
         self.jobs[uid] = Job(
             stream,
             request,
-            _untrimmed(loaded.tokenizer.detokenizer)
+            keep_first_space(loaded.tokenizer.detokenizer)
             if request.keep_leading_space
             else loaded.tokenizer.detokenizer,
             StopMatcher(request.stop_sequences),
@@ -167,7 +167,7 @@ class Runner:
             grammar=grammar,
             recent=[] if stops_loops(loaded.config) else None,
         )
-        stream._deliver(Admitted(cached))
+        stream.deliver(Admitted(cached))
 
     def _explain_miss(self, divergence: Divergence, cached: int) -> None:
         """Log where the prompt left the nearest cached one, and keep it for `status`."""
@@ -201,7 +201,7 @@ class Runner:
                 self.insert(request, stream)
             except Exception as exc:
                 log.exception("a held request could not start")
-                stream._deliver(Failed(f"generation could not start: {exc}"))
+                stream.deliver(Failed(f"generation could not start: {exc}"))
 
     def cancel(self, stream: GenerationStream) -> None:
         self.held = [(r, s) for r, s in self.held if s is not stream]
@@ -231,7 +231,7 @@ class Runner:
             if job is not None:
                 processed, total = response.progress[0], response.progress[1]
                 job.decoding = processed >= total
-                job.stream._deliver(PromptProgress(processed, total))
+                job.stream.deliver(PromptProgress(processed, total))
         result.generated = len(generation_responses)
         for response in generation_responses:
             job = self.jobs.get(response.uid)
@@ -280,7 +280,7 @@ class Runner:
         text, matched = job.stops.feed(detokenizer.last_segment)
         if matched is not None:
             if text:
-                job.stream._deliver(TextDelta(text, job.output_tokens))
+                job.stream.deliver(TextDelta(text, job.output_tokens))
             event = Finished("stop_sequence", matched, job.output_tokens, job.cached_tokens)
             self._finish(uid, event)
             return
@@ -292,7 +292,7 @@ class Runner:
         if finish_reason is not None:
             text += job.stops.flush()
         if text:
-            job.stream._deliver(TextDelta(text, job.output_tokens))
+            job.stream.deliver(TextDelta(text, job.output_tokens))
         if finish_reason is None:
             return
         # A grammar that closed its document as the budget ran out ended it,
@@ -322,7 +322,7 @@ class Runner:
         # A request that ended by stop sequence or failure is still in the batch.
         self._remove(uid, job.request.side)
         self.served += 1
-        job.stream._deliver(event)
+        job.stream.deliver(event)
 
     def _remove(self, uid: int, side: bool = False) -> None:
         """Take `uid` out of the batch, keeping what it prefilled in the prefix cache."""
@@ -338,21 +338,8 @@ class Runner:
 
     def end_all(self, event: Failed) -> None:
         for job in self.jobs.values():
-            job.stream._deliver(event)
+            job.stream.deliver(event)
         for _, stream in self.held:
-            stream._deliver(event)
+            stream.deliver(event)
         self.jobs.clear()
         self.held.clear()
-
-
-def _untrimmed(detokenizer: Any) -> Any:
-    """A detokenizer that keeps the first token's leading space.
-
-    mlx-lm's SPM and BPE detokenizers drop it, which suits the start of a
-    reply but loses a continued turn's indentation.
-    """
-    if hasattr(detokenizer, "trim_space"):  # SPMStreamingDetokenizer
-        detokenizer.trim_space = False
-    if hasattr(detokenizer, "_maybe_trim_space"):  # BPEStreamingDetokenizer
-        detokenizer._maybe_trim_space = lambda text: text
-    return detokenizer

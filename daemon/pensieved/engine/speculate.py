@@ -37,8 +37,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pensieved.conversation.constraints import GrammarProcessor
+from pensieved.conversation.plan import Sampling
 from pensieved.engine.draft import Drafter
-from pensieved.engine.stream import Sampling
+from pensieved.engine.mlx_internals import (
+    count_step,
+    count_token,
+    generation_batch,
+    only_decoding,
+    pending_token,
+    set_pending,
+    stop_matcher,
+    token_context,
+    tokens_written,
+)
 
 # The longest earlier match looked for, in tokens; matches start at 2.
 MAX_MATCH = 8
@@ -109,7 +121,7 @@ class Speculator:
         if state.resting > 0 or state.plain_steps < 2:
             state.resting = max(0, state.resting - 1)
             return self._plain(gen, state)
-        batch = gen._generation_batch
+        batch = generation_batch(gen)
         settings = sampling(batch.uids[0])
         history = batch.tokens[0]
         grammar = _grammar(batch.logits_processors[0])
@@ -130,8 +142,8 @@ class Speculator:
                 drafter.catch_up(history)
                 state.drafted = True
             started = time.perf_counter()
-            token = int(batch._next_tokens.item())
-            limit = min(state.draft, batch.max_tokens[0] - batch._num_tokens[0] - 1)
+            token = int(pending_token(batch).item())
+            limit = min(state.draft, batch.max_tokens[0] - tokens_written(batch) - 1)
             draft: list[int] = []
             if grammar is not None and limit > 0:
                 draft = grammar.forced_after(token, limit)
@@ -146,9 +158,7 @@ class Speculator:
                 return self._plain(gen, None)  # the wait made it an untypical step
             responses = _verify(batch, token, draft, settings)
             seconds = time.perf_counter() - started
-        gen._counters.decode_time += seconds
-        gen._counters.generation_tokens += len(responses)
-        gen._counters.generation_steps += 1
+        count_step(gen, seconds, len(responses))
         self._learn(state, len(draft), len(responses), seconds)
         return [], responses
 
@@ -156,10 +166,10 @@ class Speculator:
         """The state of the batch's one decoding sequence; None: not that case."""
         if self.mode == "off":
             return None
-        batch = gen._generation_batch
-        if len(batch) != 1 or len(gen._prompt_batch) or gen._unprocessed_sequences:
+        batch = generation_batch(gen)
+        if len(batch) != 1 or not only_decoding(gen):
             return None
-        if batch._next_tokens is None or not all(c.is_trimmable() for c in batch.prompt_cache):
+        if pending_token(batch) is None or not all(c.is_trimmable() for c in batch.prompt_cache):
             return None
         state = self._sequence
         if state is None or state.uid != batch.uids[0] or state.batch is not batch:
@@ -202,7 +212,7 @@ class Speculator:
 def _grammar(processors: list[Any] | None) -> Any:
     """The grammar processor, while it constrains the reply (not in free text)."""
     for processor in processors or ():
-        if hasattr(processor, "forced_after"):
+        if isinstance(processor, GrammarProcessor):
             return processor if processor.constrained else None
     return None
 
@@ -282,7 +292,7 @@ def _verify(batch: Any, token: int, draft: list[int], settings: Sampling) -> lis
                 break
         last = logprobs[len(chosen) - 1]
     else:
-        context = batch._token_context[0]
+        context = token_context(batch)
         for position in range(len(fed)):
             row = logits[position : position + 1]
             if processors:
@@ -346,15 +356,13 @@ def _respond(batch: Any, emitted: list[int], fed: int, following: int, logprobs:
     The cache holds `fed` new tokens; the ones past what is kept are trimmed, so
     that the cache and `batch.tokens` stay the same length.
     """
-    import mlx.core as mx
 
     responses = []
     for position, token in enumerate(emitted):
-        batch._num_tokens[0] += 1
         reason = None
-        if batch._num_tokens[0] >= batch.max_tokens[0]:
+        if count_token(batch) >= batch.max_tokens[0]:
             reason = "length"
-        if batch._matchers[0].advance(token):
+        if stop_matcher(batch).advance(token):
             reason = "stop"
         if reason is None:
             responses.append(batch.Response(batch.uids[0], token, logprobs, None, None, None))
@@ -373,8 +381,7 @@ def _respond(batch: Any, emitted: list[int], fed: int, following: int, logprobs:
         batch.filter([])
         return responses
     _keep(batch, emitted, fed)
-    batch._next_tokens = mx.array([following], dtype=mx.uint32)
-    batch._next_logprobs = [logprobs]
+    set_pending(batch, following, logprobs)
     return responses
 
 

@@ -1,4 +1,6 @@
-"""A request as the engine sees it, the events it sends back, and the stream that carries them.
+"""The events the engine sends back for a request, and the stream that carries them.
+
+What the engine runs (`GenerationRequest`) is planned in conversation/plan.py.
 
 The engine thread appends events; the asyncio side reads them in order. No
 MLX object crosses this boundary: only token ids in, text and counts out.
@@ -11,39 +13,6 @@ import collections
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
-
-from pensieved.conversation.constraints import ThinkingBudget
-from pensieved.conversation.grammar import OutputGrammar
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """One request's sampling; 1.0 / 0 / 0.0 / 1.0 turn top_p / top_k / min_p / the penalty off."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: list[int]
-    max_tokens: int
-    sampling: Sampling = Sampling()
-    stop_sequences: tuple[str, ...] = ()
-    # max_tokens was cut to fit the context: running out means the window ended.
-    context_limited: bool = False
-    grammar: OutputGrammar | None = None
-    thinking: ThinkingBudget | None = None
-    # The reply continues a prefilled assistant turn: its first token's
-    # leading space is part of the text (a code prefill's indentation).
-    keep_leading_space: bool = False
-    # A side request (no tools shown, a small prompt, or a small-model tier):
-    # its prefix-cache entry never evicts a main conversation's, and its
-    # prefill waits while a main turn's runs.
-    side: bool = False
 
 
 # Events the engine sends to a request's stream.
@@ -123,8 +92,8 @@ class GenerationStream:
         self.cancelled = threading.Event()
         self.done = False
 
-    def _deliver(self, event: Event) -> None:
-        # Called on the engine thread (or the loop's, in tests).
+    def deliver(self, event: Event) -> None:
+        """Append `event` for the reader: the engine thread's one way in (tests: the loop's)."""
         self._events.append(event)
         if self._sleeping or (self._napping and isinstance(event, Finished | Failed)):
             self._sleeping = self._napping = False

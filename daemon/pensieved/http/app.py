@@ -18,15 +18,16 @@ from pensieved.config import Config, ModelConfig
 from pensieved.engine import cpu
 from pensieved.engine.core import Engine
 from pensieved.engine.loading import LoadedModel
+from pensieved.http.admission import AdmissionMiddleware
 from pensieved.http.asgi import json_response
 from pensieved.http.messages import CountTokensResource, MessagesResource, PromptPreparer
 from pensieved.http.metrics import Metrics, MetricsMiddleware, MetricsResource
 from pensieved.http.models import ModelsResource
 from pensieved.http.origin import HostOriginGuard
 from pensieved.http.work import RequestWork
-from pensieved.memory.admission import AdmissionMiddleware
 from pensieved.memory.guard import Level, MemoryGuard
 from pensieved.models.registry import ModelRegistry
+from pensieved.paths import GB
 from pensieved.wire.errors import (
     MESSAGE_CHARS,
     ApiError,
@@ -38,8 +39,6 @@ from pensieved.wire.errors import (
 from pensieved.wire.openapi import DOCUMENT
 
 log = logging.getLogger(__name__)
-
-GB = 1024**3
 
 
 class RequestIdMiddleware:

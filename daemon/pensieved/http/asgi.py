@@ -11,8 +11,9 @@ import falcon
 import falcon.asgi
 import msgspec
 
+from pensieved.http.admission import body_lease
 from pensieved.http.work import RequestWork
-from pensieved.memory.admission import BODY_TIMEOUT, body_lease
+from pensieved.memory.bodies import BODY_TIMEOUT
 from pensieved.wire.errors import InvalidRequest, RequestTimeout, RequestTooLarge
 
 P = ParamSpec("P")
@@ -37,7 +38,7 @@ def json_response(resp: falcon.asgi.Response, payload: Any, status: int = 200) -
 async def read_body(req: falcon.asgi.Request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The whole request body, refused with 413 past `limit` (chunked bodies too).
 
-    Admitted through the request's `BodyLease` (memory/admission.py): counted,
+    Admitted through the request's `BodyLease` (memory/bodies.py): counted,
     a large one waiting for its place, and all of it within the lease's
     deadline (not counting that wait), else 408.
     """

@@ -1,17 +1,10 @@
 """Admission: refuse work before it starts, instead of finding out halfway.
 
 Three checks, all cheap enough for every request (`bench/admission.py`):
+at the reject or shutdown level, or while draining, new requests get 529
+before their body is read (http/admission.py); their bodies are counted and
+the large ones taken a few at a time (memory/bodies.py); and
 
-- `AdmissionMiddleware`: at the reject or shutdown level (or while
-  draining), new `/v1/messages` requests get 529 before their body is read or
-  a model loaded; so does one whose body, with the others being read,
-  would take available memory below the reject line.
-- `BodyAdmission`: a body is memory from its first byte until its request
-  reaches the engine (decoded, rendered, planned), and up to
-  `max_connections` are read at once. Their bytes are counted, and bodies
-  over `LARGE_BODY_BYTES` take one of `LARGE_BODIES` places for that time:
-  the rest wait, unread. Each is read within `[server] body_timeout`, not
-  counting that wait.
 - `Admission.admit`: just before prefill, the request's peak memory is
   estimated (KV cache for its prompt and the output it will likely write,
   plus activations) and it is refused with 529 if it would take available
@@ -34,19 +27,20 @@ KV instead of sitting on top of it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-import falcon
-import falcon.asgi
-
-from pensieved.config import EngineConfig, ModelConfig
-from pensieved.engine.kv_quant import stored_bytes_per_token
+from pensieved.config import EngineConfig, MemoryConfig, ModelConfig
+from pensieved.conversation.plan import GenerationRequest
 from pensieved.engine.loading import LoadedModel
-from pensieved.engine.stream import GenerationRequest, GenerationStream
-from pensieved.memory.guard import GB, RETRY_AFTER_LOW_MEMORY, MemoryGuard
+from pensieved.engine.stream import GenerationStream
+from pensieved.memory.guard import RETRY_AFTER_LOW_MEMORY, MemoryGuard
+from pensieved.memory.probe import MemoryReading
+from pensieved.models.facts import facts_of, kv_bytes_per_token
+from pensieved.paths import GB
 from pensieved.wire.errors import Overloaded
 
 log = logging.getLogger(__name__)
@@ -67,20 +61,6 @@ LOGIT_COPIES = 8
 # turns that fit. Growth past it is watched by the memory levels.
 EXPECTED_OUTPUT_TOKENS = 4096
 
-ROUTES = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
-
-# Bodies past this size are read and prepared a few at a time. Claude Code's
-# turns are 80 KB to a few MB (with screenshots); 64 bodies of 24 MB read at
-# once took 1.3 GB before any check (security review #5).
-LARGE_BODY_BYTES = 1024 * 1024
-LARGE_BODIES = 2
-# What a body's bytes take once decoded and rendered, for the memory check:
-# fields nothing reads stay JSON text (wire/protocol.py); text and tool
-# inputs become strings and small objects, then prompt text and tokens.
-BODY_EXPANSION = 4
-# Seconds a client has to send a whole body (`[server] body_timeout`).
-BODY_TIMEOUT = 60.0
-
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -94,59 +74,34 @@ class ModelShape:
     exact: bool = True  # False when the config lacked fields and fallbacks were used
 
 
-def _first(args: dict[str, Any], *names: str) -> int | None:
-    for name in names:
-        value = args.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
 def model_shape(model: Any, kv: tuple[int | None, int] = (None, 64)) -> ModelShape:
     """The shape of an mlx-lm model, from its config (`model.args`) and weights.
 
-    KV bytes per token = layers × KV heads × head dim × 2 (keys and values) ×
-    bytes per activation, or, with `kv` = (bits, group size) of a model whose
-    KV cache is quantized (`kv_bits`), the packed size (kv_quant.py). A
-    missing KV head count means every attention head keeps its own (the
-    larger figure); a config without layers, heads or head size gets
-    `FALLBACK_KV_BYTES_PER_TOKEN`.
+    KV bytes per token as models/facts.py counts them, in the activations'
+    dtype, packed where `kv` = (bits, group size) says the model's KV cache
+    is quantized (`kv_bits`). A missing KV head count means every attention
+    head keeps its own (the larger figure); a config without layers, heads
+    or head size gets `FALLBACK_KV_BYTES_PER_TOKEN`.
     """
     from mlx.utils import tree_flatten
 
     raw = getattr(model, "args", None)
-    args: dict[str, Any] = dict(vars(raw)) if raw is not None else {}
-    if isinstance(args.get("text_config"), dict):  # multimodal wrappers
-        args = {**args["text_config"], **args}
-    layers = _first(args, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
-    if layers is None and isinstance(getattr(model, "layers", None), list):
-        layers = len(model.layers) or None
-    hidden = _first(args, "hidden_size", "n_embd", "d_model", "dim")
-    heads = _first(args, "num_attention_heads", "n_head", "n_heads")
-    kv_heads = _first(args, "num_key_value_heads", "n_kv_heads", "num_kv_heads") or heads
-    head_dim = _first(args, "head_dim") or (hidden // heads if hidden and heads else None)
+    facts = facts_of(dict(vars(raw)) if raw is not None else {})
+    if facts.layers is None and isinstance(getattr(model, "layers", None), list) and model.layers:
+        facts = dataclasses.replace(facts, layers=len(model.layers))
     # Keys and values come out in the activations' dtype: the widest float weight.
     parameters = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
     widths = [int(v.itemsize) for _, v in parameters if "float" in str(v.dtype)]
     dtype_bytes = max(widths, default=ACTIVATION_BYTES)
-    exact = None not in (layers, kv_heads, head_dim)
-    bits, group_size = kv
-    if layers and kv_heads and head_dim and bits and head_dim % group_size == 0:
-        per_token = stored_bytes_per_token(
-            kv_heads, head_dim, layers, dtype_bytes, bits, group_size
-        )
-    elif layers and kv_heads and head_dim:
-        per_token = layers * kv_heads * head_dim * 2 * dtype_bytes
-    else:
-        per_token = FALLBACK_KV_BYTES_PER_TOKEN
-    hidden = hidden or 8192
+    per_token = kv_bytes_per_token(facts, dtype_bytes, kv)
+    hidden = facts.hidden_size or 8192
     return ModelShape(
-        kv_bytes_per_token=per_token,
-        attention_heads=heads or 64,
+        kv_bytes_per_token=FALLBACK_KV_BYTES_PER_TOKEN if per_token is None else per_token,
+        attention_heads=facts.attention_heads or 64,
         hidden_size=hidden,
-        intermediate_size=_first(args, "intermediate_size", "ffn_dim", "n_inner") or 4 * hidden,
-        vocab_size=_first(args, "vocab_size") or 256_000,
-        exact=exact,
+        intermediate_size=facts.intermediate_size or 4 * hidden,
+        vocab_size=facts.vocab_size or 256_000,
+        exact=facts.exact,
     )
 
 
@@ -269,48 +224,17 @@ class Admission:
             f"it needs about {own / GB:.2f} GB ({prompt_tokens} prompt + {output} "
             f"expected output tokens)"
         )
-        after_freeing = ""
-        if reclaimable:
-            after_freeing = f" once {reclaimable / GB:.2f} GB of caches are freed"
-        shortfall = 0
-        # Available memory stays above the reject line.
-        left = reading.available - still_to_come
-        short = int(settings.reject_below_gb * GB) - left
-        if short > reclaimable:
-            raise Overloaded(
-                f"not enough memory for this request: {what}, which would leave "
-                f"{max(left + reclaimable, 0) / GB:.2f} GB available{after_freeing}, below the "
-                f"{settings.reject_below_gb:g} GB reject line; retry later or ask for "
-                "fewer max_tokens",
-                {"retry-after": RETRY_AFTER_LOW_MEMORY},
-            )
-        shortfall = max(shortfall, short)
-        # The daemon stays within its budget.
-        if settings.budget_gb > 0:
-            total = reading.daemon_bytes + still_to_come
-            short = total - int(settings.budget_gb * GB)
-            if short > reclaimable:
+        freed = f" once {reclaimable / GB:.2f} GB of caches are freed" if reclaimable else ""
+        limits = _limits(reading, settings, still_to_come, reclaimable)
+        for limit in limits:
+            if limit.short > reclaimable:
                 raise Overloaded(
-                    f"not enough memory for this request: {what}, which would take the "
-                    f"daemon to {(total - reclaimable) / GB:.2f} GB{after_freeing}, past its "
-                    f"{settings.budget_gb:g} GB budget; retry later or ask for fewer max_tokens",
+                    f"not enough {limit.memory} for this request: {what}, which would "
+                    f"{limit.outcome}{freed}, {limit.line}; retry later or ask for "
+                    "fewer max_tokens",
                     {"retry-after": RETRY_AFTER_LOW_MEMORY},
                 )
-            shortfall = max(shortfall, short)
-        # Metal: MLX's buffers stay within the GPU's working set, or the
-        # command buffer fails and MLX aborts the process (no exception).
-        if reading.gpu_working_set > 0:
-            total = reading.mlx_active + reading.mlx_cache + still_to_come
-            short = total - reading.gpu_working_set
-            if short > reclaimable:
-                raise Overloaded(
-                    f"not enough GPU memory for this request: {what}, which would take MLX "
-                    f"to {(total - reclaimable) / GB:.2f} GB{after_freeing}, past the GPU's "
-                    f"recommended working set of {reading.gpu_working_set / GB:.2f} GB; retry "
-                    "later or ask for fewer max_tokens",
-                    {"retry-after": RETRY_AFTER_LOW_MEMORY},
-                )
-            shortfall = max(shortfall, short)
+        shortfall = max([0, *(limit.short for limit in limits)])
         self._admitted.append(new)
         if shortfall > 0:
             log.info(
@@ -354,112 +278,49 @@ def _after_submit(function: Callable[[], None]) -> None:
     loop.call_soon(function)
 
 
-class BodyLease:
-    """One request's body in `BodyAdmission`: its bytes, and a large body's place."""
+@dataclass(frozen=True)
+class _Limit:
+    """One ceiling a request must fit under once the caches are freed."""
 
-    def __init__(self, owner: BodyAdmission, timeout: float) -> None:
-        self._owner = owner
-        self.timeout = timeout  # seconds to read the whole body
-        self.nbytes = 0
-        self._place = False
-
-    def needs_place(self, size: int) -> bool:
-        """Whether a body of `size` bytes must wait for a large body's place it has not got."""
-        return not self._place and size > self._owner.large_bytes
-
-    async def take_place(self) -> None:
-        """Wait for one of the `LARGE_BODIES` places; held until `release`."""
-        await self._owner.places.acquire()
-        self._place = True
-
-    def add(self, size: int) -> None:
-        """Count `size` more bytes read."""
-        self.nbytes += size
-        self._owner.nbytes += size
-
-    def release(self) -> None:
-        """The request reached the engine, or ended: its body no longer counts. Idempotent."""
-        self._owner.nbytes -= self.nbytes
-        self.nbytes = 0
-        if self._place:
-            self._place = False
-            self._owner.places.release()
+    memory: str  # "memory" or "GPU memory"
+    short: int  # bytes past the ceiling before any cache is freed (<= 0: it fits)
+    outcome: str  # what admitting it would do, caches freed
+    line: str  # the ceiling, in words
 
 
-class BodyAdmission:
-    """Request bodies in memory before their requests reach the engine: counted, large ones few."""
-
-    def __init__(
-        self,
-        guard: MemoryGuard,
-        timeout: Callable[[], float] = lambda: BODY_TIMEOUT,
-        large_bodies: int = LARGE_BODIES,
-        large_bytes: int = LARGE_BODY_BYTES,
-    ) -> None:
-        self._guard = guard
-        self._timeout = timeout
-        self.large_bytes = large_bytes
-        self.places = asyncio.Semaphore(large_bodies)
-        self.nbytes = 0  # bytes of bodies read and not yet released
-
-    def lease(self) -> BodyLease:
-        return BodyLease(self, self._timeout())
-
-    def refusal(self, size: int) -> Overloaded | None:
-        """529 when this body and those being read would take memory below the reject line."""
-        reading = self._guard.reading
-        if reading is None:
-            return None
-        needed = (self.nbytes + size) * BODY_EXPANSION
-        line = int(self._guard.settings.reject_below_gb * GB)
-        if reading.available - needed >= line:
-            return None
-        return Overloaded(
-            f"not enough memory to take this request's body ({size / 1024**2:.1f} MB, with "
-            f"{self.nbytes / 1024**2:.1f} MB of others being read): it would leave "
-            f"{max(reading.available - needed, 0) / GB:.2f} GB available, below the "
-            f"{self._guard.settings.reject_below_gb:g} GB reject line; retry later",
-            {"retry-after": RETRY_AFTER_LOW_MEMORY},
+def _limits(
+    reading: MemoryReading, settings: MemoryConfig, still_to_come: int, reclaimable: int
+) -> list[_Limit]:
+    """The ceilings in force: the reject line, the daemon's budget, Metal's working set."""
+    left = reading.available - still_to_come
+    limits = [
+        _Limit(
+            "memory",
+            int(settings.reject_below_gb * GB) - left,
+            f"leave {max(left + reclaimable, 0) / GB:.2f} GB available",
+            f"below the {settings.reject_below_gb:g} GB reject line",
         )
-
-
-BODY_KEY = "pensieve.body"
-
-
-class AdmissionMiddleware:
-    """New work is refused at the reject and shutdown levels, while draining, and for its body.
-
-    A request it admits carries its `BodyLease` (`body_lease`); the body
-    reader fills it, the resource releases it once the request reaches the
-    engine, and this releases it at the latest when the responder returns.
-    """
-
-    def __init__(
-        self, guard: MemoryGuard, body_timeout: Callable[[], float] = lambda: BODY_TIMEOUT
-    ) -> None:
-        self._guard = guard
-        self.bodies = BodyAdmission(guard, body_timeout)
-
-    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        if req.method == "POST" and req.path.rstrip("/") in ROUTES:
-            refusal = self._guard.refusal() or self.bodies.refusal(req.content_length or 0)
-            if refusal is not None:
-                raise refusal
-            req.scope[BODY_KEY] = self.bodies.lease()
-
-    async def process_response(
-        self,
-        req: falcon.asgi.Request,
-        resp: falcon.asgi.Response,
-        resource: object,
-        req_succeeded: bool,
-    ) -> None:
-        lease = body_lease(req)
-        if lease is not None:
-            lease.release()
-
-
-def body_lease(req: falcon.asgi.Request) -> BodyLease | None:
-    """The lease `AdmissionMiddleware` gave `req`'s body, if it gave one."""
-    lease: BodyLease | None = req.scope.get(BODY_KEY)
-    return lease
+    ]
+    if settings.budget_gb > 0:
+        total = reading.daemon_bytes + still_to_come
+        limits.append(
+            _Limit(
+                "memory",
+                total - int(settings.budget_gb * GB),
+                f"take the daemon to {(total - reclaimable) / GB:.2f} GB",
+                f"past its {settings.budget_gb:g} GB budget",
+            )
+        )
+    if reading.gpu_working_set > 0:
+        # Metal: MLX's buffers stay within the GPU's working set, or the
+        # command buffer fails and MLX aborts the process (no exception).
+        total = reading.mlx_active + reading.mlx_cache + still_to_come
+        limits.append(
+            _Limit(
+                "GPU memory",
+                total - reading.gpu_working_set,
+                f"take MLX to {(total - reclaimable) / GB:.2f} GB",
+                f"past the GPU's recommended working set of {reading.gpu_working_set / GB:.2f} GB",
+            )
+        )
+    return limits

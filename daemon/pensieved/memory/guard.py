@@ -43,7 +43,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pensieved.config import MemoryConfig
+from pensieved.memory import heap
+from pensieved.memory.heap import HeapWatch
 from pensieved.memory.probe import MemoryProbe, MemoryReading, Probe
+from pensieved.paths import GB
 from pensieved.wire.errors import Overloaded
 
 if TYPE_CHECKING:
@@ -51,7 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GB = 1024**3
 
 # Seconds a refused client is told to wait (`retry-after`).
 RETRY_AFTER_LOW_MEMORY = "10"
@@ -197,6 +199,8 @@ class MemoryGuard:
         # level gets worse, before MLX's buffer cache is cleared. The prompt
         # cache registers its trim here.
         self.shrink_callbacks: list[Callable[[], None]] = []
+        # Freed heap handed back once the RSS climbs (memory/heap.py).
+        self._heap = HeapWatch()
         self._read_failed = False
         # Readings are acted on from the guard's thread and from the loop
         # (a reload's new lines, the first reading): one at a time.
@@ -280,6 +284,7 @@ class MemoryGuard:
                 self._run_on_engine(function)
             except Overloaded:
                 return  # the engine is stopping: everything is being freed anyway
+        heap.trim()
 
     def reclaimable(self) -> int:
         """Bytes the daemon can give back for good: its prefix cache.
@@ -392,6 +397,7 @@ class MemoryGuard:
             return
         try:
             self.observe(reading)
+            self._heap.observe(reading.resident)
         except Exception:  # the thread must outlive one bad reading
             log.exception("acting on a memory reading failed")
 

@@ -37,18 +37,13 @@ BUILTIN_SAMPLING: dict[str, float | int] = {
 }
 
 # One name Claude Code sends for each of its model tiers, resolved like any
-# request's: which local model serves a tier (`pensievectl claude` settings,
+# request's: which local model serves a tier (`pensievectl env` and `setup-claude`,
 # the `claude-` entries of `GET /v1/models`).
 CLAUDE_TIERS = {
     "opus": "claude-opus-4-8",
     "sonnet": "claude-sonnet-4-6",
     "haiku": "claude-haiku-4-5",
 }
-
-
-def small_tier(requested: str) -> bool:
-    """Whether a client's `model` string names Claude's small tier (haiku)."""
-    return "haiku" in requested.lower()
 
 
 class ModelRegistry:

@@ -15,9 +15,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pensieved.paths import GB
 from pensieved.wire.errors import Overloaded
 
-GB = 1024**3
 # A model whose size cannot be read from its files (a repo id that mlx-lm
 # will download) is charged nothing up front; its real size counts once loaded.
 UNKNOWN = 0

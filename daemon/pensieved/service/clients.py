@@ -51,9 +51,9 @@ def _fit(
     if loaded is not None:
         builder, context = loaded.builder, loaded.context_length
     else:
-        side = engine.prompt_side(model)  # None until a GGUF source is imported
-        if side is None:
+        front = engine.front_end(model)  # None until a GGUF source is imported
+        if front is None:
             return {"context_length": model.context_length, **dict.fromkeys(requests)}
-        builder, context = side.builder, side.context_length
+        builder, context = front.builder, front.context_length
     counts = {key: len(builder.build(request).tokens) for key, request in requests.items()}
     return {"context_length": context, **counts}

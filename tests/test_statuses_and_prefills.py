@@ -1,4 +1,4 @@
-"""Today's contract beyond content blocks: real statuses, 529, prefills, pre-warm."""
+"""Real statuses, 529, prefills, the cache pre-warm: what the API promises beyond content blocks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import anthropic
 import pytest
 
-from pensieved.engine.runner import _untrimmed
+from pensieved.engine.mlx_internals import keep_first_space
 from pensieved.wire.errors import Busy, Overloaded
 from tests.daemon import Daemon, running_daemon, sse_events
 
@@ -109,7 +109,7 @@ def test_the_untrimmed_detokenizer_keeps_the_first_space(smollm_dir: Path) -> No
     # mlx-lm's own drops the first space, which loses indentation mid-turn.
     for detokenizer, expected in (
         (tokenizer.detokenizer, "   return a + b"),
-        (_untrimmed(tokenizer.detokenizer), "    return a + b"),
+        (keep_first_space(tokenizer.detokenizer), "    return a + b"),
     ):
         for token in tokens:
             detokenizer.add_token(token)
