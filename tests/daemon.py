@@ -25,7 +25,7 @@ START_TIMEOUT = 120.0
 # model now and then rambles without repeating itself (which `stop_loops`
 # would end) until Claude Code's budget, minutes on 2 cores. Those tests are
 # about the commands working, not about the model's prose.
-CLAUDE_CODE_MAX_OUTPUT_TOKENS = "400"
+CLAUDE_CODE_MAX_OUTPUT_TOKENS = "128"
 # Claude Code's words (exit 1) for a reply that ended at that budget.
 OUTRAN = re.compile(r"response exceeded the \d+ output token maximum")
 

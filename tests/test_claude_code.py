@@ -86,9 +86,10 @@ def test_the_readme_lines_print_a_reply_and_so_does_a_continued_turn(
     check_replied(third)
     assert "minimal mode" in third.stderr
     # Claude Code's minimal mode: three tools, and the first turn's prompt,
-    # ~1.1k tokens, read from the prefix cache by the turns after it.
+    # ~1.1k tokens, read from the prefix cache by the turns after it (a reply
+    # cut at the budget makes Claude Code ask for the rest: longer prompts).
     log = embedded.log()
     main_turns = re.findall(r"stream model=\S+ prompt=(\d+) .*tools=3", log)
-    assert len(main_turns) >= 3 and all(int(n) < 2_000 for n in main_turns), log
+    assert len(main_turns) >= 3 and int(main_turns[0]) < 2_000, log
     cached = [int(n) for n in re.findall(r"done: \w+ in=\d+ cached=(\d+)", log)]
     assert max(cached) > 1_000, log
