@@ -284,7 +284,6 @@ class MemoryGuard:
                 self._run_on_engine(function)
             except Overloaded:
                 return  # the engine is stopping: everything is being freed anyway
-        heap.trim()
 
     def reclaimable(self) -> int:
         """Bytes the daemon can give back for good: its prefix cache.
@@ -396,7 +395,12 @@ class MemoryGuard:
                 self._read_failed = True
             return
         try:
+            before = self.level
             self.observe(reading)
+            if before < self.level < Level.SHUTDOWN:
+                # After the level's own work (a shutdown's deadline first): a
+                # trim of a large heap can take a while.
+                heap.trim()
             self._heap.observe(reading.resident)
         except Exception:  # the thread must outlive one bad reading
             log.exception("acting on a memory reading failed")
