@@ -53,7 +53,7 @@ from pensieved.conversation.toolcalls import openai_tools
 from pensieved.wire.decode import decode_request
 from pensieved.wire.protocol import DocumentBlock, MessagesRequest
 from tests.daemon import Daemon, running_daemon
-from tests.documents import make_pdf
+from tests.documents import make_pdf, pdf_of
 from tests.models import HERMES_TEMPLATE, THINKING_TEMPLATE, build_tiny_model
 from tests.test_pieces import END
 
@@ -72,19 +72,7 @@ def stream_pdf(content: bytes, pages: int) -> bytes:
         b"<</Type/Page/Parent 2 0 R/Contents 3 0 R/Resources<</Font<</F1 5 0 R>>>>>>",
         b"<</Type/Font/Subtype/Type1/BaseFont/Helvetica>>",
     ]
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<</Size %d/Root 1 0 R>>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1,
-        xref,
-    )
-    return bytes(out)
+    return pdf_of(objects)
 
 
 def text_bomb(pages: int, chars: int) -> bytes:
