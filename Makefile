@@ -84,7 +84,7 @@ bench: setup
 	$(BIN)/python bench/kv_quant.py $(BENCH_ARGS)
 	$(BIN)/python bench/blas.py $(BENCH_ARGS)
 
-# Captured Claude Code traffic replayed: what the prefix cache serves per
+# Captured Claude Code traffic replayed: what the prompt cache serves per
 # request, against its targets (`BENCH_ARGS="--model NAME"`: a model of your config).
 bench-claude: setup
 	$(BIN)/pip install --quiet -e '.[bench]'

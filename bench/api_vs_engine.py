@@ -29,7 +29,7 @@ PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
 
 def system_line() -> str:
-    """A system prompt that starts with a fresh nonce: no prefix cache can serve the prompt.
+    """A system prompt that starts with a fresh nonce: no prompt cache can serve the prompt.
 
     Every run then prefills the whole prompt, in the daemon as in the raw engine.
     """

@@ -1,4 +1,4 @@
-"""A Claude-Code-shaped conversation for the prefix-cache benchmark, in two wire formats.
+"""A Claude-Code-shaped conversation for the prompt-cache benchmark, in two wire formats.
 
 Shaped like what Claude Code 2.1.x sends: `system` as text blocks whose first
 block is the volatile billing header (a new `cch=` on every request), a long

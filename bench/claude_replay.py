@@ -1,4 +1,4 @@
-"""`make bench-claude`: real Claude Code traffic replayed, and what the prefix cache served.
+"""`make bench-claude`: real Claude Code traffic replayed, and what the prompt cache served.
 
 Reads the captures in `../shared/claude-code/` (Claude Code 2.1.197: a
 `--print` run, its `--continue` in a new process, an interactive session
@@ -19,7 +19,7 @@ a fresh daemon:
   a short haiku-tier request, then the next main turn.
 
 Per request: scenario, capture, kind, status, prompt tokens, tokens read
-from the prefix cache, time to the first content event, total seconds.
+from the prompt cache, time to the first content event, total seconds.
 Then the ratios against their targets, and a plot of cached vs prompt
 tokens per request, both written to `bench/results/`.
 Run: `make bench-claude` (`BENCH_ARGS="--model NAME" make bench-claude`), or
@@ -224,13 +224,13 @@ class Bench:
 
 
 def kv_bytes_per_token(daemon: Daemon, row: Row) -> float:
-    """The prefix cache's bytes per token, from its one entry after `row` (prompt and reply)."""
+    """The prompt cache's bytes per token, from its one entry after `row` (prompt and reply)."""
     for _ in range(50):  # the entry is stored as the stream ends
         cache = daemon.health()["prompt_cache"]
         if cache["entries"]:
             return float(cache["bytes"]) / (row.prompt + 1)
         time.sleep(0.1)
-    raise RuntimeError("the first main turn left nothing in the prefix cache")
+    raise RuntimeError("the first main turn left nothing in the prompt cache")
 
 
 def run(bench: Bench, captures: Path) -> dict[str, Any]:
@@ -367,7 +367,7 @@ def plot(bench: Bench, label: str, path: Path) -> None:
     scenarios = list(dict.fromkeys(r.scenario for r in bench.rows))
     fig, axes = plt.subplots(len(scenarios), 1, figsize=(12, 3.2 * len(scenarios)), sharey=True)
     fig.suptitle(
-        f"Claude Code replay: prompt tokens and those read from the prefix cache ({label})"
+        f"Claude Code replay: prompt tokens and those read from the prompt cache ({label})"
     )
     for ax, scenario in zip(axes, scenarios, strict=True):
         rows = [r for r in bench.rows if r.scenario == scenario and r.request.path != COUNT_TOKENS]

@@ -1,7 +1,7 @@
-"""KV-cache quantization of prefix-cache entries (`kv_bits`): bytes kept and answers changed.
+"""KV-cache quantization of prompt-cache entries (`kv_bits`): bytes kept and answers changed.
 
 For each model, a 4096-token context (Pensieve's own docs, as text) is
-prefilled once; its KV cache is stored through the real `PrefixCache` at full
+prefilled once; its KV cache is stored through the real `PromptCache` at full
 precision, at 8 bits and at 4 bits (`kv_group_size` 64), and fetched back as
 the model's batch takes it (still quantized). From each, 64 tokens are
 decoded greedily, their keys and values quantized as they are written;
@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from bench.args import parse  # noqa: E402
 
 from pensieved.config import ModelConfig  # noqa: E402
-from pensieved.engine.prefix_cache import PrefixCache  # noqa: E402
+from pensieved.engine.prompt_cache import PromptCache  # noqa: E402
 
 SETTINGS = (None, 8, 4)
 GROUP_SIZE = 64
@@ -84,7 +84,7 @@ def measure(label: str, model_dir: str, tokens: int, count: int) -> list[dict[st
     reference: list[int] = []
     for bits in SETTINGS:
         config = ModelConfig(label, model_dir, kv_bits=bits, kv_group_size=GROUP_SIZE)
-        cache = PrefixCache(1 << 40)
+        cache = PromptCache(1 << 40)
         started = time.perf_counter()
         cache.store(config, context[:-1], copy.deepcopy(full))
         stored_s = time.perf_counter() - started
@@ -154,7 +154,7 @@ def main() -> None:
             rows += measure(label, model_dir, args.tokens, args.decode)
     blas = "OpenBLAS" if cpu.openblas_active() else "reference BLAS"
     print(
-        f"\nKV-cache quantization of a {args.tokens}-token prefix-cache entry, "
+        f"\nKV-cache quantization of a {args.tokens}-token prompt-cache entry, "
         f"group size {GROUP_SIZE}; MLX {mx.__version__} {mx.default_device()}, {blas}"
     )
     header = (

@@ -1,4 +1,4 @@
-"""Prefix-cache persistence: daemon start time and first-turn TTFT, with and without it.
+"""Prompt-cache persistence: daemon start time and first-turn TTFT, with and without it.
 
 One long Claude-Code-shaped prefix (system prompt + question) is sent once,
 the daemon is stopped and started again, and the same request is timed as

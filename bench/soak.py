@@ -100,7 +100,7 @@ def one_request(http: httpx.Client, kind: str, n: int = 0) -> tuple[str, bool]:
                     break
         return kind, response.status_code == 200
     if kind == "tools":
-        # A long history of its own (past the prefix cache's 512-token sibling
+        # A long history of its own (past the prompt cache's 512-token sibling
         # rule), so that these fill the cache while the short ones come and go.
         notes = " ".join(WORDS[(n * 7 + i) % len(WORDS)] for i in range(600))
         history = [{"role": "user", "content": f"Notes {n}: {notes}"}, *TOOL_HISTORY[1:]]

@@ -38,7 +38,7 @@ from pensieved.conversation.plan import GenerationRequest, Sampling  # noqa: E40
 from pensieved.conversation.toolcalls import GENERIC  # noqa: E402
 from pensieved.engine import cpu  # noqa: E402
 from pensieved.engine.loading import LoadedModel, load_weights  # noqa: E402
-from pensieved.engine.prefix_cache import PrefixCache  # noqa: E402
+from pensieved.engine.prompt_cache import PromptCache  # noqa: E402
 from pensieved.engine.runner import Runner, SamplerPool  # noqa: E402
 from pensieved.engine.speculate import Speculator  # noqa: E402
 from pensieved.engine.stream import Failed, Finished, GenerationStream, TextDelta  # noqa: E402
@@ -170,7 +170,7 @@ def compare(
 
 def measure(label: str, source: str, runs: int, max_tokens: int) -> list[tuple[str, Any]]:
     loaded = load_weights(ModelConfig(label, source), source, EngineConfig())
-    runner = Runner(loaded, EngineConfig(), PrefixCache(0), SamplerPool())
+    runner = Runner(loaded, EngineConfig(), PromptCache(0), SamplerPool())
     greedy = Sampling(temperature=0.0)
     edit = OutputGrammar(
         (("Edit", json.dumps(EDIT_SCHEMA)),),
@@ -202,7 +202,7 @@ def measure_draft(
     loaded = load_weights(ModelConfig(label, source), source, EngineConfig(dequantize="always"))
     # The draft as stored (a quantized one stays quantized).
     draft_model = mlx_lm.load(draft_source)[0]
-    runner = Runner(loaded, EngineConfig(), PrefixCache(0), SamplerPool())
+    runner = Runner(loaded, EngineConfig(), PromptCache(0), SamplerPool())
     greedy = Sampling(temperature=0.0)
     decode(runner, GenerationRequest(prompt(loaded, PROSE), 8, greedy))  # warm up
     rows = []

@@ -25,31 +25,48 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
-        "daemon: the test runs a real pensieved, the engine on a model, or a CLI process (set "
-        "by conftest.py from the test's and its fixtures' code); `pytest -m 'not daemon'` "
-        "(make test-fast) runs the others",
+        "daemon: the test runs a real part: a pensieved, the engine, a model (tiny or "
+        "embedded), or a process of its own (set by conftest.py from the test's fixtures and "
+        "its and their code); `pytest -m 'not daemon'` (make test-fast) runs the others",
     )
 
 
 # What makes a test slow and whole-system: a pensieved started (tests/daemon.py's
 # helpers, a fixture chosen by name, `python -m pensieved`), the engine run
-# in-process on a model, or a CLI run as a process of its own.
+# in-process, a model computed on, or any process started.
 STARTS_A_DAEMON = re.compile(
     r"\b(start_daemon|running_daemon|daemon_running|run_pensieve(d|ctl)|getfixturevalue|Engine)\("
     r'|"-m", "pensieve(d|ctl)"|_BIN / "(pensievectl|pensieved|claude-local)"'
+    r"|\bsubprocess\.\w+\(|\bPopen\(|\bmlx_lm\.load\(|\bload_weights\("
 )
+# Fixtures that hand a test a model to compute on.
+MODEL_FIXTURES = {"smollm_dir", "tiny_dir"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark `daemon` each test whose code, or any fixture's it uses, starts a pensieved."""
+    """Mark `daemon` each test that, or any fixture or helper it uses, needs a real part."""
     for item in items:
         if not isinstance(item, pytest.Function):
             continue
         functions: list[Callable[..., Any]] = [item.function]
         for definitions in item._fixtureinfo.name2fixturedefs.values():
             functions.extend(definition.func for definition in definitions)
-        if any(_starts_a_daemon(function) for function in functions):
+        functions.extend(_helpers(item.function, vars(item.module)))
+        if MODEL_FIXTURES & set(item.fixturenames) or any(map(_starts_a_daemon, functions)):
             item.add_marker(pytest.mark.daemon)
+
+
+def _helpers(function: Callable[..., Any], names: dict[str, Any]) -> list[Callable[..., Any]]:
+    """The test module's own functions that `function` calls (one level: `ctl(...)`)."""
+    try:
+        called = set(re.findall(r"\b(\w+)\(", inspect.getsource(function)))
+    except (OSError, TypeError):
+        return []
+    return [
+        names[name]
+        for name in called
+        if inspect.isfunction(names.get(name)) and names[name].__module__.startswith("tests")
+    ]
 
 
 def _starts_a_daemon(function: Callable[..., Any]) -> bool:

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from pensieved.config import EngineConfig, MemoryConfig, ModelConfig
 from pensieved.conversation.plan import GenerationRequest
-from pensieved.engine.core import Engine
+from pensieved.engine.core import Engine, MemoryHooks
 from pensieved.engine.stream import Failed, Finished, GenerationStream
 from pensieved.memory.admission import (
     EXPECTED_OUTPUT_TOKENS,
@@ -266,21 +267,29 @@ async def finish(stream: GenerationStream) -> Finished:
     return event
 
 
-def test_a_turn_that_fits_once_the_prefix_cache_gives_way_is_served_from_it(
+def test_a_turn_that_fits_once_the_prompt_cache_gives_way_is_served_from_it(
     tiny_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def scenario() -> tuple[Finished, int, str]:
-        engine = Engine(tiny_dir.parent, EngineConfig(dequantize="never"))
+        # The guard is made once the first turn's entry is measured, below.
+        admissions: list[Admission] = []
+
+        def admit(*request: Any) -> None:
+            for admission in admissions:
+                admission.admit(*request)
+
+        hooks = MemoryHooks(admit=admit)
+        engine = Engine(tiny_dir.parent, EngineConfig(dequantize="never"), hooks)
         engine.start()
         try:
             loaded = await engine.load(ModelConfig("tiny", str(tiny_dir)))
             first = list(range(200, 1200))
             await finish(engine.submit(loaded, GenerationRequest(first, 8)))
-            entry = engine.prefix_cache.nbytes
-            assert len(engine.prefix_cache) == 1 and entry > 0
+            entry = engine.prompt_cache.nbytes
+            assert len(engine.prompt_cache) == 1 and entry > 0
             # The next turn: the same prefix and more. Its own need (KV,
             # activations, and MLX's buffer cache refilling) fits the budget
-            # only with the prefix cache's entry given back.
+            # only with the prompt cache's entry given back.
             second = [*first, *range(3000, 3100)]
             shape = model_shape(loaded.model)
             need = 2 * (kv_bytes(shape, 1, len(second) + 8) + activation_bytes(shape, len(second)))
@@ -290,7 +299,7 @@ def test_a_turn_that_fits_once_the_prefix_cache_gives_way_is_served_from_it(
                 probe,
                 engine=engine,
             )
-            engine.admission = Admission(guard).admit
+            admissions.append(Admission(guard))
             too_big = GenerationRequest(second, 8)
             tight = MemoryGuard(
                 MemoryConfig(budget_gb=(probe.resident + need - entry - 4096) / GB),
@@ -300,7 +309,7 @@ def test_a_turn_that_fits_once_the_prefix_cache_gives_way_is_served_from_it(
             with pytest.raises(Overloaded) as refused:
                 Admission(tight).admit(loaded, too_big, GenerationStream(engine, engine_loop()))
             event = await finish(engine.submit(loaded, GenerationRequest(second, 8)))
-            return event, len(engine.prefix_cache), refused.value.message
+            return event, len(engine.prompt_cache), refused.value.message
         finally:
             engine.stop()
 

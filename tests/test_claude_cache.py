@@ -125,7 +125,7 @@ def test_a_miss_is_explained_in_the_log_and_in_status(roomy_daemon: Daemon) -> N
     client.messages.create(
         model="claude-x", max_tokens=2, messages=[{"role": "user", "content": second}]
     )
-    assert "prefix cache miss" in roomy_daemon.log()
+    assert "prompt cache miss" in roomy_daemon.log()
     shown = run_pensievectl(roomy_daemon, "status")
     assert shown.returncode == 0, shown.stderr
     assert "recent prompt-cache misses" in shown.stdout

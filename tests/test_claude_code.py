@@ -3,7 +3,7 @@
 `eval "$(pensievectl env)"`, then `claude -p "Say hello."` and a `claude -c -p`
 turn after it: each must print a reply and exit 0. SmolLM2's 8k window cannot
 hold Claude Code's full prompt, so `env` puts it in its minimal mode; the
-second turn reads the first one's prompt from the prefix cache. `make setup`
+second turn reads the first one's prompt from the prompt cache. `make setup`
 installs the pinned Claude Code with the other JavaScript clients
 (tests/clients/package.json); without node these tests skip and say why.
 """
@@ -86,7 +86,7 @@ def test_the_readme_lines_print_a_reply_and_so_does_a_continued_turn(
     check_replied(third)
     assert "minimal mode" in third.stderr
     # Claude Code's minimal mode: three tools, and the first turn's prompt,
-    # ~1.1k tokens, read from the prefix cache by the turns after it (a reply
+    # ~1.1k tokens, read from the prompt cache by the turns after it (a reply
     # cut at the budget makes Claude Code ask for the rest: longer prompts).
     log = embedded.log()
     main_turns = re.findall(r"stream model=\S+ prompt=(\d+) .*tools=3", log)

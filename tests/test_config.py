@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import stat
 import tomllib
 from pathlib import Path
@@ -12,6 +13,11 @@ from pensieved.config import (
     BUILTIN_SOURCE,
     Config,
     ConfigError,
+    EngineConfig,
+    MemoryConfig,
+    ModelConfig,
+    ServerConfig,
+    ServiceConfig,
     ensure_token,
     load_config,
     parse_config,
@@ -31,6 +37,38 @@ def test_documented_defaults_match_the_built_in_ones() -> None:
     assert documented.server.host == "127.0.0.1"
     assert documented.server.port == 7777
     assert documented.default_model.source == BUILTIN_SOURCE
+
+
+SECTIONS = {"server": ServerConfig, "engine": EngineConfig, "memory": MemoryConfig}
+SECTIONS["service"] = ServiceConfig
+
+
+def _documented_keys(text: str) -> dict[str, set[str]]:
+    """Each [section] of config.toml and its keys, set (`key = 1`) or shown unset (`# key = 1`)."""
+    keys: dict[str, set[str]] = {}
+    section = ""
+    for line in text.splitlines():
+        if heading := re.fullmatch(r"\[([\w.-]+)\]", line):
+            section = heading[1]
+        elif setting := re.fullmatch(r"(?:# )?(\w+) = .*", line):
+            keys.setdefault(section, set()).add(setting[1])
+    return keys
+
+
+def test_every_key_is_documented_at_its_default() -> None:
+    text = (REPO / "config" / "config.toml").read_text()
+    documented = _documented_keys(text)
+    for name, section in SECTIONS.items():
+        fields = set(section.__struct_fields__)
+        assert documented[name] == fields, f"[{name}] in config/config.toml"
+        # A key shown commented out is one whose default is unset.
+        written = tomllib.loads(text)[name]
+        assert {k for k in fields if getattr(section(), k) is None} == fields - set(written)
+    # The [models.*] keys are described in the comment above the table.
+    models_comment = text[text.index("# One [models.<name>] table") :]
+    described = re.findall(r"^#   ([a-z_]+(?:, [a-z_]+)*)(?:\s|$)", models_comment, re.M)
+    model_keys = {key for line in described for key in line.split(", ")}
+    assert model_keys == set(ModelConfig.__struct_fields__) - {"name"}
 
 
 def test_everything_lives_under_pensieve_home(pensieve_home: Path) -> None:

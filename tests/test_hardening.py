@@ -1,7 +1,7 @@
 """The second security review's findings #7, #10 and #14, shown fixed against real daemons.
 
 ../shared/research/security-2026-12.md has each finding and its probe: a
-reload whose default model cannot load (#7), the persisted prefix cache's
+reload whose default model cannot load (#7), the persisted prompt cache's
 file (#10), a missing local model folder taken for a Hub repo id (#14).
 #8 (secrets) and #15 (model names) are in tests/test_config.py and
 tests/test_models_ctl.py, #12 (/health and /metrics) in tests/test_metrics.py.
@@ -94,7 +94,7 @@ def test_health_says_degraded_when_the_default_model_cannot_serve(
         daemon.stop()
 
 
-def test_the_persisted_prefix_cache_is_private_whole_and_tied_to_the_files(
+def test_the_persisted_prompt_cache_is_private_whole_and_tied_to_the_files(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
     """Before: written in place 0644 in a 0755 folder, and known only by path and size."""

@@ -1,4 +1,4 @@
-"""Prefix-cache entries kept quantized (`kv_bits`): their real size, their answers, their files."""
+"""Prompt-cache entries kept quantized (`kv_bits`): their real size, their answers, their files."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 from mlx_lm.utils import load
 
 from pensieved.config import ConfigError, ModelConfig, parse_config
-from pensieved.engine.prefix_cache import PrefixCache
+from pensieved.engine.prompt_cache import PromptCache
 from pensieved.models.facts import stored_bytes_per_token
 from pensieved.paths import default_paths
 from tests.daemon import daemon_running
@@ -61,7 +61,7 @@ def prefilled(model: Any, tokens: list[int]) -> list[Any]:
     return cache
 
 
-def entry(cache: PrefixCache, config: ModelConfig, tokens: list[int]) -> list[Any]:
+def entry(cache: PromptCache, config: ModelConfig, tokens: list[int]) -> list[Any]:
     return cache.stored(config, tokens)
 
 
@@ -79,7 +79,7 @@ def array_bytes(layers: list[Any]) -> int:
 def test_quantized_entries_are_counted_at_their_packed_size(model: Any) -> None:
     tokens = prompt(300)
     for config in (EIGHT, FOUR):
-        cache = PrefixCache(1 << 30)
+        cache = PromptCache(1 << 30)
         cache.store(config, tokens, prefilled(model, tokens))
         layers = entry(cache, config, tokens)
         assert all(type(c) is QuantizedKVCache for c in layers)
@@ -102,7 +102,7 @@ def test_the_budget_holds_correspondingly_more_quantized_entries(model: Any) -> 
     budget = 2 * full_size + full_size // 2
     kept = {}
     for config in (FULL, EIGHT):
-        cache = PrefixCache(budget)
+        cache = PromptCache(budget)
         for seed in range(12):
             tokens = prompt(length, seed)
             cache.store(config, tokens, prefilled(model, tokens))
@@ -113,8 +113,8 @@ def test_the_budget_holds_correspondingly_more_quantized_entries(model: Any) -> 
     assert kept == {None: 2, 8: 8}
 
 
-def greedy(model: Any, cache: PrefixCache, config: ModelConfig, tokens: list[int]) -> list[int]:
-    """Decode 32 greedy tokens after `tokens`, from what the prefix cache holds of them."""
+def greedy(model: Any, cache: PromptCache, config: ModelConfig, tokens: list[int]) -> list[int]:
+    """Decode 32 greedy tokens after `tokens`, from what the prompt cache holds of them."""
     hit, cached = cache.fetch(config, tokens)
     assert hit is not None and cached == len(tokens) - 1
     # Joining the batch as the model keeps its live sequences.
@@ -132,7 +132,7 @@ def test_a_request_served_from_a_quantized_entry_answers_like_a_full_one(model: 
     tokens = prompt(400)
     answers = {}
     for config in (FULL, EIGHT, FOUR):
-        cache = PrefixCache(1 << 30)
+        cache = PromptCache(1 << 30)
         cache.store(config, tokens, prefilled(model, tokens))
         answers[config.kv_bits] = greedy(model, cache, config, [*tokens, 7])
     same = {
@@ -173,7 +173,7 @@ def test_the_batch_cannot_merge_a_quantized_cache(model: Any) -> None:
 
 def test_quantized_entries_persist_and_load_back(model: Any, tmp_path: Path) -> None:
     tokens = prompt(120)
-    cache = PrefixCache(1 << 30)
+    cache = PromptCache(1 << 30)
     cache.store(EIGHT, tokens, prefilled(model, tokens))
     identity = {"model_path": "/m"}
     path = tmp_path / "m.safetensors"
@@ -181,7 +181,7 @@ def test_quantized_entries_persist_and_load_back(model: Any, tmp_path: Path) -> 
     before = cache.fetch(EIGHT, [*tokens, 7])[0]
     assert before is not None
 
-    again = PrefixCache(1 << 30)
+    again = PromptCache(1 << 30)
     assert again.load(EIGHT, path, identity) == len(tokens)
     assert again.nbytes == cache.nbytes
     assert all(type(c) is QuantizedKVCache for c in entry(again, EIGHT, tokens))
@@ -193,7 +193,7 @@ def test_quantized_entries_persist_and_load_back(model: Any, tmp_path: Path) -> 
 
     # Loaded into a model set otherwise, the entry follows the model's setting.
     for config, kind in ((FULL, KVCache), (FOUR, QuantizedKVCache)):
-        other = PrefixCache(1 << 30)
+        other = PromptCache(1 << 30)
         assert other.load(config, path, identity) == len(tokens)
         layers = entry(other, config, tokens)
         assert all(type(c) is kind for c in layers)

@@ -18,11 +18,12 @@ from typing import Any
 
 import falcon.testing
 import mlx.core as mx
+import msgspec
 import psutil
 import pytest
 
 from pensieved.config import Config, ConfigError, MemoryConfig, load_config
-from pensieved.engine.core import Engine
+from pensieved.engine.core import Engine, MemoryHooks
 from pensieved.http.app import create_app
 from pensieved.memory import darwin
 from pensieved.memory.guard import Level, MemoryGuard, classify
@@ -258,9 +259,12 @@ def test_on_macos_shutdown_takes_the_kernels_critical(
 
 def test_past_its_budget_the_daemon_gives_caches_back() -> None:
     probe = ScriptedProbe()
-    guard = MemoryGuard(MemoryConfig(budget_gb=0.2, hysteresis_gb=0.05), probe)
     released: list[Level] = []
-    guard.shrink_callbacks.append(lambda: released.append(guard.level))
+    guard = MemoryGuard(
+        MemoryConfig(budget_gb=0.2, hysteresis_gb=0.05),
+        probe,
+        shrink=[lambda: released.append(guard.level)],
+    )
     assert guard.sample() is Level.NORMAL  # 100 MB resident
     probe.resident = int(0.25 * GB)  # a reply grew past its estimate
     assert guard.sample() is Level.WARN
@@ -341,9 +345,8 @@ def test_kernel_pressure_raises_the_level(pressure: int, expected: Level) -> Non
 
 def test_a_worse_level_shrinks_caches_and_clears_mlx_buffers() -> None:
     probe = ScriptedProbe()
-    guard = MemoryGuard(MemoryConfig(), probe)
     shrunk: list[Level] = []
-    guard.shrink_callbacks.append(lambda: shrunk.append(guard.level))
+    guard = MemoryGuard(MemoryConfig(), probe, shrink=[lambda: shrunk.append(guard.level)])
     mx.eval(mx.ones((1024, 1024)) * 2)  # leaves freed buffers in MLX's cache
     assert mx.get_cache_memory() > 0
     probe.available_gb = 1.5
@@ -433,7 +436,7 @@ def test_memory_config_round_trips(pensieve_home: Path) -> None:
         "[server]\ndrain_seconds = 3\n"
     )
     config = load_config()
-    assert config.memory == dataclasses.replace(
+    assert config.memory == msgspec.structs.replace(
         MemoryConfig(), warn_below_gb=4.0, reject_below_gb=2.5, budget_gb=12.0
     )
     assert config.server.drain_seconds == 3.0
@@ -533,9 +536,8 @@ def test_a_model_load_judges_free_memory_by_the_guards_reading(tiny_dir: Path) -
 
     probe = ScriptedProbe()
     guard = MemoryGuard(lines(Level.NORMAL), probe)
-    engine = Engine(tiny_dir.parent, EngineConfig(dequantize="never"))
-    engine.memory_floor_bytes = 2 * GB
-    engine.available_memory = guard.available_memory
+    hooks = MemoryHooks(floor_bytes=lambda: 2 * GB, available=guard.available_memory)
+    engine = Engine(tiny_dir.parent, EngineConfig(dequantize="never"), hooks)
     engine.start()
 
     async def load() -> None:

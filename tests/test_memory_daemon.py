@@ -6,7 +6,6 @@ with `reload`, so the daemon's own sampler really crosses them.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import msgspec
 import psutil
 import pytest
 import tomli_w
@@ -72,7 +72,7 @@ def reload_with(daemon: Daemon, memory: dict[str, Any]) -> None:
 
 def reach(daemon: Daemon, level: Level) -> dict[str, Any]:
     """Set the lines so that `level` is where the machine is now; return /health's memory."""
-    settings = dataclasses.asdict(lines(level))
+    settings = msgspec.structs.asdict(lines(level))
     reload_with(daemon, {k: v for k, v in settings.items() if k.endswith("_below_gb")})
     memory: dict[str, Any] = health(daemon)["memory"]
     return memory
@@ -209,7 +209,7 @@ def test_memory_shutdown_ends_streams_with_an_error_and_exits_0(
             for _ in stream.text_stream:
                 started = time.monotonic()
                 # Every line above what is available: the guard calls for shutdown.
-                settings = dataclasses.asdict(lines(Level.SHUTDOWN))
+                settings = msgspec.structs.asdict(lines(Level.SHUTDOWN))
                 reload_with(daemon, {k: v for k, v in settings.items() if k.endswith("_below_gb")})
                 break
             stream.get_final_message()
@@ -276,7 +276,7 @@ def test_sigterm_drains_short_streams_and_ends_long_ones(
 def test_a_daemon_started_below_the_shutdown_line_exits_0_without_loading(
     tiny_config: dict[str, Any], tiny_dir: Path, tmp_path: Path
 ) -> None:
-    settings = dataclasses.asdict(lines(Level.SHUTDOWN))
+    settings = msgspec.structs.asdict(lines(Level.SHUTDOWN))
     memory = {k: v for k, v in settings.items() if k.endswith("_below_gb")}
     config = {**with_memory(tiny_config, tiny_dir, **memory), "server": {"port": free_port()}}
     home = tmp_path / "home"

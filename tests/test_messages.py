@@ -39,7 +39,7 @@ def test_create_returns_a_full_message(tiny_daemon: Daemon) -> None:
         assert message.usage.output_tokens == 8
     assert message.usage.service_tier == "standard"
     counted = client.messages.count_tokens(model="claude-opus-4-8", messages=QUESTION)
-    # input_tokens excludes what the prefix cache served, as Anthropic counts.
+    # input_tokens excludes what the prompt cache served, as Anthropic counts.
     usage = message.usage
     assert usage.input_tokens + (usage.cache_read_input_tokens or 0) == counted.input_tokens > 5
 

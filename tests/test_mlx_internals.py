@@ -17,7 +17,7 @@ import pytest
 from pensieved.config import EngineConfig, ModelConfig
 from pensieved.engine import mlx_internals as internals
 from pensieved.engine.loading import LoadedModel, load_weights, new_generator
-from pensieved.engine.prefix_cache import MAIN, SIDE, _Order
+from pensieved.engine.prompt_cache import MAIN, SIDE, _Order
 
 MEND = "mlx-lm moved a private name Pensieve uses: mend engine/mlx_internals.py"
 

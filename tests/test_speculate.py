@@ -23,7 +23,7 @@ from pensieved.conversation.plan import GenerationRequest, Sampling
 from pensieved.conversation.toolcalls import GENERIC
 from pensieved.engine import speculate
 from pensieved.engine.loading import LoadedModel, load_weights
-from pensieved.engine.prefix_cache import PrefixCache
+from pensieved.engine.prompt_cache import PromptCache
 from pensieved.engine.runner import Job, Runner, SamplerPool
 from pensieved.engine.speculate import Speculator
 from pensieved.engine.stream import Event, Finished, GenerationStream, TextDelta
@@ -61,7 +61,7 @@ class Recorder:
     """A runner whose every emitted token is noted per stream (a seam, not a mock)."""
 
     def __init__(self, loaded: LoadedModel, mode: str) -> None:
-        self.runner = Runner(loaded, EngineConfig(), PrefixCache(0), SamplerPool())
+        self.runner = Runner(loaded, EngineConfig(), PromptCache(0), SamplerPool())
         self.runner.speculator = Speculator(mode, 8)
         self.replies: dict[GenerationStream, Reply] = {}
         self.steps = 0

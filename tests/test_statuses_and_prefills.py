@@ -63,7 +63,7 @@ def test_refusals_for_load_or_memory_are_529_with_retry_after() -> None:
     assert Overloaded("x", {"retry-after": "30"}).headers["retry-after"] == "30"
 
 
-def test_max_tokens_0_prewarms_the_prefix_cache(tiny_daemon: Daemon) -> None:
+def test_max_tokens_0_prewarms_the_prompt_cache(tiny_daemon: Daemon) -> None:
     client = tiny_daemon.client()
     messages = [{"role": "user", "content": "Pre-warm this prompt about lighthouses, please."}]
     warmed = client.messages.create(model="claude-x", max_tokens=0, messages=messages)

@@ -237,7 +237,7 @@ def test_sdk_thread_continues_with_only_the_new_messages(
     assert thread.previous_message_id == second.id
 
     # The continue was served as the full conversation: the same prompt, token
-    # for token, as the history sent whole; and the prefix cache held it.
+    # for token, as the history sent whole; and the prompt cache held it.
     full = client.messages.count_tokens(
         model=MODEL,
         system="Answer briefly.",

@@ -442,7 +442,7 @@ def test_forced_calls_on_the_embedded_model_close_with_declared_properties(
             extra_body=sampling,
         )
 
-    # The tools' system prompt is prefilled once; the tries read it from the prefix cache.
+    # The tools' system prompt is prefilled once; the tries read it from the prompt cache.
     ask("Paris", greedy)
     tries = [(city, greedy) for city in CITIES]
     tries += [(CITIES[i % len(CITIES)], sampled) for i in range(SAMPLED_TRIES)]

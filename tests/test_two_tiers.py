@@ -2,7 +2,7 @@
 
 Claude Code sends `max_tokens` of 32000 and more on every turn, over a 20k-token
 prefix. First the configs' own numbers, read from the docs: in the steady state
-of a session (both tiers' weights resident, the prefix cache and MLX's buffer
+of a session (both tiers' weights resident, the prompt cache and MLX's buffer
 cache full), every main-tier and haiku-tier turn is admitted, up to a full
 window. Then the 16 GB config's shape scaled down to tiny models (the same
 shares of the budget for weights, caches and a turn's KV cache) runs in a real
@@ -30,7 +30,7 @@ from mlx_lm.models.cache import KVCache
 
 from pensieved.config import ModelConfig, parse_config
 from pensieved.engine.core import Engine
-from pensieved.engine.prefix_cache import PrefixCache
+from pensieved.engine.prompt_cache import PromptCache
 from pensieved.engine.stream import GenerationStream
 from pensieved.memory.admission import Admission, ModelShape
 from pensieved.memory.guard import MemoryGuard
@@ -115,7 +115,7 @@ class Steady:
 
 
 def kv_entry(model: RealModel, tokens: int) -> list[Any]:
-    """A prefix-cache entry of `tokens` for `model`: mlx-lm's KV caches, never evaluated.
+    """A prompt-cache entry of `tokens` for `model`: mlx-lm's KV caches, never evaluated.
 
     MLX arrays are lazy: their sizes are real, but nothing is allocated.
     """
@@ -134,22 +134,22 @@ def refusal(mac: MacConfig, tier: ModelConfig, prompt: int, tmp_path: Path) -> s
     memory, engine_settings = config.memory, config.engine
     models = [REAL_MODELS[m.source] for m in config.models]
     weights = sum(m.weight_bytes for m in models)
-    engine = Engine(tmp_path, engine_settings)  # never started: its prefix cache and queue
+    engine = Engine(tmp_path, engine_settings)  # never started: its prompt cache and queue
     # Entries sized as on a Mac but never allocated: copying them compact would.
-    engine.prefix_cache = PrefixCache(engine.prefix_cache.max_bytes, compact=False)
+    engine.prompt_cache = PromptCache(engine.prompt_cache.max_bytes, compact=False)
     main, quick = config.models
-    # The prefix cache full: this conversation's entry, the rest the haiku tier's.
+    # The prompt cache full: this conversation's entry, the rest the haiku tier's.
     conversation = kv_entry(REAL_MODELS[main.source], MAIN_PROMPTS[0])
-    engine.prefix_cache.store(main, list(range(MAIN_PROMPTS[0])), conversation)
-    budget = engine.prefix_cache.max_bytes
+    engine.prompt_cache.store(main, list(range(MAIN_PROMPTS[0])), conversation)
+    budget = engine.prompt_cache.max_bytes
     haiku_tokens = HAIKU_PROMPT
-    while engine.prefix_cache.nbytes < budget - 64 * 1024**2:
+    while engine.prompt_cache.nbytes < budget - 64 * 1024**2:
         entry = kv_entry(REAL_MODELS[quick.source], haiku_tokens)
-        if sum(c.nbytes for c in entry) + engine.prefix_cache.nbytes > budget:
+        if sum(c.nbytes for c in entry) + engine.prompt_cache.nbytes > budget:
             break
-        engine.prefix_cache.store(quick, list(range(10**6, 10**6 + haiku_tokens)), entry)
+        engine.prompt_cache.store(quick, list(range(10**6, 10**6 + haiku_tokens)), entry)
         haiku_tokens += HAIKU_PROMPT
-    prefix = engine.prefix_cache.nbytes
+    prefix = engine.prompt_cache.nbytes
     mlx_cache = int(memory.cache_limit_gb * GB)
     held = PROCESS_BYTES + weights + prefix + mlx_cache
     # What the machine leaves the daemon: its budget, down to the reject line.

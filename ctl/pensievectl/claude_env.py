@@ -95,7 +95,7 @@ class ClaudeSetup:
         variables.update({TIER_VARIABLES[t]: m for t, m in self.tiers.items()})
         main = self.main_model
         if main is not None:
-            # Pinned, so that every process renders the same model line (prefix cache).
+            # Pinned, so that every process renders the same model line (prompt cache).
             variables["ANTHROPIC_MODEL"] = main
             fit = self.main_fit
             if fit is not None and fit.context is not None:

@@ -298,7 +298,7 @@ def _cache_check(http: httpx.Client, label: str, name: str) -> Check:
         return Check(
             f"{label} cache",
             WARN,
-            "the second turn read nothing from the prefix cache",
+            "the second turn read nothing from the prompt cache",
             "see pensievectl status (prompt cache budget) and the log",
         )
     return Check(f"{label} cache", OK, f"second turn read {read} of {total} tokens from the cache")

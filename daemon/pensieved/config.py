@@ -1,21 +1,24 @@
 """The one TOML config file: defaults, parsing, validation, and the auth token.
 
-Read with `tomllib`; `pensievectl` writes it with `tomli-w`. The documented
-defaults live in `config/config.toml` at the repository root.
+Read with `tomllib` into msgspec structs, whose types, ranges and choices are
+the checks; `pensievectl` writes it with `tomli-w`. `config/config.toml` at the
+repository root documents every key at its default, and tests/test_config.py
+checks it against these structs key by key.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import secrets
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Final, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import click
+import msgspec
+from msgspec import Meta
+from msgspec.structs import replace
 
 from pensieved.paths import Paths, default_paths, private_dir
 
@@ -24,124 +27,148 @@ BUILTIN_SOURCE = "builtin:smollm2-135m-instruct"
 MIN_TOKEN_CHARS = 32
 MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+KV_GROUP_SIZE: Final = 64  # values that share one scale and bias in a quantized KV cache
 
 
 class ConfigError(ValueError):
     """The config file cannot be used; the message names the key."""
 
 
-@dataclass(frozen=True)
-class ServerConfig:
+# Each section is a struct that msgspec fills from its TOML table: the types,
+# ranges and choices below are the checks, and a key the struct lacks is
+# ignored. A rule across keys is its struct's __post_init__.
+Seconds = Annotated[float, Meta(gt=0)]
+GB_ = Annotated[float, Meta(ge=0)]
+
+
+class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
-    port: int = 7777
+    port: Annotated[int, Meta(gt=0, lt=65536)] = 7777
     auth_token: str | None = None
     # Seconds between SSE `ping` events while a stream waits (long prefill).
-    ping_interval: float = 5.0
+    ping_interval: Seconds = 5.0
     # A stream's text goes out at most this often (milliseconds); the tokens
     # made meanwhile travel as one delta. 0 sends each token at once.
-    text_interval_ms: float = 15.0
+    text_interval_ms: Annotated[float, Meta(ge=0, le=1000)] = 15.0
     # Listening on a non-loopback address must be asked for explicitly.
     allow_remote: bool = False
     # Seconds a client may take to send its request headers (slow-loris guard).
-    header_timeout: float = 10.0
+    header_timeout: Seconds = 10.0
     # Seconds a client may take to send a whole request body (then 408): a
     # body dripped byte by byte would hold its connection for good.
-    body_timeout: float = 60.0
+    body_timeout: Seconds = 60.0
     # Requests served at once; more wait in the kernel's accept queue.
-    max_connections: int = 64
+    max_connections: Annotated[int, Meta(ge=1)] = 64
     # On SIGTERM/SIGINT or `pensievectl stop`: seconds in-flight requests get
     # to finish before the rest end with an `error` event. Well below the 30 s
     # launchd (ExitTimeOut) and systemd (TimeoutStopSec) wait before SIGKILL.
-    drain_seconds: float = 10.0
+    drain_seconds: Annotated[float, Meta(ge=0)] = 10.0
+
+    def __post_init__(self) -> None:
+        if self.auth_token is not None and len(self.auth_token) < MIN_TOKEN_CHARS:
+            raise ValueError(
+                f"auth_token: {len(self.auth_token)} characters is guessable; use at least "
+                f"{MIN_TOKEN_CHARS} (or leave it out: a random one is made and stored 0600)"
+            )
 
 
-DEQUANTIZE_MODES = ("auto", "always", "never")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
+class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Quantized models on MLX's CPU backend: "auto" dequantizes to float32
     # when OpenBLAS is active (much faster there), "always", or "never".
-    dequantize: str = "auto"
+    dequantize: Literal["auto", "always", "never"] = "auto"
     # KV caches of earlier requests kept for reuse by prompt prefix, in GB
-    # (0 turns the prefix cache off). Counted on top of the models' weights.
-    prompt_cache_gb: float = 2.0
+    # (0 turns the prompt cache off). Counted on top of the models' weights.
+    prompt_cache_gb: GB_ = 2.0
     # Sequences decoded together in one batch; more requests wait their turn.
-    max_sequences: int = 8
+    max_sequences: Annotated[int, Meta(ge=1)] = 8
     # Requests that may wait for a place in the batch; beyond that, 529.
-    max_queue: int = 32
+    max_queue: Annotated[int, Meta(ge=0)] = 32
     # Prompt tokens prefilled per step: a long prompt's prefill pauses the
     # other streams' decoding for at most one chunk at a time.
-    prefill_chunk: int = 256
-    # Save each model's most recent prefix-cache entry when the daemon stops
+    prefill_chunk: Annotated[int, Meta(ge=1)] = 256
+    # Save each model's most recent prompt-cache entry when the daemon stops
     # and load it back at start, so the first turn after a restart is warm.
     persist_prompt_cache: bool = False
     # The most all loaded models' weights may take, in GB; loading another
     # unloads the least recently used idle ones first. 0: no budget (the
     # memory guard's reject line still applies).
-    models_budget_gb: float = 0.0
+    models_budget_gb: GB_ = 0.0
 
 
-@dataclass(frozen=True)
-class MemoryConfig:
+class MemoryConfig(msgspec.Struct, frozen=True, kw_only=True):
     """The memory guard's lines, in GB of memory the system can still hand out."""
 
-    warn_below_gb: float = 2.0
-    reject_below_gb: float = 1.0
-    shutdown_below_gb: float = 0.5
+    warn_below_gb: GB_ = 2.0
+    reject_below_gb: GB_ = 1.0
+    shutdown_below_gb: GB_ = 0.5
     # A level is left only once available memory is this far above its line.
-    hysteresis_gb: float = 0.25
+    hysteresis_gb: GB_ = 0.25
     # Seconds between memory samples.
-    sample_interval: float = 1.0
+    sample_interval: Seconds = 1.0
     # Whether the kernel's own pressure level (macOS sysctl, Linux PSI) counts.
     kernel_pressure: bool = True
     # The most the daemon itself may hold (resident, MLX included); 0: no budget.
-    budget_gb: float = 0.0
+    budget_gb: GB_ = 0.0
     # MLX's buffer cache of freed memory kept for reuse (mx.set_cache_limit).
-    cache_limit_gb: float = 1.0
+    cache_limit_gb: GB_ = 1.0
     # Metal only: the share of the GPU's recommended working set MLX may
     # keep wired (resident); 0 leaves MLX's default of nothing wired.
-    wired_limit_percent: float = 50.0
+    wired_limit_percent: Annotated[float, Meta(ge=0, le=100)] = 50.0
+
+    def __post_init__(self) -> None:
+        if not self.shutdown_below_gb <= self.reject_below_gb <= self.warn_below_gb:
+            raise ValueError("expected shutdown_below_gb <= reject_below_gb <= warn_below_gb")
 
 
-@dataclass(frozen=True)
-class ServiceConfig:
+# systemd's memory limits: bytes with a unit, a percentage, or infinity.
+CgroupLimit = Annotated[str, Meta(pattern=r"^(\d+(\.\d+)?[KMGT]?|\d+%|infinity)$")]
+
+
+class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     # systemd's cgroup limits for the Linux unit, e.g. "12G"; None: no limit.
-    memory_high: str | None = None
-    memory_max: str | None = None
+    memory_high: CgroupLimit | None = None
+    memory_max: CgroupLimit | None = None
 
 
-IMAGE_MODES = ("placeholder", "reject")
-SPECULATE_MODES = ("ngram", "draft", "grammar", "off")
-KV_BITS = (4, 8)
-KV_GROUP_SIZES = (32, 64, 128)
+# (lowest, highest, whether the lowest itself is allowed) for each sampling key.
+SAMPLING_RANGES: dict[str, tuple[float, float, bool]] = {
+    "temperature": (0.0, 2.0, True),
+    "top_p": (0.0, 1.0, False),
+    "top_k": (0, 1_000_000, True),
+    "min_p": (0.0, 1.0, True),
+    "repetition_penalty": (0.0, 2.0, False),
+}
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+def _ranged(name: str) -> Meta:
+    low, high, low_allowed = SAMPLING_RANGES[name]
+    return Meta(ge=low, le=high) if low_allowed else Meta(gt=low, le=high)
+
+
+class ModelConfig(msgspec.Struct, frozen=True):
     name: str
-    source: str
+    source: Annotated[str, Meta(min_length=1)]
     aliases: tuple[str, ...] = ()
     default: bool = False
-    context_length: int | None = None
+    context_length: Annotated[int, Meta(ge=1)] | None = None
     # Seconds of idleness after which the model is unloaded; None: never.
-    keep_alive: float | None = None
+    keep_alive: Seconds | None = None
     # Image blocks for a text-only model: "placeholder" shows a short note in
     # their place (a screenshot in Claude Code's history must not refuse every
     # later turn), "reject" refuses the request with a 400.
-    images: str = "placeholder"
+    images: Literal["placeholder", "reject"] = "placeholder"
     # The KV cache kept quantized to this many bits per key and value (8 or
-    # 4), in groups of `kv_group_size`, for live sequences and prefix-cache
+    # 4), in groups of `kv_group_size`, for live sequences and prompt-cache
     # entries alike; None: full precision (engine/kv_quant.py).
-    kv_bits: int | None = None
-    kv_group_size: int = 64
+    kv_bits: Literal[4, 8] | None = None
+    kv_group_size: Literal[32, 64, 128] = KV_GROUP_SIZE
     # Speculative decoding of a lone sequence (engine/speculate.py): "ngram"
     # drafts from the reply's own context and grammar-forced tokens, up to
     # `speculate_tokens` per step; "grammar": forced tokens only; "off": one
     # token per step; "draft": drafts from the `draft` model (the default
     # when `draft` is set), grammar-forced tokens and long n-gram matches.
-    speculate: str = "ngram"
-    speculate_tokens: int = 8
+    speculate: Literal["ngram", "draft", "grammar", "off"] = "ngram"
+    speculate_tokens: Annotated[int, Meta(ge=1, le=64)] = 8
     # A smaller model with the same tokenizer that drafts for this one: the
     # source of a configured model named here, or a source of its own. It
     # loads and unloads with this model, its weights counted in this one's.
@@ -149,26 +176,29 @@ class ModelConfig:
     # Sampling for requests that leave it unset, over the model's own
     # recommendation (its generation_config.json); None: the recommendation,
     # else Pensieve's fallback (models/sampling.py).
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    temperature: Annotated[float, _ranged("temperature")] | None = None
+    top_p: Annotated[float, _ranged("top_p")] | None = None
+    top_k: Annotated[int, _ranged("top_k")] | None = None
+    min_p: Annotated[float, _ranged("min_p")] | None = None
+    repetition_penalty: Annotated[float, _ranged("repetition_penalty")] | None = None
     # End a reply that repeats one passage over and over (a small model's
     # loop) as if the model had ended it; None: on for the embedded model.
     stop_loops: bool | None = None
 
+    def __post_init__(self) -> None:
+        if self.speculate == "draft" and not self.draft:
+            raise ValueError('speculate: "draft" needs a draft model (draft = ...)')
 
-@dataclass(frozen=True)
-class Config:
-    server: ServerConfig = field(default_factory=ServerConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    service: ServiceConfig = field(default_factory=ServiceConfig)
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
+    service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
     models: tuple[ModelConfig, ...] = (
         ModelConfig(DEFAULT_MODEL_NAME, BUILTIN_SOURCE, ("claude-*",), True),
     )
-    paths: Paths = field(default_factory=default_paths)
+    paths: Paths = msgspec.field(default_factory=default_paths)
 
     @property
     def default_model(self) -> ModelConfig:
@@ -216,123 +246,28 @@ def load_config(path: Path | None = None, paths: Paths | None = None) -> Config:
 
 def parse_config(data: dict[str, Any], paths: Paths) -> Config:
     """The config `data` (a parsed TOML file) describes, each section checked in file order."""
-    server = _server_config(_table(data, "server"))
-    engine = _engine_config(_table(data, "engine"))
-    memory = _memory_config(_table(data, "memory"))
-    service = _service_config(_table(data, "service"))
+    server = _section(data, "server", ServerConfig)
+    engine = _section(data, "engine", EngineConfig)
+    memory = _section(data, "memory", MemoryConfig)
+    service = _section(data, "service", ServiceConfig)
     models = [_model_config(name, table) for name, table in _table(data, "models").items()]
     if sum(m.default for m in models) > 1:
         raise ConfigError("models: more than one model has default = true")
     # A draft that names a configured model drafts with that model's weights.
     sources = {m.name: m.source for m in models}
-    models = [
-        dataclasses.replace(m, draft=sources[m.draft]) if m.draft in sources else m for m in models
-    ]
+    models = [replace(m, draft=sources[m.draft]) if m.draft in sources else m for m in models]
     config = Config(server=server, engine=engine, memory=memory, service=service, paths=paths)
-    return dataclasses.replace(config, models=tuple(models)) if models else config
+    return replace(config, models=tuple(models)) if models else config
 
 
-def _server_config(server_table: dict[str, Any]) -> ServerConfig:
-    server = ServerConfig(
-        host=_get(server_table, "server.host", str, ServerConfig.host),
-        port=_get(server_table, "server.port", int, ServerConfig.port),
-        auth_token=_get(server_table, "server.auth_token", str, None) or None,
-        ping_interval=float(
-            _get(server_table, "server.ping_interval", (int, float), ServerConfig.ping_interval)
-        ),
-        text_interval_ms=float(
-            _get(
-                server_table,
-                "server.text_interval_ms",
-                (int, float),
-                ServerConfig.text_interval_ms,
-            )
-        ),
-        allow_remote=_get(server_table, "server.allow_remote", bool, False),
-        header_timeout=float(
-            _get(server_table, "server.header_timeout", (int, float), ServerConfig.header_timeout)
-        ),
-        body_timeout=float(
-            _get(server_table, "server.body_timeout", (int, float), ServerConfig.body_timeout)
-        ),
-        max_connections=_get(
-            server_table, "server.max_connections", int, ServerConfig.max_connections
-        ),
-        drain_seconds=float(
-            _get(server_table, "server.drain_seconds", (int, float), ServerConfig.drain_seconds)
-        ),
-    )
-    if server.header_timeout <= 0:
-        raise ConfigError("server.header_timeout: must be > 0")
-    if server.body_timeout <= 0:
-        raise ConfigError("server.body_timeout: must be > 0")
-    if server.max_connections < 1:
-        raise ConfigError("server.max_connections: must be >= 1")
-    if not 0 < server.port < 65536:
-        raise ConfigError(f"server.port: {server.port} is not a TCP port")
-    if server.ping_interval <= 0:
-        raise ConfigError("server.ping_interval: must be > 0")
-    if not 0 <= server.text_interval_ms <= 1000:
-        raise ConfigError("server.text_interval_ms: must be between 0 and 1000")
-    if server.drain_seconds < 0:
-        raise ConfigError("server.drain_seconds: must be >= 0")
-    if server.auth_token is not None and len(server.auth_token) < MIN_TOKEN_CHARS:
-        raise ConfigError(
-            f"server.auth_token: {len(server.auth_token)} characters is guessable; use at "
-            f"least {MIN_TOKEN_CHARS} (or leave it out: a random one is made and stored 0600)"
-        )
-    return server
+Section = TypeVar("Section", bound=msgspec.Struct)
 
 
-def _engine_config(engine_table: dict[str, Any]) -> EngineConfig:
-    engine = EngineConfig(
-        dequantize=_get(engine_table, "engine.dequantize", str, EngineConfig.dequantize),
-        prompt_cache_gb=float(
-            _get(
-                engine_table,
-                "engine.prompt_cache_gb",
-                (int, float),
-                EngineConfig.prompt_cache_gb,
-            )
-        ),
-        max_sequences=_get(engine_table, "engine.max_sequences", int, EngineConfig.max_sequences),
-        max_queue=_get(engine_table, "engine.max_queue", int, EngineConfig.max_queue),
-        prefill_chunk=_get(engine_table, "engine.prefill_chunk", int, EngineConfig.prefill_chunk),
-        persist_prompt_cache=_get(
-            engine_table, "engine.persist_prompt_cache", bool, EngineConfig.persist_prompt_cache
-        ),
-        models_budget_gb=float(
-            _get(
-                engine_table,
-                "engine.models_budget_gb",
-                (int, float),
-                EngineConfig.models_budget_gb,
-            )
-        ),
-    )
-    if engine.dequantize not in DEQUANTIZE_MODES:
-        raise ConfigError(f"engine.dequantize: expected one of {', '.join(DEQUANTIZE_MODES)}")
-    for key in ("prompt_cache_gb", "models_budget_gb"):
-        if getattr(engine, key) < 0:
-            raise ConfigError(f"engine.{key}: must be >= 0")
-    for key in ("max_sequences", "prefill_chunk"):
-        if getattr(engine, key) < 1:
-            raise ConfigError(f"engine.{key}: must be >= 1")
-    if engine.max_queue < 0:
-        raise ConfigError("engine.max_queue: must be >= 0")
-    return engine
-
-
-def _service_config(service_table: dict[str, Any]) -> ServiceConfig:
-    service = ServiceConfig(
-        memory_high=_get(service_table, "service.memory_high", str, None),
-        memory_max=_get(service_table, "service.memory_max", str, None),
-    )
-    for key in ("memory_high", "memory_max"):
-        value = getattr(service, key)
-        if value is not None and not re.fullmatch(r"\d+(\.\d+)?[KMGT]?|\d+%|infinity", value):
-            raise ConfigError(f"service.{key}: expected bytes like 12G, a percentage or infinity")
-    return service
+def _section(data: dict[str, Any], key: str, kind: type[Section]) -> Section:
+    table = _table(data, key)
+    if key == "server" and table.get("auth_token") == "":
+        table = {k: v for k, v in table.items() if k != "auth_token"}  # "" means unset
+    return _convert(table, kind, key)
 
 
 def _model_config(name: str, table: Any) -> ModelConfig:
@@ -346,110 +281,56 @@ def _model_config(name: str, table: Any) -> ModelConfig:
         )
     if not isinstance(table, dict):
         raise ConfigError(f"{key}: expected a table")
-    source = _get(table, f"{key}.source", str, None)
-    if not source:
+    if not table.get("source"):
         raise ConfigError(f"{key}.source: required")
-    aliases = _get(table, f"{key}.aliases", list, [])
-    if not all(isinstance(a, str) for a in aliases):
-        raise ConfigError(f"{key}.aliases: expected a list of strings")
-    context = _get(table, f"{key}.context_length", int, None)
-    if context is not None and context < 1:
-        raise ConfigError(f"{key}.context_length: must be >= 1")
-    keep_alive = _get(table, f"{key}.keep_alive", (int, float), None)
-    if keep_alive is not None and keep_alive <= 0:
-        raise ConfigError(f"{key}.keep_alive: must be > 0 seconds (leave it out for forever)")
-    images = _get(table, f"{key}.images", str, ModelConfig.images)
-    if images not in IMAGE_MODES:
-        raise ConfigError(f"{key}.images: expected one of {', '.join(IMAGE_MODES)}")
-    kv_bits = _get(table, f"{key}.kv_bits", int, None)
-    if kv_bits is not None and kv_bits not in KV_BITS:
-        raise ConfigError(f"{key}.kv_bits: expected 8 or 4 (leave it out for full precision)")
-    kv_group_size = _get(table, f"{key}.kv_group_size", int, ModelConfig.kv_group_size)
-    if kv_group_size not in KV_GROUP_SIZES:
-        raise ConfigError(f"{key}.kv_group_size: expected one of 32, 64, 128")
-    draft = _get(table, f"{key}.draft", str, None) or None
-    speculate = _get(table, f"{key}.speculate", str, "draft" if draft else ModelConfig.speculate)
-    if speculate not in SPECULATE_MODES:
-        raise ConfigError(f"{key}.speculate: expected one of {', '.join(SPECULATE_MODES)}")
-    if speculate == "draft" and not draft:
-        raise ConfigError(f'{key}.speculate: "draft" needs a draft model ({key}.draft)')
-    speculate_tokens = _get(table, f"{key}.speculate_tokens", int, ModelConfig.speculate_tokens)
-    if not 1 <= speculate_tokens <= 64:
-        raise ConfigError(f"{key}.speculate_tokens: must be between 1 and 64")
-    sampling = _sampling_settings(table, key)
-    stop_loops = _get(table, f"{key}.stop_loops", bool, None)
-    return ModelConfig(
-        name=name,
-        source=source,
-        aliases=tuple(aliases),
-        default=_get(table, f"{key}.default", bool, False),
-        context_length=context,
-        keep_alive=None if keep_alive is None else float(keep_alive),
-        images=images,
-        kv_bits=kv_bits,
-        kv_group_size=kv_group_size,
-        speculate=speculate,
-        speculate_tokens=speculate_tokens,
-        draft=draft,
-        stop_loops=stop_loops,
-        **sampling,
-    )
+    table = {k: v for k, v in table.items() if not (k == "draft" and v == "")}
+    if table.get("draft") and "speculate" not in table:
+        table["speculate"] = "draft"  # a draft model drafts unless told otherwise
+    return _convert({**table, "name": name}, ModelConfig, key)
 
 
-# (lowest, highest, whether the lowest itself is allowed) for each sampling key.
-SAMPLING_RANGES: dict[str, tuple[float, float, bool]] = {
-    "temperature": (0.0, 2.0, True),
-    "top_p": (0.0, 1.0, False),
-    "top_k": (0, 1_000_000, True),
-    "min_p": (0.0, 1.0, True),
-    "repetition_penalty": (0.0, 2.0, False),
+# A sentence added to msgspec's message where leaving the key out is the answer.
+_LEAVE_OUT = {
+    "keep_alive": "leave it out to keep the model loaded",
+    "kv_bits": "leave it out for full precision",
+    "auth_token": "leave it out: a random one is made",
 }
 
 
-def _sampling_settings(table: dict[str, Any], key: str) -> dict[str, Any]:
-    """A model table's sampling defaults, each checked against its range."""
-    settings: dict[str, Any] = {}
-    for name, (low, high, low_allowed) in SAMPLING_RANGES.items():
-        kind: Any = int if name == "top_k" else (int, float)
-        value = _get(table, f"{key}.{name}", kind, None)
-        if value is None:
-            continue
-        if not (low <= value <= high) or (value == low and not low_allowed):
-            bound = ">=" if low_allowed else ">"
-            raise ConfigError(f"{key}.{name}: must be {bound} {low:g} and <= {high:g}")
-        settings[name] = value if name == "top_k" else float(value)
-    return settings
+def _convert(table: dict[str, Any], kind: type[Section], key: str) -> Section:
+    """`table` as a `kind`, or a ConfigError that names the key and says what was expected."""
+    try:
+        return msgspec.convert(table, kind)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `$.")
+        field = where.rstrip("`").split("[")[0]
+        if not field:  # a rule across keys (__post_init__): "key: why" or a sentence
+            named = re.match(r"(\w+): ", message)
+            raise ConfigError(f"{key}.{message}" if named else f"{key}: {message}") from None
+        message = message.replace("`", "")
+        message = message[0].lower() + message[1:]
+        if message.startswith("invalid enum value"):
+            choices = [str(c) for c in get_args(_field_type(kind, field)) if c is not None]
+            got = message[len("invalid enum value ") :]
+            message = f"expected one of {', '.join(choices)}, got {got}"
+        hint = f" ({_LEAVE_OUT[field]})" if field in _LEAVE_OUT else ""
+        raise ConfigError(f"{key}.{field}: {message}{hint}") from None
 
 
-def _memory_config(table: dict[str, Any]) -> MemoryConfig:
-    numbers = {
-        f.name: float(_get(table, f"memory.{f.name}", (int, float), f.default))
-        for f in dataclasses.fields(MemoryConfig)
-        if f.type == "float"
-    }
-    memory = MemoryConfig(
-        **numbers,
-        kernel_pressure=_get(table, "memory.kernel_pressure", bool, MemoryConfig.kernel_pressure),
-    )
-    for key, value in numbers.items():
-        if value < 0:
-            raise ConfigError(f"memory.{key}: must be >= 0")
-    if not memory.shutdown_below_gb <= memory.reject_below_gb <= memory.warn_below_gb:
-        raise ConfigError("memory: expected shutdown_below_gb <= reject_below_gb <= warn_below_gb")
-    if memory.sample_interval <= 0:
-        raise ConfigError("memory.sample_interval: must be > 0")
-    if memory.wired_limit_percent > 100:
-        raise ConfigError("memory.wired_limit_percent: must be at most 100")
-    return memory
+def _field_type(kind: type[msgspec.Struct], name: str) -> Any:
+    """The Literal of field `name` of `kind`, through Optional."""
+    hint = get_type_hints(kind)[name]
+    literal = [a for a in get_args(hint) if get_args(a)] if get_origin(hint) is not Literal else []
+    return literal[0] if literal else hint
 
 
 def config_as_toml(config: Config) -> dict[str, Any]:
     """`config` as the TOML tables that would produce it (None values left out)."""
 
-    def table(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    def table(obj: msgspec.Struct, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         return {
             k: list(v) if isinstance(v, tuple) else v
-            for k, v in dataclasses.asdict(obj).items()
+            for k, v in msgspec.structs.asdict(obj).items()
             if v is not None and k not in skip
         }
 
@@ -466,17 +347,6 @@ def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
     value = data.get(key, {})
     if not isinstance(value, dict):
         raise ConfigError(f"{key}: expected a table")
-    return value
-
-
-def _get(table: dict[str, Any], key: str, kind: Any, default: Any) -> Any:
-    value = table.get(key.rsplit(".", 1)[-1], default)
-    if value is default:
-        return value
-    # bool is an int in Python; a port of `true` is still a mistake.
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        expected = kind.__name__ if isinstance(kind, type) else "number"
-        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
     return value
 
 
@@ -508,7 +378,7 @@ def with_overrides(
     config: Config, host: str | None = None, port: int | None = None, model: str | None = None
 ) -> Config:
     """Apply command-line flags, which win over the file."""
-    server = dataclasses.replace(
+    server = replace(
         config.server,
         host=host if host is not None else config.server.host,
         port=port if port is not None else config.server.port,
@@ -516,9 +386,9 @@ def with_overrides(
     models = config.models
     if model is not None:
         default = config.default_model
-        replaced = dataclasses.replace(default, source=model, default=True)
+        replaced = replace(default, source=model, default=True)
         models = tuple(replaced if m is default else m for m in models)
-    return dataclasses.replace(config, server=server, models=models)
+    return replace(config, server=server, models=models)
 
 
 def stops_loops(model: ModelConfig) -> bool:

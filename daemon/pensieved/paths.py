@@ -3,7 +3,7 @@
 Everything is relocatable under one `PENSIEVE_HOME` (tests point it at a temp
 dir). Otherwise the per-OS conventions apply: Application Support and
 ~/Library/Logs on macOS, the XDG directories on Linux. On macOS, models and
-saved prefix caches go to ~/Library/Caches, which Time Machine skips: they
+saved prompt caches go to ~/Library/Caches, which Time Machine skips: they
 are gigabytes, rewritten often, and can be made again from their sources.
 
 The control socket's directory must be short: a Unix socket's path has to
@@ -42,7 +42,7 @@ class Paths:
     data_dir: Path  # token, and imported models unless `cache_dir` is set
     log_dir: Path
     runtime_dir: Path  # control socket
-    cache_dir: Path | None = None  # models and saved prefix caches (macOS: ~/Library/Caches)
+    cache_dir: Path | None = None  # models and saved prompt caches (macOS: ~/Library/Caches)
 
     @property
     def token_file(self) -> Path:

@@ -14,7 +14,7 @@ client's are marked. The rendered prompt is then cut at the marked spans;
 each becomes that token's text tokenized as ordinary text (fixed ids, found
 once per tokenizer: `<|im_start|>` reads `<|`, `im`, `_`, `start`, `|>` to the
 model), and the text between is tokenized as before. The same content gives
-the same tokens every time (the prefix cache relies on it), and a request
+the same tokens every time (the prompt cache relies on it), and a request
 without such text renders exactly as it did.
 
 Whitespace added tokens (Gemma's "\\n") are left alone: they are text anyway.

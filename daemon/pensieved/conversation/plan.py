@@ -60,7 +60,7 @@ class GenerationRequest:
     # leading space is part of the text (a code prefill's indentation).
     keep_leading_space: bool = False
     # A side request (no tools shown, a small prompt, or a small-model tier):
-    # its prefix-cache entry never evicts a main conversation's, and its
+    # its prompt-cache entry never evicts a main conversation's, and its
     # prefill waits while a main turn's runs.
     side: bool = False
 

@@ -152,7 +152,7 @@ def _join(first: str, second: str) -> str:
 
 # Claude Code's first system block is a billing line whose `cch=` value
 # changes on every request. At the very front of the prompt it would make
-# every turn miss the prefix cache, and it means nothing to a local model.
+# every turn miss the prompt cache, and it means nothing to a local model.
 BILLING_HEADER = "x-anthropic-billing-header:"
 
 

@@ -35,7 +35,7 @@ from pensieved.engine.loading import (
     persisted_cache_path,
     sampling_defaults,
 )
-from pensieved.engine.prefix_cache import PrefixCache
+from pensieved.engine.prompt_cache import PromptCache
 from pensieved.engine.runner import Runner, SamplerPool
 from pensieved.engine.stream import SHUTTING_DOWN, Failed, GenerationStream
 from pensieved.models.registry import local_model_dir, materialize
@@ -83,14 +83,36 @@ class Call:
 
 @dataclass(frozen=True)
 class Stop:
-    """End the thread: fail what runs, save the prefix caches, refuse what is queued."""
+    """End the thread: fail what runs, save the prompt caches, refuse what is queued."""
 
 
 Command = Load | Unload | Submit | Cancel | Call | Stop
 
 
+@dataclass(frozen=True)
+class MemoryHooks:
+    """What the engine asks of the memory guard; each is None where no guard runs.
+
+    Functions, not the guard itself: the guard watches the engine, so the
+    daemon (service/server.py) builds these around the guard it owns.
+    """
+
+    # Free memory to keep when loading a model: the memory guard's reject line.
+    floor_bytes: Callable[[], int] | None = None
+    # What the system can hand out now, as the memory guard reads it.
+    available: Callable[[], int] | None = None
+    # Called with each request before it is queued; raises to refuse it
+    # (the memory guard's admission by estimate, memory/admission.py).
+    admit: Callable[[LoadedModel, GenerationRequest, GenerationStream], None] | None = None
+
+
 class Engine:
-    def __init__(self, models_dir: Path, settings: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        models_dir: Path,
+        settings: EngineConfig | None = None,
+        memory: MemoryHooks | None = None,
+    ) -> None:
         self._models_dir = models_dir
         self._settings = settings or EngineConfig()
         self._commands: queue.Queue[Command] = queue.Queue()
@@ -108,7 +130,7 @@ class Engine:
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self.kv_cache_bytes = 0
         self._kv_counted_at = 0.0
-        self.prefix_cache = PrefixCache(gb(self._settings.prompt_cache_gb))
+        self.prompt_cache = PromptCache(gb(self._settings.prompt_cache_gb))
         self._samplers = SamplerPool()
         # Tokenizers of models not loaded yet, to check a request before a load.
         self._front_ends: dict[ModelConfig, ModelFrontEnd] = {}
@@ -117,17 +139,9 @@ class Engine:
         self.failed_loads: dict[ModelConfig, str] = {}
         # Sampling defaults of models not loaded (for /health and /v1/models/{id}).
         self._unloaded_sampling: dict[ModelConfig, SamplingDefaults] = {}
-        # Free memory to keep when loading a model: the memory guard's reject line.
-        self.memory_floor_bytes = 0
-        # What the system can hand out now, as the memory guard reads it.
-        self.available_memory: Callable[[], int] | None = None
+        self._memory = memory or MemoryHooks()
         self._stopping = False
         self._accepting = threading.Lock()
-        # Called with each request before it is queued; raises to refuse it
-        # (the memory guard's admission by estimate, admission.py).
-        self.admission: (
-            Callable[[LoadedModel, GenerationRequest, GenerationStream], None] | None
-        ) = None
 
     # -- asyncio side -----------------------------------------------------
 
@@ -135,10 +149,10 @@ class Engine:
         self._thread.start()
 
     def configure(self, settings: EngineConfig) -> None:
-        """Settings for models loaded from now on (the prefix cache's budget at once)."""
+        """Settings for models loaded from now on (the prompt cache's budget at once)."""
         self._settings = settings
-        self.prefix_cache.max_bytes = gb(settings.prompt_cache_gb)
-        self._put(Call(lambda: self.prefix_cache.shrink(self.prefix_cache.max_bytes)))
+        self.prompt_cache.max_bytes = gb(settings.prompt_cache_gb)
+        self._put(Call(lambda: self.prompt_cache.shrink(self.prompt_cache.max_bytes)))
 
     def front_end(self, config: ModelConfig) -> ModelFrontEnd | None:
         """`config`'s model's front end (tokenizer, template, context), without its weights.
@@ -176,8 +190,8 @@ class Engine:
         return found
 
     def cached_length(self, model: LoadedModel, tokens: list[int]) -> int:
-        """How many of `tokens` the prefix cache would serve now (for `usage` up front)."""
-        return self.prefix_cache.cached_length(model.config, tokens)
+        """How many of `tokens` the prompt cache would serve now (for `usage` up front)."""
+        return self.prompt_cache.cached_length(model.config, tokens)
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._accepting:
@@ -244,8 +258,8 @@ class Engine:
 
     def submit(self, model: LoadedModel, request: GenerationRequest) -> GenerationStream:
         stream = GenerationStream(self, asyncio.get_running_loop())
-        if self.admission is not None:
-            self.admission(model, request, stream)
+        if self._memory.admit is not None:
+            self._memory.admit(model, request, stream)
         self._put(Submit(model.config, request, stream))
         return stream
 
@@ -272,7 +286,7 @@ class Engine:
             while command is not None:
                 if isinstance(command, Stop):
                     self._fail_all()
-                    self._save_prefix_caches()
+                    self._save_prompt_caches()
                     self._refuse_pending()
                     self._free_models()
                     return
@@ -377,12 +391,12 @@ class Engine:
         loaded = load_weights(config, path, self._settings, draft_path)
         with self._front_ends_lock:  # read again from the files, imported now
             self._unloaded_sampling.pop(config, None)
-        self._runners[config] = Runner(loaded, self._settings, self.prefix_cache, self._samplers)
+        self._runners[config] = Runner(loaded, self._settings, self.prompt_cache, self._samplers)
         if self._settings.persist_prompt_cache:
             saved = persisted_cache_path(self._models_dir, config)
-            warm = self.prefix_cache.load(config, saved, identity(loaded))
+            warm = self.prompt_cache.load(config, saved, identity(loaded))
             if warm:
-                log.info("prefix cache: %d tokens of %s warm from disk", warm, config.name)
+                log.info("prompt cache: %d tokens of %s warm from disk", warm, config.name)
         return loaded
 
     def _make_room(self, config: ModelConfig, path: Path, draft_path: Path | None = None) -> None:
@@ -403,8 +417,8 @@ class Engine:
             path,
             self._settings,
             resident,
-            self.memory_floor_bytes,
-            self.available_memory,
+            self._memory.floor_bytes() if self._memory.floor_bytes else 0,
+            self._memory.available,
             draft_path,
         )
         for name in evict:
@@ -418,7 +432,7 @@ class Engine:
     def _drop(self, config: ModelConfig) -> None:
         runner = self._runners.pop(config)
         self._served_before += runner.served
-        self.prefix_cache.drop(config)
+        self.prompt_cache.drop(config)
 
     def _step(self, runner: Runner) -> None:
         result = runner.step()
@@ -432,16 +446,16 @@ class Engine:
             # model's decode; a quarter-second-old figure serves its readers.
             self._count_kv_bytes(now)
 
-    def _save_prefix_caches(self) -> None:
+    def _save_prompt_caches(self) -> None:
         if not self._settings.persist_prompt_cache:
             return
         for config, runner in self._runners.items():
             try:
                 # The path it was loaded from: never import anything in the stop window.
                 saved = persisted_cache_path(self._models_dir, config)
-                self.prefix_cache.save(config, saved, identity(runner.loaded))
+                self.prompt_cache.save(config, saved, identity(runner.loaded))
             except Exception:
-                log.exception("prefix cache: saving %s failed", config.name)
+                log.exception("prompt cache: saving %s failed", config.name)
 
     def _free_models(self) -> None:
         if self._runners:

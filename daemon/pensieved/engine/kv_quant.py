@@ -6,7 +6,7 @@ one bias in the activations' dtype:
 
 - live sequences, in `BatchQuantizedKVCache` (below): mlx-lm's batch has no
   quantized cache of its own (`QuantizedKVCache` has no `merge`);
-- prefix-cache entries, as mlx-lm `QuantizedKVCache` layers, so the byte
+- prompt-cache entries, as mlx-lm `QuantizedKVCache` layers, so the byte
   budget, which counts each entry's real arrays, holds more of them. A
   fetched entry joins the batch as it is stored (`for_batch_of`).
 """
@@ -15,20 +15,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from pensieved.config import ModelConfig
+from pensieved.config import KV_GROUP_SIZE
 from pensieved.models.facts import facts_of
 
 
 def model_setting(model: Any) -> tuple[int, int] | None:
     """(bits, group size) for `model` (a `ModelConfig`), or None: full precision.
 
-    The prefix cache is keyed by the model's config; any other key (the
+    The prompt cache is keyed by the model's config; any other key (the
     tests' plain names) means full precision.
     """
     bits = getattr(model, "kv_bits", None)
     if bits is None:
         return None
-    return int(bits), int(getattr(model, "kv_group_size", ModelConfig.kv_group_size))
+    return int(bits), int(getattr(model, "kv_group_size", KV_GROUP_SIZE))
 
 
 def for_storage(model: Any, cache: list[Any]) -> list[Any]:

@@ -259,7 +259,7 @@ def tokenizer_limit(tokenizer: Any) -> Any:
 
 
 def persisted_cache_path(models_dir: Path, config: ModelConfig) -> Path:
-    """Where `config`'s prefix cache is saved at shutdown (when persistence is on)."""
+    """Where `config`'s prompt cache is saved at shutdown (when persistence is on)."""
     return models_dir / ".prompt-cache" / f"{config.name}.safetensors"
 
 

@@ -20,7 +20,7 @@ from pensieved.conversation.stops import LOOP_WINDOW, StopMatcher, looping
 from pensieved.engine import kv_quant
 from pensieved.engine.loading import LoadedModel, new_generator
 from pensieved.engine.mlx_internals import keep_first_space
-from pensieved.engine.prefix_cache import Divergence, PrefixCache
+from pensieved.engine.prompt_cache import Divergence, PromptCache
 from pensieved.engine.speculate import Speculator
 from pensieved.engine.stream import (
     Admitted,
@@ -97,7 +97,7 @@ class Runner:
 
     loaded: LoadedModel
     settings: EngineConfig
-    prefix_cache: PrefixCache
+    prompt_cache: PromptCache
     samplers: SamplerPool
     generator: Any = None
     jobs: dict[int, Job] = field(default_factory=dict)
@@ -119,7 +119,7 @@ class Runner:
             self.generator = new_generator(self.loaded, self.settings)
 
     def insert(self, request: GenerationRequest, stream: GenerationStream) -> None:
-        """Join the batch, reusing what the prefix cache holds of the prompt."""
+        """Join the batch, reusing what the prompt cache holds of the prompt."""
         if stream.cancelled.is_set():
             log.info("request cancelled before it started")
             return
@@ -141,7 +141,7 @@ class Runner:
             stops = tuple(sorted(loaded.tokenizer.eos_token_ids))
             penalty = request.sampling.repetition_penalty
             processors.append(repetition_processor(penalty, stops, grammar))
-        cache, cached, divergence = self.prefix_cache.fetch_explained(loaded.config, request.prompt)
+        cache, cached, divergence = self.prompt_cache.fetch_explained(loaded.config, request.prompt)
         if divergence is not None:
             self._explain_miss(divergence, cached)
         if cache is None:  # quantized caches where the model's `kv_bits` asks for them
@@ -178,7 +178,7 @@ class Runner:
             "cached": decode(divergence.theirs),
         }
         log.info(
-            "prefix cache miss: prompt of %d tokens left a cached one at token %d "
+            "prompt cache miss: prompt of %d tokens left a cached one at token %d "
             "(%d reused, %d cached tokens past it unused): ...%r → new %r, cached %r",
             divergence.prompt_tokens,
             divergence.at,
@@ -188,7 +188,7 @@ class Runner:
             texts["new"],
             texts["cached"],
         )
-        self.prefix_cache.note_miss(self.loaded.name, divergence, texts)
+        self.prompt_cache.note_miss(self.loaded.name, divergence, texts)
 
     def _main_prefilling(self) -> bool:
         return any(not job.request.side and not job.decoding for job in self.jobs.values())
@@ -237,7 +237,7 @@ class Runner:
             job = self.jobs.get(response.uid)
             if response.prompt_cache is not None:
                 # A finished sequence leaves its prompt and reply for the next turn.
-                self.prefix_cache.store(
+                self.prompt_cache.store(
                     self.loaded.config,
                     list(response.all_tokens),
                     response.prompt_cache,
@@ -262,7 +262,7 @@ class Runner:
     def _advance(self, uid: int, job: Job, token: int, finish_reason: str | None) -> None:
         """Turn one token into text for `job`, ending it at a stop or a limit."""
         if job.request.max_tokens == 0:
-            # The prompt is prefilled, and kept in the prefix cache on removal.
+            # The prompt is prefilled, and kept in the prompt cache on removal.
             self._finish(uid, Finished("max_tokens", None, 0, job.cached_tokens))
             return
         job.output_tokens += 1
@@ -325,9 +325,9 @@ class Runner:
         job.stream.deliver(event)
 
     def _remove(self, uid: int, side: bool = False) -> None:
-        """Take `uid` out of the batch, keeping what it prefilled in the prefix cache."""
+        """Take `uid` out of the batch, keeping what it prefilled in the prompt cache."""
         for cache, tokens in self.generator.remove([uid], return_prompt_caches=True).values():
-            self.prefix_cache.store(self.loaded.config, list(tokens), cache, side=side)
+            self.prompt_cache.store(self.loaded.config, list(tokens), cache, side=side)
 
     def fail(self, message: str) -> None:
         """Fail every request in the batch and start again from a clean one."""

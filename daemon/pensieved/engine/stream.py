@@ -18,7 +18,7 @@ from typing import Any, Protocol, cast
 # Events the engine sends to a request's stream.
 @dataclass(frozen=True)
 class Admitted:
-    """The request joined the batch; this much of its prompt came from the prefix cache."""
+    """The request joined the batch; this much of its prompt came from the prompt cache."""
 
     cached_tokens: int
 
@@ -40,7 +40,7 @@ class Finished:
     stop_reason: str  # end_turn | max_tokens | stop_sequence
     stop_sequence: str | None
     output_tokens: int
-    # Prompt tokens that came from the prefix cache instead of prefill.
+    # Prompt tokens that came from the prompt cache instead of prefill.
     cached_tokens: int = 0
 
 

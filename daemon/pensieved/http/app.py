@@ -134,10 +134,10 @@ def health_report(
             "tokens_per_s_last_minute": round(engine.tokens_per_second(), 2),
         },
         "prompt_cache": {
-            "bytes": engine.prefix_cache.nbytes,
-            "budget_bytes": engine.prefix_cache.max_bytes,
-            "entries": len(engine.prefix_cache),
-            "hit_tokens": engine.prefix_cache.hit_tokens,
+            "bytes": engine.prompt_cache.nbytes,
+            "budget_bytes": engine.prompt_cache.max_bytes,
+            "entries": len(engine.prompt_cache),
+            "hit_tokens": engine.prompt_cache.hit_tokens,
         },
         "memory": {
             # level, available_gb, total_gb, pressure, accepting_requests, the lines

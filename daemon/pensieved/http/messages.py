@@ -103,7 +103,7 @@ class _Started:
     reply: Reply
     model: LoadedModel
     input_tokens: int
-    cached: int  # the prefix-cache hit expected when it was submitted
+    cached: int  # the prompt-cache hit expected when it was submitted
     gone: asyncio.Event
 
 

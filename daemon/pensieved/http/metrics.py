@@ -73,7 +73,7 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterator[Any]:
         active = self._engine.active_requests()
         batch = self._registry.config.engine.max_sequences
-        cache = self._engine.prefix_cache
+        cache = self._engine.prompt_cache
         yield GaugeMetricFamily(
             "pensieve_queue_depth",
             "Requests waiting for a place in the batch.",
@@ -83,16 +83,16 @@ class _EngineCollector(Collector):
             "pensieve_inflight_sequences", "Sequences in the batch.", value=min(active, batch)
         )
         yield GaugeMetricFamily(
-            "pensieve_prompt_cache_bytes", "Bytes held by the prefix cache.", value=cache.nbytes
+            "pensieve_prompt_cache_bytes", "Bytes held by the prompt cache.", value=cache.nbytes
         )
         yield GaugeMetricFamily(
             "pensieve_prompt_cache_budget_bytes",
-            "The prefix cache's byte budget.",
+            "The prompt cache's byte budget.",
             value=cache.max_bytes,
         )
         yield CounterMetricFamily(
             "pensieve_prompt_cache_hit_tokens",
-            "Prompt tokens served from the prefix cache instead of prefill.",
+            "Prompt tokens served from the prompt cache instead of prefill.",
             value=cache.hit_tokens,
         )
 

@@ -8,7 +8,7 @@ new messages (the tool results), and no `system` or `tools` (the server keeps
 those from the create). Pensieve keeps each thread's latest conversation here
 and expands a `continue` into the full request before it is validated and
 rendered, so the prompt is token for token the one a full-history request
-gives, and the prefix cache serves it as usual.
+gives, and the prompt cache serves it as usual.
 
 Bounded in count, bytes and idle time, and held per token. A `continue` this
 store cannot serve (an unknown, expired or evicted id, or another token's) is

@@ -17,7 +17,7 @@ and writes a few hundred to a few thousand, so the estimate counts
 `min(max_tokens, EXPECTED_OUTPUT_TOKENS)` of output, not the whole window; a
 reply that grows past that is watched while it decodes by the memory levels
 (warn gives caches back, past `budget_gb` too; reject stops new work;
-shutdown ends the streams). The prefix cache and MLX's buffer cache are
+shutdown ends the streams). The prompt cache and MLX's buffer cache are
 memory the daemon can give back at once: when a request fits only without
 them, it is admitted and they are shrunk right after the request has taken
 its copy of the prefix it reuses, so that entry becomes part of the request's
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 # mlx-lm's KV caches grow in steps of this many tokens.
 KV_STEP = 256
+# The engine's default prefill chunk, for estimates made without its settings.
+PREFILL_CHUNK = EngineConfig().prefill_chunk
 # For a model whose config does not say how big its KV cache is: more per
 # token than any common model needs (a 70B llama in float16 needs 320 KB).
 FALLBACK_KV_BYTES_PER_TOKEN = 1024 * 1024
@@ -116,7 +118,7 @@ def kv_bytes(shape: ModelShape, sequences: int, tokens: int) -> int:
 
 
 def activation_bytes(
-    shape: ModelShape, prompt_tokens: int, prefill_chunk: int = EngineConfig.prefill_chunk
+    shape: ModelShape, prompt_tokens: int, prefill_chunk: int = PREFILL_CHUNK
 ) -> int:
     """Peak activations: the last prefill chunk, then one decode step.
 
@@ -154,7 +156,7 @@ class _Admitted:
 class Admission:
     """The estimate check before prefill, with a ledger of what admitted requests will need."""
 
-    def __init__(self, guard: MemoryGuard, prefill_chunk: int = EngineConfig.prefill_chunk) -> None:
+    def __init__(self, guard: MemoryGuard, prefill_chunk: int = PREFILL_CHUNK) -> None:
         self._guard = guard
         # The engine's prefill chunk (`[engine] prefill_chunk`; reload updates it).
         self.prefill_chunk = prefill_chunk
@@ -268,7 +270,7 @@ def _after_submit(function: Callable[[], None]) -> None:
     `Engine.submit` queues the request as soon as admission returns, on this
     event-loop turn; a callback scheduled now runs on the next one, so what it
     queues reaches the engine thread after the request has taken its
-    prefix-cache copy.
+    prompt-cache copy.
     """
     try:
         loop = asyncio.get_running_loop()

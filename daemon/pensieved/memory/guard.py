@@ -39,7 +39,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pensieved.config import MemoryConfig
@@ -60,7 +60,7 @@ RETRY_AFTER_LOW_MEMORY = "10"
 RETRY_AFTER_SHUTTING_DOWN = "5"
 
 # Seconds a memory shutdown may take (ending streams, freeing the model,
-# saving the prefix cache: about a second when the loop is free) before the
+# saving the prompt cache: about a second when the loop is free) before the
 # guard's thread ends the process itself.
 SHUTDOWN_GRACE_S = 15.0
 # A memory shutdown's exit code, also when the guard's thread ends the
@@ -180,6 +180,7 @@ class MemoryGuard:
         *,
         engine: Engine | None = None,
         on_shutdown: Callable[[str], None] | None = None,
+        shrink: Sequence[Callable[[], None]] = (),
         shutdown_grace: float = SHUTDOWN_GRACE_S,
         exit_process: Callable[[int], None] = os._exit,
     ) -> None:
@@ -198,7 +199,7 @@ class MemoryGuard:
         # The "shrink caches" hook: each runs on the engine thread whenever the
         # level gets worse, before MLX's buffer cache is cleared. The prompt
         # cache registers its trim here.
-        self.shrink_callbacks: list[Callable[[], None]] = []
+        self.shrink_callbacks: list[Callable[[], None]] = list(shrink)
         # Freed heap handed back once the RSS climbs (memory/heap.py).
         self._heap = HeapWatch()
         self._read_failed = False
@@ -286,15 +287,15 @@ class MemoryGuard:
                 return  # the engine is stopping: everything is being freed anyway
 
     def reclaimable(self) -> int:
-        """Bytes the daemon can give back for good: its prefix cache.
+        """Bytes the daemon can give back for good: its prompt cache.
 
         MLX's buffer cache is emptied too, but refills as KV caches grow, so
         admission counts it at its limit instead.
         """
-        return self._engine.prefix_cache.nbytes if self._engine is not None else 0
+        return self._engine.prompt_cache.nbytes if self._engine is not None else 0
 
     def reclaim(self, nbytes: int) -> None:
-        """Give back `nbytes` of caches: least recently used prefix-cache entries, then MLX's.
+        """Give back `nbytes` of caches: least recently used prompt-cache entries, then MLX's.
 
         Runs on the engine thread, in order with the requests queued before.
         """
@@ -304,7 +305,7 @@ class MemoryGuard:
             import mlx.core as mx
 
             if engine is not None:
-                cache = engine.prefix_cache
+                cache = engine.prompt_cache
                 cache.shrink(max(0, cache.nbytes - nbytes))
             mx.clear_cache()  # evicted entries land here first
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import logging
 import logging.handlers
@@ -22,9 +21,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from msgspec.structs import replace
+
 from pensieved.config import Config, ConfigError, ModelConfig, ensure_token, loopback_for
 from pensieved.engine import cpu
-from pensieved.engine.core import Engine
+from pensieved.engine.core import Engine, MemoryHooks
 from pensieved.http.app import create_app, health_report
 from pensieved.http.asgi import DisconnectWatcher
 from pensieved.http.origin import is_loopback
@@ -122,15 +123,29 @@ class Daemon:
         self.started_at = time.time()
         self._reread_config = reread_config
         self.registry = ModelRegistry(config)
-        self.engine = Engine(config.paths.models_dir, config.engine)
+        # The engine and the guard each need the other: the engine's hooks
+        # reach the guard through this object, made just below.
+        self.engine = Engine(
+            config.paths.models_dir,
+            config.engine,
+            MemoryHooks(
+                # A model is loaded only if available memory stays above the reject line.
+                floor_bytes=lambda: int(self.registry.config.memory.reject_below_gb * GB),
+                available=lambda: self.guard.available_memory(),
+                admit=lambda model, request, stream: self.admission.admit(model, request, stream),
+            ),
+        )
+        prompt_cache = self.engine.prompt_cache
         self.guard = MemoryGuard(
             config.memory,
             engine=self.engine,
             on_shutdown=lambda reason: self.request_stop(reason, drain_first=False),
+            # Under memory pressure the prompt cache gives back half of what it holds.
+            shrink=[lambda: prompt_cache.shrink(prompt_cache.nbytes // 2)],
         )
+        self.admission = Admission(self.guard)
         # Prompt builds and other request work: threads of the daemon's own (http/work.py).
         self.work = RequestWork()
-        self._connect_memory(config)
         self.control = ControlServer(
             config.paths.control_socket,
             {
@@ -148,18 +163,6 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: Any = None
 
-    def _connect_memory(self, config: Config) -> None:
-        """The engine's hooks into the guard (which needs the engine, so they come after)."""
-        engine, guard = self.engine, self.guard
-        # A model is loaded only if available memory stays above the reject line.
-        engine.memory_floor_bytes = int(config.memory.reject_below_gb * GB)
-        engine.admission = Admission(guard).admit
-        engine.available_memory = guard.available_memory
-        # Under memory pressure the prefix cache gives back half of what it holds.
-        guard.shrink_callbacks.append(
-            lambda: engine.prefix_cache.shrink(engine.prefix_cache.nbytes // 2)
-        )
-
     async def run(self) -> int:
         try:
             await self.control.start()
@@ -176,7 +179,7 @@ class Daemon:
     async def _on_status(self, _: dict[str, Any]) -> dict[str, Any]:
         report = health_report(self.registry.config, self.engine, self.started_at, self.guard)
         # Prompt excerpts: on the owner-only control socket, never in /health.
-        report["prompt_cache"]["recent_misses"] = list(self.engine.prefix_cache.misses)
+        report["prompt_cache"]["recent_misses"] = list(self.engine.prompt_cache.misses)
         return report
 
     async def _on_stop(self, _: dict[str, Any]) -> dict[str, Any]:
@@ -247,11 +250,10 @@ class Daemon:
         # Until a restart the daemon keeps serving where it serves: `status`,
         # /health and `pensievectl env` must say that, not what the file says.
         kept = {key: getattr(old.server, key) for key in changed}
-        new = dataclasses.replace(new, server=dataclasses.replace(new.server, **kept))
+        new = replace(new, server=replace(new.server, **kept))
         self.registry.apply(new)
         engine.configure(new.engine)
         self.guard.configure(new.memory)
-        engine.memory_floor_bytes = int(new.memory.reject_below_gb * GB)
         retired = [m.config for m in engine.loaded() if m.config not in new.models]
         for model in retired:
             await engine.unload(model)

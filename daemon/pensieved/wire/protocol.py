@@ -292,7 +292,7 @@ class MessagesRequest(CountTokensRequest, kw_only=True):
     min_p: Probability | None = None
     # Also an extension (vLLM's name; llama.cpp's `repeat_penalty`): > 1 makes
     # the last 64 tokens less likely again.
-    repetition_penalty: Annotated[float, msgspec.Meta(gt=0, le=2)] | None = None
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=2.0)] | None = None
     # Also at most MAX_STOP_SEQUENCE_BYTES in all (checked in decode.py).
     stop_sequences: Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: bool = False

@@ -1,4 +1,4 @@
-"""The prefix cache's byte budget bounds the memory MLX really holds (issue 17)."""
+"""The prompt cache's byte budget bounds the memory MLX really holds (issue 17)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.utils import load
 
-from pensieved.engine.prefix_cache import PrefixCache
+from pensieved.engine.prompt_cache import PromptCache
 
 BUDGET = 2 * 1024 * 1024
 # The batch's own buffers (a few sequences, in steps of 256 tokens) and
@@ -18,7 +18,7 @@ SLACK = 2 * 1024 * 1024
 
 
 def serve(
-    generator: BatchGenerator, cache: PrefixCache, prompts: list[list[int]], reply: int
+    generator: BatchGenerator, cache: PromptCache, prompts: list[list[int]], reply: int
 ) -> None:
     """Run `prompts` as one batch, storing each finished sequence like the runner does."""
     for prompt in prompts:
@@ -42,7 +42,7 @@ def test_active_memory_stays_within_weights_and_budget(tiny_dir: Path) -> None:
     model = load(str(tiny_dir))[0]
     mx.eval(model.parameters())
     generator = BatchGenerator(model, stop_tokens=[[0]], completion_batch_size=4)
-    cache = PrefixCache(BUDGET)
+    cache = PromptCache(BUDGET)
     rng = random.Random(0)
     mx.clear_cache()
     weights = mx.get_active_memory()
@@ -58,7 +58,7 @@ def test_active_memory_stays_within_weights_and_budget(tiny_dir: Path) -> None:
 def test_requests_that_differ_only_in_their_reply_keep_one_entry(tiny_dir: Path) -> None:
     model = load(str(tiny_dir))[0]
     generator = BatchGenerator(model, stop_tokens=[[0]], completion_batch_size=4)
-    cache = PrefixCache(BUDGET)
+    cache = PromptCache(BUDGET)
     prompt = [random.Random(1).randrange(1, 1000) for _ in range(13)]
     for _ in range(8):
         serve(generator, cache, [prompt] * 4, reply=64)

@@ -15,7 +15,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load
 
-from pensieved.engine.prefix_cache import PrefixCache
+from pensieved.engine.prompt_cache import PromptCache
 from tests.daemon import Daemon, running_daemon, sse_events, start_daemon
 
 GREEDY = {"temperature": 0.0}
@@ -98,12 +98,12 @@ def test_the_cache_stays_within_its_byte_budget(cache_daemon: Daemon) -> None:
     assert cache["entries"] < 12  # older entries were evicted to stay within it
 
 
-def test_prefix_cache_byte_budget_on_every_path(tiny_dir: Path) -> None:
+def test_prompt_cache_byte_budget_on_every_path(tiny_dir: Path) -> None:
     """Store real KV caches of growing size: the total never passes the budget."""
     model, _ = load(str(tiny_dir))[:2]
     per_token = None
     budget = 200_000
-    cache = PrefixCache(budget)
+    cache = PromptCache(budget)
     for length in (10, 50, 100, 300, 400, 20, 1000, 30):
         kv = make_prompt_cache(model)
         tokens = [int(t) for t in mx.random.randint(0, 1000, (length,)).tolist()]

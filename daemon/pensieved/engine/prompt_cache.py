@@ -94,10 +94,10 @@ class _Order:
         for kind in self._ordering:
             if self._lrus[kind]:
                 return self._lrus[kind].popleft()
-        raise IndexError("the prefix cache is empty")
+        raise IndexError("the prompt cache is empty")
 
 
-class PrefixCache:
+class PromptCache:
     def __init__(self, max_bytes: int, compact: bool = True) -> None:
         self.max_bytes = max_bytes
         # Entries are copied to exactly what they cover; off only where a
@@ -221,13 +221,13 @@ class PrefixCache:
             _compact(cache)
         size = sum(int(c.nbytes) for c in cache)
         if size > self.max_bytes:
-            log.debug("prefix cache: %d bytes for %d tokens exceed the budget", size, len(tokens))
+            log.debug("prompt cache: %d bytes for %d tokens exceed the budget", size, len(tokens))
             return
         with self._lock:
             found = mlx_internals.trie_search(self._entries, model, tokens)
             kind = SIDE if side and not self._extends_main(model, found) else MAIN
             if kind == SIDE and self.nbytes - self._side_bytes() + size > self.max_bytes:
-                log.debug("prefix cache: a side entry of %d tokens not kept", len(tokens))
+                log.debug("prompt cache: a side entry of %d tokens not kept", len(tokens))
                 return
             self._drop_short_sibling(model, tokens, found)
             # Evicts entries (side ones first, then least recently used) until the total fits.
@@ -309,7 +309,7 @@ class PrefixCache:
         with partial.open("rb") as written:
             os.fsync(written.fileno())
         os.replace(partial, path)
-        log.info("prefix cache: saved %d tokens to %s", len(tokens), path)
+        log.info("prompt cache: saved %d tokens to %s", len(tokens), path)
         return True
 
     def load(self, model: Any, path: Path, identity: dict[str, str]) -> int:
@@ -322,10 +322,10 @@ class PrefixCache:
             cache, metadata = load_prompt_cache(str(path), return_metadata=True)  # type: ignore[no-untyped-call]
             tokens = [int(t) for t in json.loads(metadata.pop("tokens"))]
         except Exception as exc:  # a damaged file must not stop the daemon
-            log.warning("prefix cache: ignoring %s: %s", path, exc)
+            log.warning("prompt cache: ignoring %s: %s", path, exc)
             return 0
         if metadata != identity:
-            log.info("prefix cache: %s was made by another model; ignored", path)
+            log.info("prompt cache: %s was made by another model; ignored", path)
             return 0
         self.store(model, tokens, cache)
         return len(tokens)
