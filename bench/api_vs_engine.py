@@ -213,9 +213,9 @@ def main() -> None:
     parser.add_argument("--dequantize", default="auto", choices=["auto", "always", "never"])
     args = parser.parse_args()
     # The same BLAS as the daemon, which preloads the system OpenBLAS too.
-    from pensieved.engine import cpu
+    from pensieved.engine import openblas
 
-    cpu.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
+    openblas.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
     model_dir = args.model
     if model_dir is None:
         from pensieved.models.gguf import import_gguf
@@ -235,7 +235,7 @@ def main() -> None:
     raw_tps = statistics.median(r.decode_rate for r in raw)
     api_tps = statistics.median(r.decode_rate for r in api)
     print(f"model: {model_dir}  max_tokens: {args.max_tokens}  runs: {args.runs} (median)")
-    print(f"OpenBLAS: {cpu.openblas_active()}  dequantize: {args.dequantize}")
+    print(f"OpenBLAS: {openblas.openblas_active()}  dequantize: {args.dequantize}")
     print(f"{'':28}{'raw mlx-lm':>12}{'Pensieve API':>14}{'ratio':>8}")
     print(f"{'decode tok/s':28}{raw_tps:12.1f}{api_tps:14.1f}{api_tps / raw_tps:8.2f}")
     print(

@@ -5,7 +5,7 @@ float32 where OpenBLAS runs, quantized as shipped on the reference BLAS), a
 ~1,100-token prompt prefilled in the engine's chunks, then 128 greedy tokens
 (end-of-text masked, so every run decodes all of them). Each BLAS runs in a
 process of its own, since LD_PRELOAD is fixed when a process starts: one
-started as the daemon starts (OpenBLAS preloaded, `cpu.reexec_with_openblas`),
+started as the daemon starts (OpenBLAS preloaded, `openblas.reexec_with_openblas`),
 one with PENSIEVE_OPENBLAS=0. Prints which BLAS and kernel each ran, the
 medians, the ratios against the targets (prefill >= 5x, decode no slower) and
 the load average around each, and saves the table in bench/results/.
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.args import parse  # noqa: E402
 
-from pensieved.engine import cpu  # noqa: E402
+from pensieved.engine import cpu, openblas  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 PREFILL_TARGET = 5.0
@@ -39,7 +39,7 @@ DECODE_TARGET = 1.0
 
 def worker(args: argparse.Namespace) -> None:
     """Measure in this process, with the BLAS it starts with; print one JSON line."""
-    cpu.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
+    openblas.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
     import mlx.core as mx
     from mlx_lm import stream_generate
 
@@ -100,13 +100,13 @@ def worker(args: argparse.Namespace) -> None:
 def measure(model_dir: Path, runs: int, args: argparse.Namespace, off: bool) -> dict[str, Any]:
     env = dict(os.environ)
     if off:
-        env[cpu.SWITCH] = "0"
+        env[openblas.SWITCH] = "0"
         # An OpenBLAS this bench was started with must not follow into the baseline.
         kept = [p for p in env.get("LD_PRELOAD", "").split() if "libopenblas" not in p]
         env["LD_PRELOAD"] = " ".join(kept)
-        env.pop(cpu.REEXEC_MARK, None)
-    elif env.get(cpu.SWITCH, "").lower() in ("0", "false", "no", "off"):
-        del env[cpu.SWITCH]
+        env.pop(openblas.REEXEC_MARK, None)
+    elif env.get(openblas.SWITCH, "").lower() in ("0", "false", "no", "off"):
+        del env[openblas.SWITCH]
     name = "reference BLAS (PENSIEVE_OPENBLAS=0)" if off else "OpenBLAS (as pensieved starts)"
     print(f"{name}: {runs} run(s)", file=sys.stderr, flush=True)
     command = [sys.executable, __file__, "--worker", str(model_dir), "--runs", str(runs)]

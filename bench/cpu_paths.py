@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlx_lm
 
-from pensieved.engine import cpu
+from pensieved.engine import cpu, openblas
 
 
 def measure(
@@ -41,7 +41,7 @@ def main() -> None:
         from pensieved.models.registry import materialize
 
         model_dir = materialize(Config().default_model, Path(tempfile.mkdtemp()) / "models")
-    blas = "OpenBLAS" if cpu.openblas_active() else "reference BLAS"
+    blas = "OpenBLAS" if openblas.openblas_active() else "reference BLAS"
     print(f"{'configuration':36}{'prefill tok/s':>15}{'decode tok/s':>14}")
     for dequantize in (False, True):
         prefill, decode = measure(model_dir, dequantize, args.prompt_tokens, args.new_tokens)

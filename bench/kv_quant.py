@@ -142,17 +142,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="context length (tokens)")
     parser.add_argument("--decode", type=int, default=64, help="greedy tokens compared")
     args = parse(parser)
-    from pensieved.engine import cpu
+    from pensieved.engine import openblas
 
     # The same BLAS as the daemon, which preloads the system OpenBLAS too.
-    cpu.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
+    openblas.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
     import mlx.core as mx
 
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for label, model_dir in prepare(Path(workdir)):
             rows += measure(label, model_dir, args.tokens, args.decode)
-    blas = "OpenBLAS" if cpu.openblas_active() else "reference BLAS"
+    blas = "OpenBLAS" if openblas.openblas_active() else "reference BLAS"
     print(
         f"\nKV-cache quantization of a {args.tokens}-token prompt-cache entry, "
         f"group size {GROUP_SIZE}; MLX {mx.__version__} {mx.default_device()}, {blas}"

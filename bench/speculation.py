@@ -36,7 +36,7 @@ from pensieved.config import EngineConfig, ModelConfig  # noqa: E402
 from pensieved.conversation.grammar import OutputGrammar  # noqa: E402
 from pensieved.conversation.plan import GenerationRequest, Sampling  # noqa: E402
 from pensieved.conversation.toolcalls import GENERIC  # noqa: E402
-from pensieved.engine import cpu  # noqa: E402
+from pensieved.engine import openblas  # noqa: E402
 from pensieved.engine.loading import LoadedModel, load_weights  # noqa: E402
 from pensieved.engine.prompt_cache import PromptCache  # noqa: E402
 from pensieved.engine.runner import Runner, SamplerPool  # noqa: E402
@@ -230,7 +230,7 @@ def main() -> None:
     parser.add_argument("--draft-only", action="store_true", help="only the draft-model rows")
     parser.add_argument("--no-draft", action="store_true", help="leave out the draft-model rows")
     args = parse(parser)
-    cpu.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
+    openblas.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
     from tests.models import build_tiny_model
 
     from pensieved.models.gguf import import_gguf
@@ -257,7 +257,7 @@ def main() -> None:
                 rows += measure(label, source, args.runs, args.max_tokens)
         for label, source, draft_source in [] if args.no_draft else drafted:
             rows += measure_draft(label, source, draft_source, args.runs, args.max_tokens)
-    blas = "OpenBLAS" if cpu.openblas_active() else "reference BLAS"
+    blas = "OpenBLAS" if openblas.openblas_active() else "reference BLAS"
     print(f"greedy, median of {args.runs} runs each, {blas}")
     print(
         f"{'case':<38}{'tokens':>7}{'plain tok/s':>13}{'spec tok/s':>12}{'ratio':>7}"

@@ -327,9 +327,9 @@ def main() -> None:
         parser.error(f"--prefix-tokens: the issue asks for at least {MIN_PREFIX_TOKENS}")
     # The same BLAS as the daemon, which preloads the system OpenBLAS too;
     # the daemon and mlx_lm.server inherit it.
-    from pensieved.engine import cpu
+    from pensieved.engine import openblas
 
-    cpu.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
+    openblas.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
 
     name = Path(args.model).name  # builtin, tiny or the directory's name
     started = time.perf_counter()
@@ -340,7 +340,7 @@ def main() -> None:
         ]
         results = Results(
             label,
-            cpu.openblas_active(),
+            openblas.openblas_active(),
             args.max_tokens,
             OUT / f"mlx_lm.server-{name}.log",
         )

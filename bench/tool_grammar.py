@@ -32,7 +32,7 @@ from pensieved.conversation.constraints import CLOSE_WINDOW  # noqa: E402
 from pensieved.conversation.grammar import OutputGrammar  # noqa: E402
 from pensieved.conversation.plan import GenerationRequest, Sampling  # noqa: E402
 from pensieved.conversation.toolcalls import GENERIC  # noqa: E402
-from pensieved.engine import cpu  # noqa: E402
+from pensieved.engine import openblas  # noqa: E402
 from pensieved.engine.core import Engine  # noqa: E402
 from pensieved.engine.stream import Finished, TextDelta  # noqa: E402
 
@@ -106,7 +106,7 @@ async def run(source: str, n: int, runs: int) -> None:
             results[mode].append(await decode_ms(engine, config, grammar, size, closing))
     engine.stop()
     base = statistics.median(results["free"])
-    print(f"model {source}, {n} tokens, median of {runs}, OpenBLAS {cpu.openblas_active()}")
+    print(f"model {source}, {n} tokens, median of {runs}, OpenBLAS {openblas.openblas_active()}")
     print(f"{'decoding':<16} {'ms/token':>9} {'vs free':>8}")
     for mode, times in results.items():
         ms = statistics.median(times)
@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    cpu.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
+    openblas.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
     asyncio.run(run(args.model, args.tokens, args.runs))
 
 

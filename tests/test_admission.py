@@ -19,7 +19,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from pensieved.config import EngineConfig, MemoryConfig, ModelConfig
 from pensieved.conversation.plan import GenerationRequest
-from pensieved.engine.core import Engine, MemoryHooks
+from pensieved.engine.commands import MemoryHooks
+from pensieved.engine.core import Engine
 from pensieved.engine.stream import Failed, Finished, GenerationStream
 from pensieved.memory.admission import (
     EXPECTED_OUTPUT_TOKENS,
@@ -31,7 +32,8 @@ from pensieved.memory.admission import (
     kv_bytes,
     model_shape,
 )
-from pensieved.memory.guard import Level, MemoryGuard
+from pensieved.memory.guard import MemoryGuard
+from pensieved.memory.levels import Level
 from pensieved.paths import GB
 from pensieved.wire.errors import Overloaded
 from tests.test_memory import ScriptedProbe

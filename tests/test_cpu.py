@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 
-from pensieved.engine import cpu
+from pensieved.engine import cpu, openblas
 from tests.daemon import Daemon, daemon_running
 
 
@@ -44,7 +44,7 @@ def test_never_means_never(smollm_dir: Path) -> None:
 def test_auto_follows_the_backend(smollm_dir: Path) -> None:
     model = mlx_lm.load(str(smollm_dir))[0]
     on_cpu = mx.default_device().type == mx.DeviceType.cpu
-    assert cpu.should_dequantize("auto", model) == (on_cpu and cpu.openblas_active())
+    assert cpu.should_dequantize("auto", model) == (on_cpu and openblas.openblas_active())
 
 
 def test_numpys_bundled_openblas_does_not_count() -> None:
@@ -52,19 +52,19 @@ def test_numpys_bundled_openblas_does_not_count() -> None:
 
     assert numpy.__version__
     preloaded = "libopenblas" in os.environ.get("LD_PRELOAD", "")
-    assert cpu.openblas_active() == preloaded
+    assert openblas.openblas_active() == preloaded
 
 
 def _without_openblas(environ: Mapping[str, str]) -> dict[str, str]:
     """`environ` less an OpenBLAS preload pytest itself may run with."""
-    env = {k: v for k, v in environ.items() if k not in ("LD_LIBRARY_PATH", cpu.REEXEC_MARK)}
+    env = {k: v for k, v in environ.items() if k not in ("LD_LIBRARY_PATH", openblas.REEXEC_MARK)}
     preloads = environ.get("LD_PRELOAD", "").split()
     env["LD_PRELOAD"] = " ".join(p for p in preloads if "libopenblas" not in p)
     return env
 
 
 def test_daemon_preloads_openblas(tiny_daemon: Daemon) -> None:
-    if sys.platform != "linux" or os.environ.get(cpu.SWITCH) == "0":
+    if sys.platform != "linux" or os.environ.get(openblas.SWITCH) == "0":
         pytest.skip("OpenBLAS is for Linux, and PENSIEVE_OPENBLAS=0 turns it off")
     backend = tiny_daemon.health()["backend"]
     assert backend["device"] == "cpu" and backend["openblas"] is True
@@ -80,9 +80,9 @@ def test_a_broken_openblas_leaves_the_reference_blas(
         pytest.skip("OpenBLAS is preloaded on Linux only")
     broken = tmp_path / "libopenblas.so.0"
     broken.write_bytes(b"\x7fELF, but not a library")
-    for name in ("LD_PRELOAD", "LD_LIBRARY_PATH", cpu.REEXEC_MARK):
+    for name in ("LD_PRELOAD", "LD_LIBRARY_PATH", openblas.REEXEC_MARK):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv(cpu.SWITCH, str(broken))  # the daemon's seam: which library to preload
+    monkeypatch.setenv(openblas.SWITCH, str(broken))  # the daemon's seam: which library to preload
     config = {"models": {"tiny": tiny_config["models"]["tiny"]}}
     with daemon_running(tmp_path / "home", config) as daemon:
         backend = daemon.health()["backend"]
@@ -96,10 +96,10 @@ def test_a_broken_openblas_leaves_the_reference_blas(
 def test_the_openblas_wheel_is_found() -> None:
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "aarch64"):
         pytest.skip("pyproject.toml brings an OpenBLAS wheel on Linux x86_64 and aarch64")
-    found = cpu.wheel_openblas()
+    found = openblas.wheel_openblas()
     assert found is not None, "the OpenBLAS wheel is missing: run `make setup`"
     library, distribution = found
-    assert distribution in cpu.WHEELS
+    assert distribution in openblas.WHEELS
     assert library.is_file() and library.name.startswith("libopenblas")
 
 
@@ -110,17 +110,17 @@ def test_a_wheel_without_its_library_is_not_found(tmp_path: Path) -> None:
         "Metadata-Version: 2.1\nName: ngsolve-openblas\nVersion: 0.3.33\n"
     )
     (info / "RECORD").write_text("ngsolve_openblas/libopenblasp-r0.3.33.so,,\n")
-    assert cpu.wheel_openblas([str(tmp_path)]) is None
-    assert cpu.wheel_openblas([str(tmp_path / "nothing")]) is None
+    assert openblas.wheel_openblas([str(tmp_path)]) is None
+    assert openblas.wheel_openblas([str(tmp_path / "nothing")]) is None
     (tmp_path / "ngsolve_openblas").mkdir()
     (tmp_path / "ngsolve_openblas" / "libopenblasp-r0.3.33.so").write_bytes(b"")
     found = (tmp_path / "ngsolve_openblas" / "libopenblasp-r0.3.33.so", "ngsolve-openblas")
-    assert cpu.wheel_openblas([str(tmp_path)]) == found
+    assert openblas.wheel_openblas([str(tmp_path)]) == found
 
 
 def test_no_gfortran_means_no_openblas(tmp_path: Path) -> None:
-    with pytest.raises(cpu.NoOpenBLAS, match=r"libgfortran\.so\.5"):
-        cpu.gfortran_links(tmp_path)
+    with pytest.raises(openblas.NoOpenBLAS, match=r"libgfortran\.so\.5"):
+        openblas.gfortran_links(tmp_path)
 
 
 def _fake_mlx_libs(root: Path, digest: str) -> Path:
@@ -131,53 +131,53 @@ def _fake_mlx_libs(root: Path, digest: str) -> Path:
 
 
 def test_the_gfortran_links_are_private_and_follow_upgrades(tmp_path: Path) -> None:
-    first = cpu.gfortran_links(_fake_mlx_libs(tmp_path / "libs-1", "aaaa1111"))
+    first = openblas.gfortran_links(_fake_mlx_libs(tmp_path / "libs-1", "aaaa1111"))
     assert set(first) == {"libgfortran.so.5", "libquadmath-aaaa1111.so.0.0.0"}
     run = tmp_path / "run"
-    shim = cpu.prepare_shim(first, run)
+    shim = openblas.prepare_shim(first, run)
     assert shim.parent == run and shim.name.startswith("blas-")
     for directory in (run, shim):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
         assert directory.stat().st_uid == os.getuid()
     assert {p.name: Path(os.readlink(p)) for p in shim.iterdir()} == first
-    assert cpu.prepare_shim(first, run) == shim  # the next start uses it as it is
+    assert openblas.prepare_shim(first, run) == shim  # the next start uses it as it is
 
     # A link pointed elsewhere is not trusted: the directory is made again.
     (shim / "libgfortran.so.5").unlink()
     (shim / "libgfortran.so.5").symlink_to(tmp_path / "elsewhere")
-    assert cpu.prepare_shim(first, run) == shim
+    assert openblas.prepare_shim(first, run) == shim
     assert Path(os.readlink(shim / "libgfortran.so.5")) == first["libgfortran.so.5"]
 
     # A pip upgrade renames mlx-cpu's hashed copies: a new directory, the old one goes.
     shutil.rmtree(tmp_path / "libs-1")
-    second = cpu.gfortran_links(_fake_mlx_libs(tmp_path / "libs-2", "bbbb2222"))
-    upgraded = cpu.prepare_shim(second, run)
+    second = openblas.gfortran_links(_fake_mlx_libs(tmp_path / "libs-2", "bbbb2222"))
+    upgraded = openblas.prepare_shim(second, run)
     assert upgraded != shim and not shim.exists()
     assert [p.name for p in run.iterdir()] == [upgraded.name]  # no staging left behind
 
 
 def test_the_wheel_loads_through_the_links(tmp_path: Path) -> None:
-    found = cpu.wheel_openblas()
+    found = openblas.wheel_openblas()
     if sys.platform != "linux" or found is None:
         pytest.skip("no OpenBLAS wheel here")
     library, name = found
-    shim = cpu.prepare_shim(cpu.gfortran_links(), tmp_path / "run")
-    preload = cpu.Preload(library, f"{name} wheel", shim)
-    cpu.probe(preload, preload.environment(os.environ))  # a child loads it and multiplies
+    shim = openblas.prepare_shim(openblas.gfortran_links(), tmp_path / "run")
+    preload = openblas.Preload(library, f"{name} wheel", shim)
+    openblas.probe(preload, preload.environment(os.environ))  # a child loads it and multiplies
     if ctypes.util.find_library("gfortran") is None:
         # Without the links the loader cannot resolve libgfortran.so.5: the trial
         # says so, where preloading it would stop the daemon from starting.
-        bare = cpu.Preload(library, f"{name} wheel")
-        with pytest.raises(cpu.NoOpenBLAS, match=r"libgfortran\.so\.5"):
-            cpu.probe(bare, bare.environment(_without_openblas(os.environ)))
+        bare = openblas.Preload(library, f"{name} wheel")
+        with pytest.raises(openblas.NoOpenBLAS, match=r"libgfortran\.so\.5"):
+            openblas.probe(bare, bare.environment(_without_openblas(os.environ)))
 
 
 _REPORT = """
 import json, sys
-from pensieved.engine import cpu
-cpu.reexec_with_openblas([sys.executable, "-c", sys.argv[1], sys.argv[1]])
+from pensieved.engine import cpu, openblas
+openblas.reexec_with_openblas([sys.executable, "-c", sys.argv[1], sys.argv[1]])
 import mlx.core
-print(json.dumps({"openblas": cpu.openblas_active(), **cpu.blas_report().health()}))
+print(json.dumps({"openblas": openblas.openblas_active(), **cpu.blas_report().health()}))
 """
 
 
@@ -197,7 +197,7 @@ def _report_from_a_child(env: dict[str, str]) -> dict[str, object]:
 def test_openblas_can_be_turned_off(pensieve_home: Path) -> None:
     if sys.platform != "linux":
         pytest.skip("OpenBLAS is preloaded on Linux only")
-    env = {**_without_openblas(os.environ), cpu.SWITCH: "0"}
+    env = {**_without_openblas(os.environ), openblas.SWITCH: "0"}
     assert _report_from_a_child(env) == {
         "openblas": False,
         "blas": "reference BLAS (mlx-cpu wheel)",
@@ -206,24 +206,24 @@ def test_openblas_can_be_turned_off(pensieve_home: Path) -> None:
         "blas_coretype": None,
         "blas_fallback": "turned off by PENSIEVE_OPENBLAS=0",
     }
-    if cpu.wheel_openblas() is not None or cpu.system_openblas() is not None:
-        env[cpu.SWITCH] = "1"
+    if openblas.wheel_openblas() is not None or openblas.system_openblas() is not None:
+        env[openblas.SWITCH] = "1"
         env["OPENBLAS_CORETYPE"] = "Haswell"  # OpenBLAS's name for AVX2 kernels
         report = _report_from_a_child(env)
         assert report["openblas"] is True and report["blas_coretype"] == "Haswell"
         assert report["blas_fallback"] is None
-        if not any(name in os.environ for name in cpu.THREAD_VARIABLES):
-            assert report["blas_threads"] == cpu.openblas_threads()
+        if not any(name in os.environ for name in openblas.THREAD_VARIABLES):
+            assert report["blas_threads"] == openblas.openblas_threads()
 
 
 def test_the_preload_environment_keeps_what_was_there(tmp_path: Path) -> None:
-    preload = cpu.Preload(tmp_path / "libopenblas.so.0", "system", tmp_path / "run" / "blas-x")
+    preload = openblas.Preload(tmp_path / "libopenblas.so.0", "system", tmp_path / "run" / "blas-x")
     env = preload.environment({"LD_PRELOAD": "libother.so", "LD_LIBRARY_PATH": ""})
     assert env["LD_PRELOAD"] == f"{preload.library} libother.so"
     # No empty entry, which would put the current directory on the loader's path.
     assert env["LD_LIBRARY_PATH"] == str(preload.shim)
-    assert env["OPENBLAS_NUM_THREADS"] == str(cpu.openblas_threads())
-    assert env[cpu.REEXEC_MARK] == str(preload.library)
+    assert env["OPENBLAS_NUM_THREADS"] == str(openblas.openblas_threads())
+    assert env[openblas.REEXEC_MARK] == str(preload.library)
     chosen = preload.environment({"OMP_NUM_THREADS": "3", "LD_LIBRARY_PATH": "/opt/lib"})
     assert "OPENBLAS_NUM_THREADS" not in chosen
     assert chosen["LD_LIBRARY_PATH"] == f"{preload.shim}:/opt/lib"

@@ -26,7 +26,8 @@ import pytest
 
 from pensieved.config import MemoryConfig
 from pensieved.http.work import RequestWork
-from pensieved.memory.guard import EXIT_MEMORY_SHUTDOWN, SHUTDOWN_GRACE_S, Level, MemoryGuard
+from pensieved.memory.guard import MemoryGuard
+from pensieved.memory.levels import EXIT_MEMORY_SHUTDOWN, SHUTDOWN_GRACE_S, Level
 from pensieved.memory.probe import MemoryProbe, MemoryReading
 from pensieved.paths import GB
 from tests.daemon import start_daemon

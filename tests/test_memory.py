@@ -23,10 +23,12 @@ import psutil
 import pytest
 
 from pensieved.config import Config, ConfigError, MemoryConfig, load_config
-from pensieved.engine.core import Engine, MemoryHooks
+from pensieved.engine.commands import MemoryHooks
+from pensieved.engine.core import Engine
 from pensieved.http.app import create_app
 from pensieved.memory import darwin
-from pensieved.memory.guard import Level, MemoryGuard, classify
+from pensieved.memory.guard import MemoryGuard
+from pensieved.memory.levels import Level, classify
 from pensieved.memory.probe import MemoryProbe, MemoryReading, parse_psi
 from pensieved.models.registry import ModelRegistry
 from pensieved.paths import GB
@@ -444,7 +446,7 @@ def test_memory_config_round_trips(pensieve_home: Path) -> None:
 
 FREE_AND_MEASURE = """
 import sys, mlx.core as mx, psutil
-from pensieved.memory.guard import hand_back_freed_buffers
+from pensieved.memory.heap import hand_back_freed_buffers
 if sys.argv[1] == "set":
     assert hand_back_freed_buffers()
 mx.set_cache_limit(0)  # freed buffers go straight to malloc

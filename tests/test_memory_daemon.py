@@ -23,7 +23,7 @@ import psutil
 import pytest
 import tomli_w
 
-from pensieved.memory.guard import Level
+from pensieved.memory.levels import Level
 from pensieved.paths import GB
 from pensieved.service import control
 from tests.daemon import (

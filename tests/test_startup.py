@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from pensieved.service.listen import StartupError, check_port_free, something_answers
 from pensieved.service.logfile import LOG_BYTES
 from pensieved.service.preflight import Host, unsupported
-from pensieved.service.server import StartupError, _something_answers, check_port_free
 from tests.daemon import daemon_env, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,11 +197,11 @@ def test_a_port_served_on_every_address_is_reported_busy_for_loopback() -> None:
         listener.bind(("0.0.0.0", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        assert _something_answers("127.0.0.1", port)
-        assert _something_answers("0.0.0.0", port)
+        assert something_answers("127.0.0.1", port)
+        assert something_answers("0.0.0.0", port)
         with pytest.raises(StartupError, match=rf"127.0.0.1:{port} is already in use"):
             check_port_free("127.0.0.1", port)
-    assert not _something_answers("127.0.0.1", port)
+    assert not something_answers("127.0.0.1", port)
     check_port_free("127.0.0.1", port)
 
 

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from pensieved.config import write_private
+from pensieved.paths import write_private
 
 BACKUP_SUFFIX = ".pensieve-backup"
 # Left instead of a backup when there was no settings file: undo removes it.

@@ -10,29 +10,22 @@ import collections
 import json
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import click
-import tomli_w
 
 from pensievectl import model_commands
 from pensievectl.claude_env import MINIMAL_MODE, ClaudeSetup, claude_setup, shell_lines
+from pensievectl.config_commands import config_group
 from pensievectl.daemon_link import ask, config_of
+from pensievectl.service_commands import service
 from pensieved.config import (
-    Config,
     ConfigError,
-    ModelConfig,
-    config_as_toml,
     config_option,
     load_config,
-    parse_config,
-    write_private,
 )
 from pensieved.service import control
-from pensieved.service.manager import ServiceError, ServiceManager
-from pensieved.service.units import describe
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -305,145 +298,6 @@ def _follow(path: Path) -> None:
         pass
 
 
-@main.group(name="config")
-def config_group() -> None:
-    """Read or change the config file (changes take effect with `pensievectl reload`)."""
-
-
-@config_group.command(name="path")
-@click.pass_context
-def config_path(ctx: click.Context) -> None:
-    """Print where the config file is (it may not exist yet)."""
-    click.echo(str(_config_file(ctx)))
-
-
-@config_group.command(name="show")
-@click.pass_context
-def config_show(ctx: click.Context) -> None:
-    """Print the config in force, defaults included, as TOML."""
-    config = config_of(ctx)
-    click.echo(tomli_w.dumps(config_as_toml(config)), nl=False)
-
-
-@config_group.command(name="set")
-@click.argument("key")
-@click.argument("value")
-@click.pass_context
-def config_set(ctx: click.Context, key: str, value: str) -> None:
-    """Set KEY (dotted, e.g. server.port or models.NAME.source) to VALUE.
-
-    VALUE is read as TOML (9000, true, 2.5, ["claude-*"]) and otherwise as a
-    string. The result is validated before the file is written.
-    """
-    path = _config_file(ctx)
-    data = tomllib.loads(path.read_text()) if path.exists() else {}
-    seeded = []
-    if key.startswith("models.") and "models" not in data:
-        # [models.*] tables replace the built-in list as a whole: write the
-        # models in force first, so that adding one keeps the embedded model.
-        data["models"] = model_tables(config_of(ctx))
-        seeded = list(data["models"])
-    parts = key.split(".")
-    table = data
-    for part in parts[:-1]:
-        table = table.setdefault(part, {})
-        if not isinstance(table, dict):
-            raise click.ClickException(f"{key}: {part} is not a table")
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value
-    table[parts[-1]] = parsed
-    try:
-        parse_config(data, config_of(ctx).paths)
-    except ConfigError as exc:
-        raise click.ClickException(f"not written: {exc}") from exc
-    # 0600, renamed into place: the file may hold the token (server.auth_token).
-    write_private(path, tomli_w.dumps(data).encode())
-    click.echo(f"{key} = {tomli_w.dumps({'v': parsed})[4:].strip()}  ({path})")
-    if seeded:
-        click.echo(f"kept {', '.join(seeded)} (the models in force) beside it; apply with reload")
-
-
-def model_tables(config: Config) -> dict[str, dict[str, object]]:
-    """`config`'s models as [models.*] tables, each with only what differs from the defaults."""
-    defaults = config_as_toml(Config(models=(ModelConfig("-", "-"),)))["models"]["-"]
-    tables = config_as_toml(config)["models"]
-    return {
-        name: {k: v for k, v in table.items() if k == "source" or defaults.get(k) != v}
-        for name, table in tables.items()
-    }
-
-
-def _config_file(ctx: click.Context) -> Path:
-    explicit: Path | None = ctx.find_root().params.get("config_path")
-    return explicit or config_of(ctx).paths.config_file
-
-
-@main.group()
-def service() -> None:
-    """Run the daemon at login: a LaunchAgent on macOS, a systemd user unit on Linux."""
-
-
-def _manager(ctx: click.Context, platform: str = sys.platform) -> ServiceManager:
-    return ServiceManager(describe(config_of(ctx.find_root())), platform=platform)
-
-
-@service.command()
-@click.pass_context
-def install(ctx: click.Context) -> None:
-    """Write the service file and start the daemon; run again after an upgrade to restart it.
-
-    On macOS it loads into gui/UID in a GUI login and user/UID otherwise (ssh,
-    headless); a daemon already loaded is stopped (drained) and loaded again
-    from the new plist. It refuses a checkout or PENSIEVE_HOME in a folder
-    macOS keeps launchd's programs out of (~/Documents, ~/Desktop, ~/Downloads,
-    iCloud Drive, /Volumes). HF_HOME, HF_HUB_CACHE, HF_TOKEN and the proxy
-    variables, when set, are copied into the service's environment; with
-    HF_TOKEN the file is written 0600.
-    """
-    manager = _manager(ctx)
-    try:
-        path = manager.install()
-    except ServiceError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"installed {path}")
-    for note in manager.notes():
-        click.echo(f"note: {note}", err=True)
-
-
-@service.command()
-@click.pass_context
-def uninstall(ctx: click.Context) -> None:
-    """Stop the daemon and remove the service file."""
-    manager = _manager(ctx)
-    try:
-        manager.uninstall()
-    except ServiceError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"removed {manager.service_file}")
-
-
-@service.command()
-@click.option(
-    "--platform",
-    type=click.Choice(["macos", "linux"]),
-    default="macos" if sys.platform == "darwin" else "linux",
-    show_default="this one",
-    help="Whose service file to print: the launchd plist or the systemd user unit.",
-)
-@click.pass_context
-def show(ctx: click.Context, platform: str) -> None:
-    """Print the service file that `install` would write, and install nothing.
-
-    Stdout is exactly the file (`pensievectl service show > FILE` works);
-    the path `install` would write it to goes to stderr.
-    """
-    manager = _manager(ctx, "darwin" if platform == "macos" else "linux")
-    click.echo(manager.render(), nl=False)
-    click.echo(f"would be written to {manager.service_file}", err=True)
-
-
 @main.command()
 @click.pass_context
 def prepare(ctx: click.Context) -> None:
@@ -500,7 +354,7 @@ def doctor(ctx: click.Context, pull: bool | None) -> None:
         raise click.exceptions.Exit(1)
 
 
-for command in model_commands.COMMANDS:
+for command in (*model_commands.COMMANDS, config_group, service):
     main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover

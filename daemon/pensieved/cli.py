@@ -68,7 +68,7 @@ def main(
     # Before anything imports MLX, which is not even installed on an Intel Mac.
     if problem := unsupported(this_host()):
         _cannot_start(problem)
-    from pensieved.engine.cpu import reexec_with_openblas
+    from pensieved.engine.openblas import reexec_with_openblas
 
     reexec_with_openblas([sys.executable, "-m", "pensieved", *sys.argv[1:]])
     logging.basicConfig(
@@ -76,7 +76,8 @@ def main(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from pensieved.service.server import StartupError, serve
+    from pensieved.service.listen import StartupError
+    from pensieved.service.server import serve
 
     try:
 

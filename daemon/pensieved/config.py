@@ -20,7 +20,7 @@ import msgspec
 from msgspec import Meta
 from msgspec.structs import replace
 
-from pensieved.paths import Paths, default_paths, private_dir
+from pensieved.paths import Paths, default_paths, private_dir, write_private
 
 BUILTIN_SOURCE = "builtin:smollm2-135m-instruct"
 # A configured token shorter than this is refused (the generated one has 52).
@@ -359,19 +359,6 @@ def _check_private(path: Path, what: str = "token file") -> None:
             f"{what} {path} has mode {oct(info.st_mode & 0o777)[2:]} and holds the token: "
             f"others could read it; run `chmod 600 {path}`"
         )
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write `path` 0600 through a temporary file renamed over it (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        os.fchmod(out.fileno(), 0o600)  # a leftover partial file keeps its old mode
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(partial, path)
 
 
 def with_overrides(

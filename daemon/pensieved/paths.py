@@ -122,3 +122,16 @@ def private_dir(path: Path) -> Path:
             )
     path.chmod(0o700)
     return path
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write `path` 0600 through a temporary file renamed over it (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(out.fileno(), 0o600)  # a leftover partial file keeps its old mode
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, path)

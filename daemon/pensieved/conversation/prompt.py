@@ -85,13 +85,7 @@ def to_chat_messages(
                 texts.append(block.text)
             elif isinstance(block, ToolUseBlock):
                 if native_tools:
-                    calls.append(
-                        {
-                            "id": block.id,
-                            "type": "function",
-                            "function": {"name": block.name, "arguments": block.input},
-                        }
-                    )
+                    calls.append(_native_call(block))
                 else:
                     texts.append(generic_call_text(block.name, block.input))
             elif isinstance(block, ToolResultBlock):
@@ -103,15 +97,7 @@ def to_chat_messages(
                 if texts:  # text before a result stays before it
                     turns.append({"role": msg.role, "content": "\n".join(texts)})
                     texts = []
-                content = f"Error: {body}" if block.is_error else body
-                turns.append(
-                    {
-                        "role": "tool",
-                        "tool_call_id": block.tool_use_id,
-                        "name": name,
-                        "content": content,
-                    }
-                )
+                turns.append(_tool_turn(block, name, body))
             elif not isinstance(block, ThinkingBlock):  # thinking: dropped (see above)
                 shown = as_text.text(block, where)
                 if shown:
@@ -122,6 +108,21 @@ def to_chat_messages(
         if turn["content"] or calls or not turns or turns[-1]["role"] != "tool":
             turns.append(turn)
     return _merged(turns)
+
+
+def _native_call(block: ToolUseBlock) -> dict[str, Any]:
+    """A `tool_use` block as a chat template's `tool_calls` entry."""
+    return {
+        "id": block.id,
+        "type": "function",
+        "function": {"name": block.name, "arguments": block.input},
+    }
+
+
+def _tool_turn(block: ToolResultBlock, name: str, body: str) -> ChatMessage:
+    """A `tool_result` block as a chat template's `tool` turn."""
+    content = f"Error: {body}" if block.is_error else body
+    return {"role": "tool", "tool_call_id": block.tool_use_id, "name": name, "content": content}
 
 
 def _merged(turns: Iterable[ChatMessage]) -> list[ChatMessage]:

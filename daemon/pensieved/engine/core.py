@@ -18,11 +18,20 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from pensieved.config import EngineConfig, ModelConfig, draft_config
 from pensieved.conversation.plan import GenerationRequest
+from pensieved.engine.commands import (
+    Call,
+    Cancel,
+    Command,
+    Load,
+    MemoryHooks,
+    Stop,
+    Submit,
+    Unload,
+)
 from pensieved.engine.loading import (
     LoadedModel,
     ModelFrontEnd,
@@ -47,63 +56,6 @@ log = logging.getLogger(__name__)
 
 # Seconds between counts of the KV bytes in flight (status, memory guard).
 KV_COUNT_INTERVAL = 0.25
-
-
-# What the event loop asks of the engine thread, in order, through one queue.
-@dataclass(frozen=True)
-class Load:
-    model: ModelConfig
-    future: concurrent.futures.Future[LoadedModel]
-
-
-@dataclass(frozen=True)
-class Unload:
-    model: ModelConfig
-    future: concurrent.futures.Future[None]
-
-
-@dataclass(frozen=True)
-class Submit:
-    model: ModelConfig
-    request: GenerationRequest
-    stream: GenerationStream
-
-
-@dataclass(frozen=True)
-class Cancel:
-    stream: GenerationStream
-
-
-@dataclass(frozen=True)
-class Call:
-    """Run a function between steps (MLX calls belong on the engine thread)."""
-
-    function: Callable[[], None]
-
-
-@dataclass(frozen=True)
-class Stop:
-    """End the thread: fail what runs, save the prompt caches, refuse what is queued."""
-
-
-Command = Load | Unload | Submit | Cancel | Call | Stop
-
-
-@dataclass(frozen=True)
-class MemoryHooks:
-    """What the engine asks of the memory guard; each is None where no guard runs.
-
-    Functions, not the guard itself: the guard watches the engine, so the
-    daemon (service/server.py) builds these around the guard it owns.
-    """
-
-    # Free memory to keep when loading a model: the memory guard's reject line.
-    floor_bytes: Callable[[], int] | None = None
-    # What the system can hand out now, as the memory guard reads it.
-    available: Callable[[], int] | None = None
-    # Called with each request before it is queued; raises to refuse it
-    # (the memory guard's admission by estimate, memory/admission.py).
-    admit: Callable[[LoadedModel, GenerationRequest, GenerationStream], None] | None = None
 
 
 class Engine:

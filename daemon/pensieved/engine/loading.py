@@ -173,13 +173,9 @@ def models_to_evict(
 
     Raises `Overloaded` when even unloading every idle model would not make room.
     """
-    import mlx.core as mx
     import psutil
 
-    mode = settings.dequantize
-    dequantizes = mode == "always" or (
-        (mode == "auto" and mx.default_device().type == mx.DeviceType.cpu) and cpu.openblas_active()
-    )
+    dequantizes = cpu.dequantizes(settings.dequantize, expected_weight_bytes(path, True))
     need = expected_weight_bytes(path, dequantizes)
     if draft_path is not None:
         need += expected_weight_bytes(draft_path, dequantizes)

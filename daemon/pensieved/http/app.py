@@ -15,7 +15,7 @@ import psutil
 
 from pensieved import __version__
 from pensieved.config import Config, ModelConfig
-from pensieved.engine import cpu
+from pensieved.engine import cpu, openblas
 from pensieved.engine.core import Engine
 from pensieved.engine.loading import LoadedModel
 from pensieved.http.admission import AdmissionMiddleware
@@ -25,7 +25,8 @@ from pensieved.http.metrics import Metrics, MetricsMiddleware, MetricsResource
 from pensieved.http.models import ModelsResource
 from pensieved.http.origin import HostOriginGuard
 from pensieved.http.work import RequestWork
-from pensieved.memory.guard import Level, MemoryGuard
+from pensieved.memory.guard import MemoryGuard
+from pensieved.memory.levels import Level
 from pensieved.models.registry import ModelRegistry
 from pensieved.paths import GB
 from pensieved.wire.errors import (
@@ -124,7 +125,7 @@ def health_report(
         "models": [_model_health(m, loaded.get(m), engine) for m in config.models],
         "backend": {
             "device": str(mx.default_device().type).rsplit(".", 1)[-1],
-            "openblas": cpu.openblas_active(),
+            "openblas": openblas.openblas_active(),
             # Which BLAS: blas, blas_kernel, blas_threads, blas_coretype, blas_fallback.
             **cpu.blas_report().health(),
         },

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
-from pensieved.memory.guard import RETRY_AFTER_SHUTTING_DOWN
+from pensieved.memory.levels import RETRY_AFTER_SHUTTING_DOWN
 from pensieved.wire.errors import Overloaded
 
 P = ParamSpec("P")

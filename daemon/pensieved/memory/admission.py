@@ -37,7 +37,8 @@ from pensieved.config import EngineConfig, MemoryConfig, ModelConfig
 from pensieved.conversation.plan import GenerationRequest
 from pensieved.engine.loading import LoadedModel
 from pensieved.engine.stream import GenerationStream
-from pensieved.memory.guard import RETRY_AFTER_LOW_MEMORY, MemoryGuard
+from pensieved.memory.guard import MemoryGuard
+from pensieved.memory.levels import RETRY_AFTER_LOW_MEMORY
 from pensieved.memory.probe import MemoryReading
 from pensieved.models.facts import facts_of, kv_bytes_per_token
 from pensieved.paths import GB

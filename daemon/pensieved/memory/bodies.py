@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from pensieved.memory.guard import RETRY_AFTER_LOW_MEMORY, MemoryGuard
+from pensieved.memory.guard import MemoryGuard
+from pensieved.memory.levels import RETRY_AFTER_LOW_MEMORY
 from pensieved.paths import GB
 from pensieved.wire.errors import Overloaded
 

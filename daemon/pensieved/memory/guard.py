@@ -32,11 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import enum
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +41,16 @@ from typing import TYPE_CHECKING, Any
 
 from pensieved.config import MemoryConfig
 from pensieved.memory import heap
-from pensieved.memory.heap import HeapWatch
+from pensieved.memory.heap import HeapWatch, hand_back_freed_buffers
+from pensieved.memory.levels import (
+    EXIT_MEMORY_SHUTDOWN,
+    RETRY_AFTER_LOW_MEMORY,
+    RETRY_AFTER_SHUTTING_DOWN,
+    SHUTDOWN_GRACE_S,
+    Level,
+    classify,
+    describe,
+)
 from pensieved.memory.probe import MemoryProbe, MemoryReading, Probe
 from pensieved.paths import GB
 from pensieved.wire.errors import Overloaded
@@ -53,102 +59,6 @@ if TYPE_CHECKING:
     from pensieved.engine.core import Engine
 
 log = logging.getLogger(__name__)
-
-
-# Seconds a refused client is told to wait (`retry-after`).
-RETRY_AFTER_LOW_MEMORY = "10"
-RETRY_AFTER_SHUTTING_DOWN = "5"
-
-# Seconds a memory shutdown may take (ending streams, freeing the model,
-# saving the prompt cache: about a second when the loop is free) before the
-# guard's thread ends the process itself.
-SHUTDOWN_GRACE_S = 15.0
-# A memory shutdown's exit code, also when the guard's thread ends the
-# process: launchd and systemd restart only a failure, which would start the
-# daemon straight back into the same pressure.
-EXIT_MEMORY_SHUTDOWN = 0
-
-
-class Level(enum.IntEnum):
-    NORMAL = 0
-    WARN = 1
-    REJECT = 2
-    SHUTDOWN = 3
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
-
-
-def classify(reading: MemoryReading, current: Level, settings: MemoryConfig) -> Level:
-    """The level for `reading`, given the level in force (for hysteresis)."""
-    by_memory = Level.NORMAL
-    for level, line_gb in (
-        (Level.SHUTDOWN, settings.shutdown_below_gb),
-        (Level.REJECT, settings.reject_below_gb),
-        (Level.WARN, settings.warn_below_gb),
-    ):
-        # Staying at a level (or above it) takes climbing past line + margin.
-        margin = settings.hysteresis_gb if current >= level else 0.0
-        if line_gb > 0 and reading.available < (line_gb + margin) * GB:
-            by_memory = level
-            break
-    by_kernel = Level.NORMAL
-    if settings.kernel_pressure:
-        by_kernel = {"critical": Level.REJECT, "warn": Level.WARN}.get(
-            reading.pressure or "", Level.NORMAL
-        )
-        if (
-            by_memory is Level.SHUTDOWN
-            and reading.kernel_first
-            and reading.pressure is not None
-            and reading.pressure != "critical"
-        ):
-            # Shutting down is not undone (launchd does not restart a clean
-            # exit): on an estimate of available memory, only with the kernel.
-            by_memory = Level.REJECT
-    by_budget = Level.NORMAL
-    if settings.budget_gb > 0:
-        margin = settings.hysteresis_gb if current >= Level.WARN else 0.0
-        if reading.daemon_bytes > (settings.budget_gb - margin) * GB:
-            by_budget = Level.WARN
-    return max(by_memory, by_kernel, by_budget)
-
-
-def describe(reading: MemoryReading, settings: MemoryConfig) -> str:
-    """The figures every level change is logged with."""
-    return (
-        f"{reading.available / GB:.2f} GB of {reading.total / GB:.2f} GB available "
-        f"(warn below {settings.warn_below_gb:g}, reject below {settings.reject_below_gb:g}, "
-        f"shutdown below {settings.shutdown_below_gb:g}), "
-        f"kernel pressure {reading.pressure or 'unknown'}, "
-        f"daemon {reading.resident / GB:.2f} GB resident, "
-        f"MLX {reading.mlx_active / GB:.2f} GB active + {reading.mlx_cache / GB:.2f} GB cache"
-        + (f" (budget {settings.budget_gb:g} GB)" if settings.budget_gb > 0 else "")
-    )
-
-
-# glibc's mallopt parameter for the size from which malloc maps memory of its own.
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 128 * 1024  # glibc's default, kept fixed
-
-
-def hand_back_freed_buffers(platform: str = sys.platform) -> bool:
-    """Make freed large buffers go back to the system at once (Linux, glibc); True if set.
-
-    MLX's CPU backend allocates with malloc. glibc raises its mmap threshold
-    each time a mapped block is freed (up to 32 MB), after which KV-cache-sized
-    buffers come from the heap and stay in the process when freed: the
-    daemon's resident size, which `budget_gb` and the levels read, would
-    count memory it no longer uses. Setting the threshold turns that off.
-    """
-    if platform != "linux":
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (OSError, AttributeError):  # not glibc
-        return False
 
 
 def _run_here(function: Callable[[], None]) -> None:

@@ -62,3 +62,26 @@ class HeapWatch:
         elif rss - self._floor > self._growth and trim():
             self.trims += 1
             self._floor = None  # the next reading, after the trim, is the new floor
+
+
+# glibc's mallopt parameter for the size from which malloc maps memory of its own.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 128 * 1024  # glibc's default, kept fixed
+
+
+def hand_back_freed_buffers(platform: str = sys.platform) -> bool:
+    """Make freed large buffers go back to the system at once (Linux, glibc); True if set.
+
+    MLX's CPU backend allocates with malloc. glibc raises its mmap threshold
+    each time a mapped block is freed (up to 32 MB), after which KV-cache-sized
+    buffers come from the heap and stay in the process when freed: the
+    daemon's resident size, which `budget_gb` and the levels read, would
+    count memory it no longer uses. Setting the threshold turns that off.
+    """
+    if platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc
+        return False

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import logging.handlers
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -25,64 +23,26 @@ from msgspec.structs import replace
 
 from pensieved.config import Config, ConfigError, ModelConfig, ensure_token, loopback_for
 from pensieved.engine import cpu
-from pensieved.engine.core import Engine, MemoryHooks
+from pensieved.engine.commands import MemoryHooks
+from pensieved.engine.core import Engine
 from pensieved.http.app import create_app, health_report
 from pensieved.http.asgi import DisconnectWatcher
-from pensieved.http.origin import is_loopback
 from pensieved.http.work import RequestWork
 from pensieved.memory.admission import Admission
-from pensieved.memory.guard import Level, MemoryGuard, describe
+from pensieved.memory.guard import MemoryGuard
+from pensieved.memory.levels import Level, describe
 from pensieved.models.registry import ModelRegistry, check_source
 from pensieved.paths import GB
 from pensieved.service.clients import client_report
 from pensieved.service.control import ControlServer, ControlSocketError
 from pensieved.service.limits import raise_open_files
+from pensieved.service.listen import StartupError, check_host, check_port_free
 from pensieved.service.logfile import LOG_FILE, log_to_file
 from pensieved.service.notify import sd_notify
 from pensieved.service.units import supervisor
 from pensieved.wire.errors import NotFound
 
 log = logging.getLogger(__name__)
-
-
-class StartupError(RuntimeError):
-    """The daemon cannot start; the message says why."""
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Refuse a port that something already serves, with a message saying so.
-
-    Two probes, as neither is enough alone. A connect finds any listener that
-    would take this address's connections: on macOS and the BSDs a bind with
-    SO_REUSEADDR to 127.0.0.1 succeeds while another process listens on
-    *:PORT, and then the two split the port by address. The bind finds what
-    a connect cannot (a socket bound but not listening yet); it keeps
-    SO_REUSEADDR so that a previous run's TIME_WAIT connections do not count.
-    """
-    in_use = StartupError(
-        f"{host}:{port} is already in use (another Pensieve? "
-        "`pensievectl env` shows the configured address)"
-    )
-    if _something_answers(host, port):
-        raise in_use
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise in_use from exc
-            raise StartupError(f"cannot listen on {host}:{port}: {exc}") from exc
-
-
-def _something_answers(host: str, port: int) -> bool:
-    """Whether a connection to host:port is accepted (a wildcard host: its loopback)."""
-    try:
-        with socket.create_connection((loopback_for(host), port), timeout=1.0):
-            return True
-    except OSError:
-        return False
 
 
 async def serve(config: Config, reread_config: Callable[[], Config] | None = None) -> int:
@@ -94,14 +54,7 @@ async def serve(config: Config, reread_config: Callable[[], Config] | None = Non
     before, after = raise_open_files()
     if after != before:
         log.info("open-file limit raised from %d to %d", before, after)
-    host = config.server.host
-    if not is_loopback(host):
-        if not config.server.allow_remote:
-            raise StartupError(
-                f"server.host {host!r} is not a loopback address: other machines could "
-                "reach the model. Set server.allow_remote = true to mean it."
-            )
-        log.warning("listening on %s: reachable from other machines (token required)", host)
+    check_host(config.server.host, config.server.allow_remote)
     return await Daemon(config, reread_config).run()
 
 
