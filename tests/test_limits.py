@@ -143,30 +143,6 @@ def test_building_the_matcher_for_the_most_a_request_may_send_is_quick() -> None
     assert time.perf_counter() - started < 0.5
 
 
-@pytest.mark.parametrize(
-    ("pieces", "stops", "emitted", "matched"),
-    [
-        (["ab", "cd"], ["abcd", "bc"], "a", "bc"),  # the first one complete ends it
-        (["abcd"], ["abcd", "bc"], "a", "bc"),  # however the text was split into tokens
-        (["xx", "ab", "ab", "c"], ["ababc"], "xx", "ababc"),  # overlapping starts
-        (["aab"], ["ab", "aab"], "", "aab"),  # ending together: the one that began first
-        (["a", "b"], ["b", "b"], "a", "b"),  # duplicates
-    ],
-)
-def test_a_stop_ends_the_text_where_it_is_first_complete(
-    pieces: list[str], stops: list[str], emitted: str, matched: str | None
-) -> None:
-    matcher = StopMatcher(stops)
-    out = ""
-    found = None
-    for piece in pieces:
-        text, found = matcher.feed(piece)
-        out += text
-        if found:
-            break
-    assert (out, found) == (emitted, matched)
-
-
 # 5: what a body becomes in memory.
 
 

@@ -495,6 +495,11 @@ def test_every_claude_code_request_is_accepted_and_renders() -> None:
         (["x</", "stop>y"], ["</stop>"], "x", "</stop>"),
         (["one two"], ["two", "one"], "", "one"),  # the earliest match wins
         (["no stops"], [], "no stops", None),
+        (["ab", "cd"], ["abcd", "bc"], "a", "bc"),  # the first one complete ends it
+        (["abcd"], ["abcd", "bc"], "a", "bc"),  # however the text was split into tokens
+        (["xx", "ab", "ab", "c"], ["ababc"], "xx", "ababc"),  # overlapping starts
+        (["aab"], ["ab", "aab"], "", "aab"),  # ending together: the one that began first
+        (["a", "b"], ["b", "b"], "a", "b"),  # duplicates
     ],
 )
 def test_stop_matcher(
