@@ -40,7 +40,7 @@ STARTS_A_DAEMON = re.compile(
     r"|\bsubprocess\.\w+\(|\bPopen\(|\bmlx_lm\.load\(|\bload_weights\("
 )
 # Fixtures that hand a test a model to compute on.
-MODEL_FIXTURES = {"smollm_dir", "tiny_dir"}
+MODEL_FIXTURES = {"smollm_dir", "tiny_dir", "tiny_vlm_dir"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -131,6 +131,14 @@ def smollm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", smollm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random Qwen2-VL (tests/vision_models.py), loaded through mlx-vlm."""
+    from tests.vision_models import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny-vlm", smollm_dir)
 
 
 @pytest.fixture(scope="session")

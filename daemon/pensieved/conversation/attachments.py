@@ -21,10 +21,12 @@ import binascii
 import hashlib
 import json
 import logging
+import secrets
 import threading
 from collections import OrderedDict
 from typing import Any
 
+from pensieved.conversation.images import ImagePreparer, PreparedImage, decode_image
 from pensieved.conversation.pdf import (
     CUT_CHARS,
     CUT_ERROR,
@@ -59,6 +61,16 @@ from pensieved.wire.protocol import (
 log = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "[image omitted: this model cannot see images]"
+# Where a vision model's image goes in the rendered prompt: private-use marks
+# around a per-request nonce and the image's index. The chat template renders
+# it as text; PromptBuilder cuts the prompt there and puts the image's tokens in.
+IMAGE_OPEN = "\U000f2002"
+IMAGE_CLOSE = "\U000f2003"
+
+
+def image_mark(nonce: str, index: int) -> str:
+    return f"{IMAGE_OPEN}{nonce}:{index}{IMAGE_CLOSE}"
+
 
 # The caps on reading PDFs (docs/security.md). The API itself takes at most
 # 100 pages. The characters are a fixed bound, as the model's context is not
@@ -78,9 +90,16 @@ class BlockText:
     One instance per request: it keeps that request's budget of PDF text and time.
     """
 
-    def __init__(self, model_name: str, images: str = "placeholder") -> None:
+    def __init__(
+        self, model_name: str, images: str = "placeholder", vision: ImagePreparer | None = None
+    ) -> None:
         self._model_name = model_name
         self._images = images
+        self._vision = vision
+        # A vision model's images, in the order they stand, each where its mark is.
+        self.images: list[PreparedImage] = []
+        # Unguessable, so that no client text can stand for an image (see `image_mark`).
+        self.nonce = secrets.token_hex(8)
         self._chars_left = MAX_DOCUMENT_CHARS
         self._seconds_left = REQUEST_PDF_SECONDS
 
@@ -89,7 +108,7 @@ class BlockText:
         if isinstance(block, TextBlock):
             return block.text
         if isinstance(block, ImageBlock):
-            return self.image(where)
+            return self.image(where, block.source)
         if isinstance(block, DocumentBlock):
             return self._document(block.source, block.title, block.context, where)
         if isinstance(block, SearchResultBlock):
@@ -99,7 +118,11 @@ class BlockText:
             return f"[tool available: {block.tool_name}]"
         return self._cloud(block)
 
-    def image(self, where: str) -> str:
+    def image(self, where: str, source: Any = None) -> str:
+        """A placeholder for a text model; for a vision model, a mark where the image goes."""
+        if self._vision is not None:
+            self.images.append(self._vision.prepare(decode_image(source, where)))
+            return image_mark(self.nonce, len(self.images) - 1)
         if self._images == "reject":
             raise InvalidRequest(
                 f"{where}: model {self._model_name!r} is text-only and does not accept image input"
@@ -177,7 +200,7 @@ class BlockText:
     def _content_part(self, part: Any, where: str) -> str:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "image":
-            return self.image(where)
+            return self.image(where, part.get("source"))
         text = part.get("text") if isinstance(part, dict) else None
         return text if isinstance(text, str) else ""
 
@@ -294,7 +317,8 @@ def cheap_to_render(request: CountTokensRequest) -> bool:
     return True
 
 
-_CHEAP_BLOCKS = TextBlock | ImageBlock | ToolReferenceBlock
+# Images are not: a vision model decodes them (off the event loop).
+_CHEAP_BLOCKS = TextBlock | ToolReferenceBlock
 
 # Every turn resends the whole conversation, PDFs included: read each once.
 # Bounded by count and by the bytes of text held.

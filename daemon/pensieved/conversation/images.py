@@ -23,7 +23,7 @@ import binascii
 import hashlib
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pensieved.wire.errors import InvalidRequest
 
@@ -126,3 +126,24 @@ def _base64_source(source: Any, where: str) -> tuple[bytes, str]:
         return base64.b64decode(text, validate=True), media_type
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"{where}.source.data: not valid base64") from None
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image as its model takes it: the run of tokens that stands for it, and its pixels."""
+
+    digest: str
+    # The run in the prompt: the model's image start token, one pad token per
+    # vision feature, its end token (Qwen2-VL: <|vision_start|>, <|image_pad|>
+    # x N, <|vision_end|>).
+    tokens: tuple[int, ...]
+    # The vision tower's input (a numpy array: no MLX array leaves the engine thread).
+    pixels: Any
+    # (time, height, width) in patches: where the vision features sit (mRoPE).
+    grid: tuple[int, int, int]
+
+
+class ImagePreparer(Protocol):
+    """A vision model's processor: a decoded image in, the tokens and pixels it becomes out."""
+
+    def prepare(self, image: DecodedImage) -> PreparedImage: ...

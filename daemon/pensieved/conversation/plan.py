@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from pensieved.conversation.constraints import GrammarCompiler, ThinkingBudget
 from pensieved.conversation.content import ContentAssembler, ThinkingMarkers
 from pensieved.conversation.grammar import OutputGrammar
+from pensieved.conversation.images import PreparedImage
 from pensieved.conversation.prompt import Prompt, PromptBuilder
 from pensieved.conversation.toolcalls import GENERIC, ToolFormat
 from pensieved.wire.errors import prompt_too_long
@@ -63,6 +64,9 @@ class GenerationRequest:
     # its prompt-cache entry never evicts a main conversation's, and its
     # prefill waits while a main turn's runs.
     side: bool = False
+    # A vision model's images, and where each one's run of tokens starts in `prompt`.
+    images: tuple[PreparedImage, ...] = ()
+    image_starts: tuple[int, ...] = ()
 
 
 class Sized(Protocol):
@@ -168,6 +172,8 @@ def plan_generation(request: MessagesRequest, prompt: Prompt, model: Planned) ->
         thinking=output.thinking,
         keep_leading_space=prompt.continues_assistant,
         side=is_side_request(request.model, prompt.tools, input_tokens),
+        images=prompt.images,
+        image_starts=prompt.image_starts,
     )
     return GenerationPlan(generation, output)
 

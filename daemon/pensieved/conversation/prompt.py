@@ -7,12 +7,19 @@ own conventions live.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pensieved.conversation.attachments import BlockText, referenced_tools
+from pensieved.conversation.attachments import (
+    IMAGE_CLOSE,
+    IMAGE_OPEN,
+    BlockText,
+    referenced_tools,
+)
 from pensieved.conversation.control_tokens import ControlTokens, after_newline
+from pensieved.conversation.images import ImagePreparer, PreparedImage
 from pensieved.conversation.pieces import PieceTokenizer
 from pensieved.conversation.toolcalls import (
     GENERIC,
@@ -46,6 +53,7 @@ def to_chat_messages(
     *,
     native_tools: bool = False,
     images: str = "placeholder",
+    as_text: BlockText | None = None,
 ) -> list[ChatMessage]:
     """Flatten an Anthropic request into chat-template turns.
 
@@ -61,7 +69,7 @@ def to_chat_messages(
     - every other block (images, documents, search results, the cloud's
       server-tool history) becomes text, or nothing (attachments.py).
     """
-    as_text = BlockText(model_name, images)
+    as_text = as_text or BlockText(model_name, images)
     # Unmerged: `_merged` joins each run of one role once at the end (merging
     # as they come would copy the growing turn each time: quadratic).
     turns: list[ChatMessage] = []
@@ -231,15 +239,25 @@ class Prompt:
     # The prompt ends inside an open reasoning section (`<think>`): the
     # output starts with thinking.
     thinking_open: bool = False
+    # A vision model's images, in order, and where each one's run of tokens starts.
+    images: tuple[PreparedImage, ...] = ()
+    image_starts: tuple[int, ...] = ()
 
 
 class PromptBuilder:
     """Renders requests with one model's tokenizer and chat template."""
 
-    def __init__(self, tokenizer: Any, model_name: str, images: str = "placeholder") -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        model_name: str,
+        images: str = "placeholder",
+        vision: ImagePreparer | None = None,
+    ) -> None:
         self._tokenizer = tokenizer
         self._model_name = model_name
         self._images = images
+        self.vision = vision
         self.native_format = detect_format(tokenizer)
         self._pieces = PieceTokenizer(tokenizer)
         self._control = ControlTokens(tokenizer)
@@ -251,9 +269,8 @@ class PromptBuilder:
 
     def build(self, request: CountTokensRequest) -> Prompt:
         native = self.native_format is not None
-        turns = to_chat_messages(
-            request, self._model_name, native_tools=native, images=self._images
-        )
+        as_text = BlockText(self._model_name, self._images, self.vision)
+        turns = to_chat_messages(request, self._model_name, native_tools=native, as_text=as_text)
         shown = shown_tools(request)
         tools = openai_tools(shown)
         if shown and not native:
@@ -288,8 +305,52 @@ class PromptBuilder:
         if self.has_thinking:
             thinking = isinstance(request.thinking, ThinkingEnabled | ThinkingAdaptive)
             kwargs["enable_thinking"] = thinking
+        if as_text.images:
+            tokens, images, starts = self._with_images(turns, kwargs, marked, as_text)
+            thinking_open = self._ends_in_thinking(tokens)
+            return Prompt(
+                tokens, continues, tools, self.tool_format(), thinking_open, images, starts
+            )
         tokens = self._render(turns, kwargs, marked)
         return Prompt(tokens, continues, tools, self.tool_format(), self._ends_in_thinking(tokens))
+
+    def _with_images(
+        self, turns: list[ChatMessage], kwargs: dict[str, Any], marked: bool, as_text: BlockText
+    ) -> tuple[list[int], tuple[PreparedImage, ...], tuple[int, ...]]:
+        """The prompt's tokens with each image's run where its mark was rendered.
+
+        The text between marks is tokenized as any prompt is (client text stays
+        text); an image whose mark the template left out is left out too.
+        """
+        text = self._tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
+        mark = re.compile(re.escape(IMAGE_OPEN + as_text.nonce + ":") + r"(\d+)" + IMAGE_CLOSE)
+        pattern = self._pieces.pattern
+
+        def encode(part: str, first: bool) -> list[int]:
+            if pattern is None:
+                return self._whole(part, first)
+            return self._pieces.encode(part, pattern)
+
+        def encode_later(part: str, _first: bool) -> list[int]:
+            return encode(part, False)  # after an image: not the prompt's start
+
+        tokens: list[int] = []
+        images: list[PreparedImage] = []
+        starts: list[int] = []
+        for index, part in enumerate(mark.split(text)):
+            if index % 2:
+                image = as_text.images[int(part)]
+                starts.append(len(tokens))
+                images.append(image)
+                tokens.extend(image.tokens)
+                continue
+            if not part:
+                continue
+            if marked:
+                tokens.extend(self._control.encode(part, encode if index == 0 else encode_later))
+            else:
+                tokens.extend(encode(part, index == 0))
+        return tokens, tuple(images), tuple(starts)
 
     def _ends_in_thinking(self, tokens: list[int]) -> bool:
         if not self.has_thinking:

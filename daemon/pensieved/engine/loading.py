@@ -18,7 +18,7 @@ from typing import Any, cast
 from pensieved.config import EngineConfig, ModelConfig, draft_config
 from pensieved.conversation.constraints import GrammarCompiler
 from pensieved.conversation.prompt import PromptBuilder
-from pensieved.engine import cpu
+from pensieved.engine import cpu, vision
 from pensieved.engine.mlx_internals import disown_wired_limit
 from pensieved.models.facts import context_window
 from pensieved.models.residency import Resident, expected_weight_bytes, plan_room
@@ -43,6 +43,9 @@ class LoadedModel:
     path: str = ""  # where its weights were read from (a folder, or a repo id)
     # Sampling for what a request leaves unset (models/sampling.py).
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    # A vision model's whole mlx-vlm model (vision tower and all); `model` is
+    # then its language model as mlx-lm's batch runs it (engine/vision.py).
+    vision: Any = None
     grammars: GrammarCompiler = field(init=False)
 
     def __post_init__(self) -> None:
@@ -65,12 +68,12 @@ def load_weights(
     source as given: a directory or a Hugging Face repo id).
     """
     started = time.perf_counter()
-    model, tokenizer, dequantized, weight_bytes = _read_weights(config, path, settings)
+    model, tokenizer, dequantized, weight_bytes, vlm = _read_weights(config, path, settings)
     draft_model = None
     draft = draft_config(config)
     if draft is not None:
         draft_path = draft.source if draft_path is None else draft_path
-        draft_model, draft_tokenizer, _, draft_bytes = _read_weights(draft, draft_path, settings)
+        draft_model, draft_tokenizer, _, draft_bytes, _ = _read_weights(draft, draft_path, settings)
         _check_draft(config, tokenizer, draft_model, draft_tokenizer)
         weight_bytes += draft_bytes
     context = config.context_length or context_length(model, tokenizer)
@@ -82,12 +85,13 @@ def load_weights(
         context,
         f", drafting with {draft_path}" if draft_model is not None else "",
     )
+    preparer = None if vlm is None else vision.image_preparer(config.name, Path(path))
     return LoadedModel(
         config,
         model,
         tokenizer,
         context,
-        PromptBuilder(tokenizer, config.name, config.images),
+        PromptBuilder(tokenizer, config.name, config.images, preparer),
         len(tokenizer),
         int(getattr(getattr(model, "args", None), "vocab_size", 0) or len(tokenizer)),
         dequantized,
@@ -95,6 +99,7 @@ def load_weights(
         draft_model,
         str(path),
         defaults_for(config, recommended(model_directory(path))),
+        vlm,
     )
 
 
@@ -125,18 +130,24 @@ def model_directory(path: str | Path) -> Path | None:
 
 def _read_weights(
     config: ModelConfig, path: str | Path, settings: EngineConfig
-) -> tuple[Any, Any, bool, int]:
-    """(model, tokenizer, dequantized, weight bytes) from `path`."""
+) -> tuple[Any, Any, bool, int, Any]:
+    """(model, tokenizer, dequantized, weight bytes, the vision model if it is one) from `path`."""
     import mlx_lm
     from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_tokenizer
 
-    model, tokenizer = mlx_lm.load(str(path))[:2]
-    dequantized = cpu.should_dequantize(settings.dequantize, model)
+    vlm = None
+    if vision.is_vision_model(path):
+        model, vlm = vision.load_vision(config.name, Path(path))
+        tokenizer = load_tokenizer(Path(path))  # type: ignore[no-untyped-call]
+    else:
+        model, tokenizer = mlx_lm.load(str(path))[:2]
+    dequantized = cpu.should_dequantize(settings.dequantize, vlm or model)
     if dequantized:
-        cpu.dequantize(model)
+        cpu.dequantize(vlm or model)
         log.info("dequantized %s to float32 (faster on the CPU backend)", config.name)
-    parameters = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
-    return model, tokenizer, dequantized, sum(int(v.nbytes) for _, v in parameters)
+    parameters = cast(list[tuple[str, Any]], tree_flatten((vlm or model).parameters()))
+    return model, tokenizer, dequantized, sum(int(v.nbytes) for _, v in parameters), vlm
 
 
 def _check_draft(config: ModelConfig, tokenizer: Any, draft: Any, draft_tokenizer: Any) -> None:
@@ -240,7 +251,8 @@ def load_front_end(config: ModelConfig, path: Path) -> ModelFrontEnd:
     except (OSError, ValueError):
         declared = None
     context = config.context_length or context_window(declared, tokenizer_limit(tokenizer))
-    return ModelFrontEnd(PromptBuilder(tokenizer, config.name, config.images), context)
+    preparer = vision.image_preparer(config.name, path) if vision.is_vision_model(path) else None
+    return ModelFrontEnd(PromptBuilder(tokenizer, config.name, config.images, preparer), context)
 
 
 def context_length(model: Any, tokenizer: Any) -> int:

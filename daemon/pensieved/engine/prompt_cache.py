@@ -337,15 +337,18 @@ def _compact(cache: list[Any]) -> None:
     A cache taken out of a batch is a lazy slice of the batch's buffers (all
     its sequences, allocated in steps of 256 tokens): until evaluated it keeps
     that whole buffer alive, several times what `nbytes` counts (issue 17).
-    A plain `KVCache` is cut to its `offset` tokens and copied; other kinds
+    A plain `KVCache` (or a vision model's, with its position delta) is cut to
+    its `offset` tokens and copied; other kinds
     (rotating, quantized) count their whole buffers already and are only
     evaluated.
     """
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache
 
+    from pensieved.engine.vision_batch import PositionedKVCache
+
     for layer in cache:
-        if type(layer) is KVCache and layer.keys is not None:
+        if type(layer) in (KVCache, PositionedKVCache) and layer.keys is not None:
             end = layer.offset
             # `+ 0` makes a new array of exactly the slice's size; a view, or
             # `mx.contiguous` of an already contiguous slice, would share the

@@ -17,7 +17,7 @@ from pensieved.config import EngineConfig, stops_loops
 from pensieved.conversation.constraints import repetition_processor, thinking_processor
 from pensieved.conversation.plan import GenerationRequest, Sampling
 from pensieved.conversation.stops import LOOP_WINDOW, StopMatcher, looping
-from pensieved.engine import kv_quant
+from pensieved.engine import kv_quant, vision
 from pensieved.engine.loading import LoadedModel, new_generator
 from pensieved.engine.mlx_internals import keep_first_space
 from pensieved.engine.prompt_cache import Divergence, PromptCache
@@ -110,7 +110,7 @@ class Runner:
     def __post_init__(self) -> None:
         config = self.loaded.config
         self.speculator = Speculator(
-            config.speculate,
+            "off" if self.loaded.vision is not None else config.speculate,
             config.speculate_tokens,
             self.loaded.draft_model,
             self.loaded.vocab_size,
@@ -141,10 +141,17 @@ class Runner:
             stops = tuple(sorted(loaded.tokenizer.eos_token_ids))
             penalty = request.sampling.repetition_penalty
             processors.append(repetition_processor(penalty, stops, grammar))
-        cache, cached, divergence = self.prompt_cache.fetch_explained(loaded.config, request.prompt)
+        key = self._key(request)
+        cache, cached, divergence = self.prompt_cache.fetch_explained(loaded.config, key)
         if divergence is not None:
             self._explain_miss(divergence, cached)
-        if cache is None:  # quantized caches where the model's `kv_bits` asks for them
+        reused = cached
+        if request.images:  # through the last image now; the batch takes the rest
+            cache, cached, reused = vision.prefill_images(
+                request, loaded.vision, loaded.model, cache, cached
+            )
+        elif cache is None and loaded.vision is None:
+            # Quantized caches where the model's `kv_bits` asks for them.
             cache = kv_quant.live_caches(loaded.config, loaded.model)
         (uid,) = self.generator.insert(
             [request.prompt[cached:]],
@@ -163,15 +170,19 @@ class Runner:
             if request.keep_leading_space
             else loaded.tokenizer.detokenizer,
             StopMatcher(request.stop_sequences),
-            cached_tokens=cached,
+            cached_tokens=reused,
             grammar=grammar,
             recent=[] if stops_loops(loaded.config) else None,
         )
-        stream.deliver(Admitted(cached))
+        stream.deliver(Admitted(reused))
 
     def _explain_miss(self, divergence: Divergence, cached: int) -> None:
         """Log where the prompt left the nearest cached one, and keep it for `status`."""
-        decode = self.loaded.tokenizer.decode
+        vocabulary = self.loaded.vocab_size
+
+        def decode(tokens: list[int]) -> str:  # an image's ids in the key are not text
+            return str(self.loaded.tokenizer.decode([t for t in tokens if t < vocabulary]))
+
         texts = {
             "before": decode(divergence.before),
             "new": decode(divergence.ours),
@@ -207,7 +218,7 @@ class Runner:
         self.held = [(r, s) for r, s in self.held if s is not stream]
         for uid, job in list(self.jobs.items()):
             if job.stream is stream:
-                self._remove(uid, job.request.side)
+                self._remove(uid, job.request)
                 del self.jobs[uid]
                 self.last_used = time.monotonic()
                 log.info("request cancelled after %d tokens", job.output_tokens)
@@ -235,14 +246,9 @@ class Runner:
         result.generated = len(generation_responses)
         for response in generation_responses:
             job = self.jobs.get(response.uid)
-            if response.prompt_cache is not None:
+            if response.prompt_cache is not None and job is not None:
                 # A finished sequence leaves its prompt and reply for the next turn.
-                self.prompt_cache.store(
-                    self.loaded.config,
-                    list(response.all_tokens),
-                    response.prompt_cache,
-                    side=job is not None and job.request.side,
-                )
+                self._store(job.request, list(response.all_tokens), response.prompt_cache)
             if job is None:
                 continue
             try:
@@ -320,14 +326,30 @@ class Runner:
         if job is None:
             return
         # A request that ended by stop sequence or failure is still in the batch.
-        self._remove(uid, job.request.side)
+        self._remove(uid, job.request)
         self.served += 1
         job.stream.deliver(event)
 
-    def _remove(self, uid: int, side: bool = False) -> None:
+    def _remove(self, uid: int, request: GenerationRequest) -> None:
         """Take `uid` out of the batch, keeping what it prefilled in the prompt cache."""
         for cache, tokens in self.generator.remove([uid], return_prompt_caches=True).values():
-            self.prompt_cache.store(self.loaded.config, list(tokens), cache, side=side)
+            self._store(request, list(tokens), cache)
+
+    def _store(self, request: GenerationRequest, tokens: list[int], cache: list[Any]) -> None:
+        """Keep a sequence's cache for the next turn, under its images' digests where it has any."""
+        if request.images:
+            key = vision.prompt_key(request, self.loaded.logits_size)
+            cut = len(request.prompt)
+            tokens = key[: len(tokens)] if len(tokens) <= cut else key + tokens[cut:]
+        self.prompt_cache.store(self.loaded.config, tokens, cache, side=request.side)
+
+    def _key(self, request: GenerationRequest) -> list[int]:
+        """What the prompt cache knows `request`'s prompt by (engine/vision.py's `prompt_key`)."""
+        if not request.images:
+            return request.prompt
+        if self.loaded.vision is None:
+            raise ValueError(f"model {self.loaded.name!r} cannot see images")
+        return vision.prompt_key(request, self.loaded.logits_size)
 
     def fail(self, message: str) -> None:
         """Fail every request in the batch and start again from a clean one."""

@@ -38,7 +38,10 @@ class TextBlock(msgspec.Struct, tag="text", tag_field="type"):
 
 
 class ImageBlock(msgspec.Struct, tag="image", tag_field="type"):
-    """An image: never decoded, as a text model is shown a placeholder (its `source` skipped)."""
+    """An image. A text model is shown a placeholder; a vision model's images are decoded
+    within limits by conversation/images.py, which reads `source`."""
+
+    source: Any = None
 
 
 class DocumentBlock(msgspec.Struct, tag="document", tag_field="type"):
