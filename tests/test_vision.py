@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ import anthropic
 import pytest
 from PIL import Image
 
-from tests.daemon import Daemon, running_daemon
+from tests.daemon import Daemon, daemon_running, running_daemon
 
 GREEDY = {"temperature": 0.0}
 RED, BLUE, GREEN = (200, 30, 30), (30, 30, 200), (30, 180, 40)
@@ -31,10 +33,12 @@ def vlm_daemon(tiny_vlm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     yield from running_daemon(tmp_path_factory.mktemp("vlm-daemon"), config)
 
 
-def ask(daemon: Daemon, content: list[dict[str, Any]], **extra: Any) -> anthropic.types.Message:
+def ask(
+    daemon: Daemon, content: list[dict[str, Any]], max_tokens: int = 8, **extra: Any
+) -> anthropic.types.Message:
     return daemon.client().messages.create(
         model="vlm",
-        max_tokens=8,
+        max_tokens=max_tokens,
         messages=[{"role": "user", "content": content}],
         extra_body=GREEDY,
         **extra,
@@ -57,3 +61,127 @@ def test_two_images_of_one_size_give_two_answers(vlm_daemon: Daemon) -> None:
     assert again.content[0].text == blue.content[0].text  # type: ignore[union-attr]
     # Through the image: all but the prompt's last token (generation starts from its logits).
     assert again.usage.cache_read_input_tokens == count.input_tokens - 1
+
+
+def text_of(message: anthropic.types.Message) -> str:
+    return "".join(block.text for block in message.content if block.type == "text")
+
+
+def test_a_new_image_in_a_later_turn_keeps_the_turns_before_it_cached(vlm_daemon: Daemon) -> None:
+    client = vlm_daemon.client()
+    first_turn = [{"role": "user", "content": [{"type": "text", "text": "Look:"}, png(GREEN)]}]
+    first = client.messages.create(
+        model="vlm", max_tokens=8, messages=first_turn, extra_body=GREEDY
+    )
+    second_turn = [
+        *first_turn,
+        {"role": "assistant", "content": text_of(first)},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "And this one?"}, png(RED, (96, 64))],
+        },
+    ]
+    second = client.messages.create(
+        model="vlm", max_tokens=8, messages=second_turn, extra_body=GREEDY
+    )
+    before = client.messages.count_tokens(model="vlm", messages=first_turn).input_tokens
+    # Turn one's prompt, its image included, comes from the cache; the new image does not.
+    assert (second.usage.cache_read_input_tokens or 0) >= before
+    total = client.messages.count_tokens(model="vlm", messages=second_turn).input_tokens
+    assert second.usage.input_tokens + (second.usage.cache_read_input_tokens or 0) == total
+    assert second.usage.input_tokens > 6  # the new image's run was prefilled
+
+
+def test_an_image_a_tool_returns_reaches_the_model(vlm_daemon: Daemon) -> None:
+    def read_result(color: tuple[int, int, int]) -> anthropic.types.Message:
+        return vlm_daemon.client().messages.create(
+            model="vlm",
+            max_tokens=8,
+            tools=[{"name": "Read", "input_schema": {"type": "object"}}],
+            messages=[
+                {"role": "user", "content": "Read shot.png"},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "toolu_1", "content": [png(color)]}
+                    ],
+                },
+            ],
+            extra_body=GREEDY,
+        )
+
+    red, blue = read_result(RED), read_result(BLUE)
+    assert text_of(red) != text_of(blue)
+    assert (blue.usage.cache_read_input_tokens or 0) < blue.usage.input_tokens + (
+        blue.usage.cache_read_input_tokens or 0
+    ) - 6
+
+
+def test_several_images_stand_in_their_order(vlm_daemon: Daemon) -> None:
+    red_blue = ask(vlm_daemon, [png(RED), png(BLUE), {"type": "text", "text": "Compare."}])
+    blue_red = ask(vlm_daemon, [png(BLUE), png(RED), {"type": "text", "text": "Compare."}])
+    assert text_of(red_blue) != text_of(blue_red)
+
+    def count(*blocks: dict[str, Any]) -> int:
+        messages = [{"role": "user", "content": [*blocks, {"type": "text", "text": "x"}]}]
+        return (
+            vlm_daemon.client().messages.count_tokens(model="vlm", messages=messages).input_tokens
+        )
+
+    # <|vision_start|>, 4 pads, <|vision_end|>, and the line break between two blocks.
+    assert count(png(RED), png(BLUE)) - count(png(RED)) == 6 + 1
+
+
+@pytest.mark.parametrize(
+    ("source", "words"),
+    [
+        ({"type": "url", "url": "http://169.254.169.254/"}, "not fetched"),
+        ({"type": "file", "file_id": "file_011CNha8iCJcU1wXNR6q4V8w"}, "Files API"),
+        ({"type": "base64", "media_type": "image/png", "data": "bm90IGFuIGltYWdl"}, "not a PNG"),
+        ({"type": "base64", "media_type": "image/png", "data": "%%%"}, "base64"),
+    ],
+)
+def test_images_it_cannot_use_are_refused_in_the_apis_envelope(
+    vlm_daemon: Daemon, source: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        ask(
+            vlm_daemon,
+            [{"type": "text", "text": "What is it?"}, {"type": "image", "source": source}],
+        )
+    body = refused.value.body
+    assert isinstance(body, dict) and body["error"]["type"] == "invalid_request_error"
+    assert "messages.0.content.1.source" in body["error"]["message"]
+    assert words in body["error"]["message"]
+
+
+def test_an_image_request_and_a_text_request_share_the_batch(vlm_daemon: Daemon) -> None:
+    image = [{"type": "text", "text": "Batch me."}, png(BLUE, (80, 80))]
+    text = [{"type": "text", "text": "Only words here, " + "some more words " * 8}]
+
+    def fresh(content: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [*content, {"type": "text", "text": secrets.token_hex(4)}]
+
+    contents = [fresh(image), fresh(text)]
+    alone = [text_of(ask(vlm_daemon, content, max_tokens=24)) for content in contents]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda c: text_of(ask(vlm_daemon, c, max_tokens=24)), contents))
+    assert together == alone
+
+
+def test_a_model_not_loaded_counts_images_as_the_loaded_one_does(
+    tiny_vlm_dir: Path, tmp_path: Path
+) -> None:
+    content = [{"type": "text", "text": "Count me."}, png(RED, (200, 120))]
+    config = {"models": {"cold": {"source": str(tiny_vlm_dir)}}}
+    with daemon_running(tmp_path, config) as daemon:
+        client = daemon.client()
+        messages = [{"role": "user", "content": content}]
+        before = client.messages.count_tokens(model="cold", messages=messages).input_tokens
+        reply = client.messages.create(model="cold", max_tokens=2, messages=messages)
+        after = client.messages.count_tokens(model="cold", messages=messages).input_tokens
+    assert before == after == reply.usage.input_tokens + (reply.usage.cache_read_input_tokens or 0)
