@@ -179,6 +179,7 @@ def test_doctor_on_a_model_that_fits(long_daemon: Daemon, tmp_path: Path) -> Non
     assert " ok " in table["opus long memory"]
     assert "second turn read" in table["opus long cache"]
     assert "tool-call format" in table["opus long tools"]
+    assert "text-only: a pasted screenshot is shown as a placeholder" in table["opus long images"]
     assert "checked above" in table["haiku tier"]
     assert not any(" fail " in line for line in table.values())
 

@@ -226,3 +226,9 @@ def test_a_text_model_daemon_never_imports_mlx_vlm_or_pillow() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_health_says_the_model_sees_images(vlm_daemon: Daemon) -> None:
+    ask(vlm_daemon, [{"type": "text", "text": "Load."}])
+    models = vlm_daemon.health()["models"]
+    assert next(m for m in models if m["name"] == "vlm")["images"] == "vision"

@@ -212,9 +212,23 @@ def _model_checks(
             + ("" if form == "native" else " (Pensieve's, taught in the prompt)"),
         )
     )
+    checks.append(_images_check(label, entry.get("images")))
     needed = prompt + REPLY_ROOM
     checks.append(_memory_check(config, health, entry, label, name, needed))
     return checks
+
+
+def _images_check(label: str, images: str | None) -> Check:
+    """Whether a screenshot pasted into Claude Code reaches the model."""
+    if images == "vision":
+        return Check(f"{label} images", OK, "a vision model: pasted screenshots reach it")
+    shown = "refused (400)" if images == "reject" else "shown as a placeholder line"
+    return Check(
+        f"{label} images",
+        OK,
+        f"text-only: a pasted screenshot is {shown}",
+        "for images, a Qwen2-VL or Qwen2.5-VL model (docs/models.md#vision-models)",
+    )
 
 
 def _context_check(

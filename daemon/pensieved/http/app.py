@@ -196,6 +196,9 @@ def _model_health(model: ModelConfig, loaded: LoadedModel | None, engine: Engine
         "tool_format": (
             ("native" if loaded.builder.native_format else "generic") if loaded else None
         ),
+        # What an image block becomes: "vision" (the model sees it), or for a
+        # text model its `images` setting ("placeholder" or "reject").
+        "images": (("vision" if loaded.vision is not None else model.images) if loaded else None),
         # What a request that leaves temperature, top_p, top_k or min_p unset gets.
         "sampling": engine.sampling_defaults(model).report(),
     }
