@@ -93,3 +93,27 @@ def test_the_readme_lines_print_a_reply_and_so_does_a_continued_turn(
     assert len(main_turns) >= 3 and int(main_turns[0]) < 2_000, log
     cached = [int(n) for n in re.findall(r"done: \w+ in=\d+ cached=(\d+)", log)]
     assert max(cached) > 1_000, log
+
+
+def test_a_screenshot_named_in_a_prompt_reaches_a_vision_model(
+    tiny_vlm_dir: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    # A window that holds Claude Code's full prompt: its minimal mode reads no @-mentions.
+    model = {"source": str(tiny_vlm_dir), "aliases": ["claude-*"], "context_length": 32768}
+    daemon = start_daemon(tmp_path / "home", {"models": {"vlm": model}})
+    try:
+        project = tmp_path / "project"
+        project.mkdir()
+        Image.new("RGB", (320, 200), (200, 30, 30)).save(project / "shot.png")
+        result = shell(
+            daemon, project, 'eval "$(pensievectl env)"\nclaude -p "What is in @shot.png?"'
+        )
+        check_replied(result)
+        log = daemon.log()
+    finally:
+        daemon.stop()
+    # Claude Code sent the file as an image block, and the model's vision tower read it.
+    assert re.search(r"images: 1 in the prompt \(\d+ tokens\)", log), log
+    assert " 500 " not in log and "Traceback" not in log

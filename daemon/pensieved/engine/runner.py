@@ -150,6 +150,13 @@ class Runner:
             cache, cached, reused = vision.prefill_images(
                 request, loaded.vision, loaded.model, cache, cached
             )
+            log.info(
+                "images: %d in the prompt (%d tokens); prefilled through the last one, "
+                "%d tokens read from the prompt cache",
+                len(request.images),
+                sum(len(image.tokens) for image in request.images),
+                reused,
+            )
         elif cache is None and loaded.vision is None:
             # Quantized caches where the model's `kv_bits` asks for them.
             cache = kv_quant.live_caches(loaded.config, loaded.model)
