@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anthropic
@@ -17,6 +18,7 @@ import pytest
 from PIL import Image
 
 from pensieved.engine import vision
+from pensieved.memory.admission import vision_bytes
 from tests.daemon import Daemon, daemon_running, running_daemon
 
 GREEDY = {"temperature": 0.0}
@@ -232,3 +234,15 @@ def test_health_says_the_model_sees_images(vlm_daemon: Daemon) -> None:
     ask(vlm_daemon, [{"type": "text", "text": "Load."}])
     models = vlm_daemon.health()["models"]
     assert next(m for m in models if m["name"] == "vlm")["images"] == "vision"
+
+
+def test_the_vision_towers_activations_grow_with_the_largest_image() -> None:
+    tower = SimpleNamespace(num_heads=16, embed_dim=1280)  # Qwen2.5-VL's
+    # A 1280x800 screenshot: 57 x 91 patches of 14 pixels (5187 in all).
+    screenshot = vision_bytes(tower, [(1, 57, 91)])
+    assert 1.5 * 1024**3 < screenshot < 2.5 * 1024**3  # scores dominate: 16 x 5187^2 x 4 bytes
+    half = vision_bytes(tower, [(1, 29, 46)])  # a quarter of the pixels
+    assert 10 < screenshot / half < 17
+    # Two images cost the larger one's scores, and both their states.
+    assert vision_bytes(tower, [(1, 57, 91), (1, 29, 46)]) < screenshot + half
+    assert vision_bytes(tower, []) == 0

@@ -148,7 +148,7 @@ class Runner:
         reused = cached
         if request.images:  # through the last image now; the batch takes the rest
             cache, cached, reused = vision.prefill_images(
-                request, loaded.vision, loaded.model, cache, cached
+                request, loaded.vision, loaded.model, cache, cached, self.settings.prefill_chunk
             )
             log.info(
                 "images: %d in the prompt (%d tokens); prefilled through the last one, "

@@ -151,7 +151,12 @@ def prompt_key(request: GenerationRequest, base: int) -> list[int]:
 
 
 def prefill_images(
-    request: GenerationRequest, vlm: Any, decoder: Any, cache: list[Any] | None, cached: int
+    request: GenerationRequest,
+    vlm: Any,
+    decoder: Any,
+    cache: list[Any] | None,
+    cached: int,
+    chunk: int = 256,
 ) -> tuple[list[Any], int, int]:
     """Run the prompt through its last image into `cache`.
 
@@ -187,9 +192,17 @@ def prefill_images(
     embedded = vlm.merge_input_ids_with_image_features(
         vlm.config.image_token_id, vlm.config.video_token_id, features, embedded, span
     )
-    vlm.language_model.model(
-        span, inputs_embeds=embedded, cache=cache, position_ids=positions[:, :, start:last_end]
-    )
+    positions = positions[:, :, start:last_end]
+    # In chunks, as text is prefilled: one chunk's activations at a time.
+    for at in range(0, span.shape[1], chunk):
+        part = slice(at, at + chunk)
+        vlm.language_model.model(
+            span[:, part],
+            inputs_embeds=embedded[:, part],
+            cache=cache,
+            position_ids=positions[:, :, part],
+        )
+        mx.eval([layer.state for layer in cache])
     delta = int(deltas.reshape(-1)[0].item())
     for layer in cache:
         layer.delta = delta

@@ -139,6 +139,25 @@ def expected_output(max_tokens: int) -> int:
     return min(max_tokens, EXPECTED_OUTPUT_TOKENS)
 
 
+def vision_bytes(vision_config: Any, grids: list[tuple[int, int, int]]) -> int:
+    """Peak activations of a vision tower encoding images of `grids` (patches: t, h, w).
+
+    The largest image's attention scores (one block at a time, every head,
+    float32 on the CPU backend; Metal's fused kernel needs less, so this errs
+    high) and every image's hidden states through a block.
+    """
+    if not grids:
+        return 0
+    patches = [t * h * w for t, h, w in grids]
+    heads = int(getattr(vision_config, "num_heads", 0) or 16)
+    width = int(
+        getattr(vision_config, "embed_dim", 0) or getattr(vision_config, "hidden_size", 0) or 1280
+    )
+    scores = heads * max(patches) ** 2 * ACTIVATION_BYTES
+    states = 8 * sum(patches) * width * ACTIVATION_BYTES
+    return scores + states
+
+
 def estimate_bytes(shape: ModelShape, prompt_tokens: int, max_tokens: int) -> int:
     """The peak memory one request alone is expected to need."""
     tokens = prompt_tokens + expected_output(max_tokens)
@@ -179,7 +198,11 @@ class Admission:
                     model.name,
                     shape.kv_bytes_per_token // 1024,
                 )
-        self.check(model.config, shape, len(request.prompt), request.max_tokens, stream)
+        vision = 0
+        if request.images and model.vision is not None:
+            grids = [image.grid for image in request.images]
+            vision = vision_bytes(getattr(model.vision.config, "vision_config", None), grids)
+        self.check(model.config, shape, len(request.prompt), request.max_tokens, stream, vision)
 
     def in_flight(self) -> int:
         self._forget_finished()
@@ -192,7 +215,9 @@ class Admission:
         prompt_tokens: int,
         max_tokens: int,
         stream: GenerationStream,
+        vision: int = 0,
     ) -> None:
+        """`admit`'s check, on a model's shape; `vision`: its vision tower's activations."""
         guard = self._guard
         if guard.reading is None:
             guard.sample()  # a guard that was never started (the app alone, in tests)
@@ -208,7 +233,7 @@ class Admission:
             model,
             shape,
             prompt_tokens + output,
-            activation_bytes(shape, prompt_tokens, self.prefill_chunk),
+            max(activation_bytes(shape, prompt_tokens, self.prefill_chunk), vision),
         )
         before = self._projected(self._admitted)
         own = self._projected([*self._admitted, new]) - before
