@@ -17,7 +17,9 @@ import anthropic
 import pytest
 from PIL import Image
 
+from pensieved.config import EngineConfig, ModelConfig
 from pensieved.engine import vision
+from pensieved.engine.loading import load_weights
 from pensieved.memory.admission import vision_bytes
 from tests.daemon import Daemon, daemon_running, running_daemon
 
@@ -246,3 +248,9 @@ def test_the_vision_towers_activations_grow_with_the_largest_image() -> None:
     # Two images cost the larger one's scores, and both their states.
     assert vision_bytes(tower, [(1, 57, 91), (1, 29, 46)]) < screenshot + half
     assert vision_bytes(tower, []) == 0
+
+
+def test_kv_bits_on_a_vision_model_is_refused_with_a_sentence(tiny_vlm_dir: Path) -> None:
+    config = ModelConfig("eyes", str(tiny_vlm_dir), kv_bits=8)
+    with pytest.raises(ValueError, match="vision model, whose KV cache stays at full precision"):
+        load_weights(config, tiny_vlm_dir, EngineConfig())

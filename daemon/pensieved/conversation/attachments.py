@@ -26,7 +26,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from pensieved.conversation.images import ImagePreparer, PreparedImage, decode_image
+from pensieved.conversation.images import ImagePreparer, PreparedImage, prepare_image
 from pensieved.conversation.pdf import (
     CUT_CHARS,
     CUT_ERROR,
@@ -121,7 +121,7 @@ class BlockText:
     def image(self, where: str, source: Any = None) -> str:
         """A placeholder for a text model; for a vision model, a mark where the image goes."""
         if self._vision is not None:
-            self.images.append(self._vision.prepare(decode_image(source, where)))
+            self.images.append(prepare_image(source, where, self._vision))
             return image_mark(self.nonce, len(self.images) - 1)
         if self._images == "reject":
             raise InvalidRequest(

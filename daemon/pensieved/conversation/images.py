@@ -22,6 +22,8 @@ import base64
 import binascii
 import hashlib
 import io
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +37,13 @@ MAX_EDGE = 8000
 # What a model is shown at most (Anthropic scales down to these before its models see one).
 SCALED_LONG_EDGE = 1568
 SCALED_PIXELS = 1_150_000
+# Prepared images kept by digest (prompts render on worker threads): a
+# full-size image's patches take about 6 MB.
+PREPARED_CACHE_ENTRIES = 64
+PREPARED_CACHE_BYTES = 256 * 1024**2
+_prepared: OrderedDict[tuple[ImagePreparer, str], PreparedImage] = OrderedDict()
+_prepared_bytes = 0
+_prepared_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,41 @@ class DecodedImage:
 def decode_image(source: Any, where: str) -> DecodedImage:
     """The image a block's `source` carries, checked and scaled; `where` names the block."""
     data, media_type = _base64_source(source, where)
+    return _decoded(data, media_type, where)
+
+
+def prepare_image(source: Any, where: str, preparer: ImagePreparer) -> PreparedImage:
+    """`source`'s image as `preparer`'s model takes it, from the cache when it was seen before.
+
+    Claude Code resends every image of a conversation on every turn: each is
+    decoded and processed once, then found by its digest.
+    """
+    data, media_type = _base64_source(source, where)
+    key = (preparer, hashlib.sha256(data).hexdigest())
+    with _prepared_lock:
+        found = _prepared.get(key)
+        if found is not None:
+            _prepared.move_to_end(key)
+            return found
+    prepared = preparer.prepare(_decoded(data, media_type, where))
+    _keep(key, prepared)
+    return prepared
+
+
+def _keep(key: tuple[ImagePreparer, str], prepared: PreparedImage) -> None:
+    global _prepared_bytes
+    size = int(getattr(prepared.pixels, "nbytes", 0))
+    with _prepared_lock:
+        if key in _prepared or size > PREPARED_CACHE_BYTES:
+            return
+        _prepared[key] = prepared
+        _prepared_bytes += size
+        while len(_prepared) > PREPARED_CACHE_ENTRIES or _prepared_bytes > PREPARED_CACHE_BYTES:
+            _, dropped = _prepared.popitem(last=False)
+            _prepared_bytes -= int(getattr(dropped.pixels, "nbytes", 0))
+
+
+def _decoded(data: bytes, media_type: str, where: str) -> DecodedImage:
     from PIL import Image, UnidentifiedImageError
 
     try:

@@ -138,6 +138,11 @@ def _read_weights(
 
     vlm = None
     if vision.is_vision_model(path):
+        if config.kv_bits is not None:
+            raise ValueError(
+                f"model {config.name!r} is a vision model, whose KV cache stays at full "
+                "precision for now: leave out kv_bits"
+            )
         model, vlm = vision.load_vision(config.name, Path(path))
         tokenizer = load_tokenizer(Path(path))  # type: ignore[no-untyped-call]
     else:
