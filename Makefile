@@ -87,6 +87,7 @@ bench: setup
 	$(BIN)/python bench/speculation.py --runs 1 --no-draft $(BENCH_ARGS)
 	$(BIN)/python bench/kv_quant.py $(BENCH_ARGS)
 	$(BIN)/python bench/blas.py $(BENCH_ARGS)
+	$(BIN)/python bench/vision.py $(BENCH_ARGS)
 
 # Captured Claude Code traffic replayed: what the prompt cache serves per
 # request, against its targets (`BENCH_ARGS="--model NAME"`: a model of your config).

@@ -15,6 +15,8 @@ from typing import Any
 
 import anthropic
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from pensieved.config import EngineConfig, ModelConfig
@@ -254,3 +256,37 @@ def test_kv_bits_on_a_vision_model_is_refused_with_a_sentence(tiny_vlm_dir: Path
     config = ModelConfig("eyes", str(tiny_vlm_dir), kv_bits=8)
     with pytest.raises(ValueError, match="vision model, whose KV cache stays at full precision"):
         load_weights(config, tiny_vlm_dir, EngineConfig())
+
+
+def test_thinking_with_an_image_is_answered(vlm_daemon: Daemon) -> None:
+    reply = ask(
+        vlm_daemon,
+        [{"type": "text", "text": "Think, then say."}, png(RED)],
+        max_tokens=1100,
+        thinking={"type": "enabled", "budget_tokens": 1024},
+    )
+    assert reply.stop_reason in ("end_turn", "max_tokens")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    data=st.binary(max_size=512),
+    prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a"]),
+)
+def test_any_image_bytes_get_a_reply_or_a_400(
+    vlm_daemon: Daemon, data: bytes, prefix: bytes
+) -> None:
+    body = base64.b64encode(prefix + data).decode()
+    block = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": body}}
+    with vlm_daemon.http() as http:
+        response = http.post(
+            "/v1/messages",
+            json={
+                "model": "vlm",
+                "max_tokens": 2,
+                "messages": [{"role": "user", "content": [block]}],
+            },
+        )
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 400:
+        assert response.json()["error"]["type"] == "invalid_request_error"

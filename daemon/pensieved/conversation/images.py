@@ -27,6 +27,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
+
 from pensieved.wire.errors import InvalidRequest
 
 # The formats Anthropic's API takes, as media type -> Pillow's format name.
@@ -143,6 +145,11 @@ def scaled_size(width: int, height: int) -> tuple[int, int]:
 
 def _base64_source(source: Any, where: str) -> tuple[bytes, str]:
     """The bytes and media type of a base64 source; any other kind is refused with why."""
+    if isinstance(source, msgspec.Raw):  # as the request decoder keeps it (wire/protocol.py)
+        try:
+            source = msgspec.json.decode(source)
+        except msgspec.DecodeError:
+            source = None
     kind = source.get("type") if isinstance(source, dict) else None
     if kind == "url":
         raise InvalidRequest(

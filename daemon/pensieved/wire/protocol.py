@@ -6,11 +6,12 @@ newer than this server in assistant turns and tool results: a conversation
 begun in the cloud must go on here. Decoding and the checks after it are in
 decode.py; the response shapes in responses.py.
 
-Fields nothing here reads (`cache_control`, `citations`, `metadata`, an
-image's `source`) are not declared: accepted and skipped, never built into
-Python objects. Declared as any JSON, a body of `{}`s there took 24 times its
-size. Lists a request can multiply work with are bounded (`MAX_*`, in the
-OpenAPI document as `maxItems`).
+Fields nothing here reads (`cache_control`, `citations`, `metadata`) are not
+declared: accepted and skipped, never built into Python objects. Declared as
+any JSON, a body of `{}`s there took 24 times its size. An image's `source`
+is kept as its JSON text (`msgspec.Raw`, a view of the body), decoded only
+for a vision model (conversation/images.py). Lists a request can multiply
+work with are bounded (`MAX_*`, in the OpenAPI document as `maxItems`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class ImageBlock(msgspec.Struct, tag="image", tag_field="type"):
     """An image. A text model is shown a placeholder; a vision model's images are decoded
     within limits by conversation/images.py, which reads `source`."""
 
-    source: Any = None
+    source: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
 
 
 class DocumentBlock(msgspec.Struct, tag="document", tag_field="type"):
