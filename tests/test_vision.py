@@ -290,3 +290,19 @@ def test_any_image_bytes_get_a_reply_or_a_400(
     assert response.status_code in (200, 400), response.text
     if response.status_code == 400:
         assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_typescript_sdk_sends_an_image_block(vlm_daemon: Daemon) -> None:
+    from tests.test_ts_sdk import NODE, SDK, run_script
+
+    if NODE is None or not SDK.exists():
+        pytest.skip("the TypeScript SDK is not installed: run `make setup`")
+    result = run_script(vlm_daemon, "image.mjs", model="vlm")
+    usage = result["usage"]
+    assert result["stop_reason"] in ("end_turn", "max_tokens")
+    # The image's run (a 2x2 image is scaled up to the processor's minimum: 4 features).
+    assert usage["input_tokens"] + usage["cache_read_input_tokens"] == result["counted"]
+    text_only = vlm_daemon.client().messages.count_tokens(
+        model="vlm", messages=[{"role": "user", "content": "What is in this image?"}]
+    )
+    assert result["counted"] >= text_only.input_tokens + 6
