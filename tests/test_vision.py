@@ -141,8 +141,8 @@ def test_several_images_stand_in_their_order(vlm_daemon: Daemon) -> None:
             vlm_daemon.client().messages.count_tokens(model="vlm", messages=messages).input_tokens
         )
 
-    # <|vision_start|>, 4 pads, <|vision_end|>, and the line break between two blocks.
-    assert count(png(RED), png(BLUE)) - count(png(RED)) == 6 + 1
+    # <|vision_start|>, 4 pads, <|vision_end|>: images stand right against what is around them.
+    assert count(png(RED), png(BLUE)) - count(png(RED)) == 6
 
 
 @pytest.mark.parametrize(
@@ -306,3 +306,42 @@ def test_the_typescript_sdk_sends_an_image_block(vlm_daemon: Daemon) -> None:
         model="vlm", messages=[{"role": "user", "content": "What is in this image?"}]
     )
     assert result["counted"] >= text_only.input_tokens + 6
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_each_family_answers_as_mlx_vlm_itself_does(
+    family: str, smollm_dir: Path, tmp_path: Path
+) -> None:
+    """Greedy, the daemon's reply to a text and an image is mlx-vlm's own, token for token."""
+    from mlx_vlm import load, stream_generate
+
+    from tests.vision_models import build_tiny_vlm
+
+    folder = build_tiny_vlm(tmp_path / family, smollm_dir, family=family, seed=3)
+    image = Image.new("RGB", (96, 64), (200, 30, 30))
+    model, processor = load(str(folder))
+    turn = [{"role": "user", "content": [{"type": "text", "text": "What?"}, {"type": "image"}]}]
+    prompt = processor.tokenizer.apply_chat_template(
+        turn, tokenize=False, add_generation_prompt=True
+    )
+    theirs = [
+        r.token
+        for r in stream_generate(
+            model, processor, prompt, image=[image], max_tokens=8, temperature=0.0
+        )
+    ]
+    expected = processor.tokenizer.decode(theirs[:8])
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    block = {
+        "type": "image",
+        "source": {
+            "type": "base64",
+            "media_type": "image/png",
+            "data": base64.b64encode(out.getvalue()).decode(),
+        },
+    }
+    with daemon_running(tmp_path / "home", {"models": {"vlm": {"source": str(folder)}}}) as daemon:
+        reply = ask(daemon, [{"type": "text", "text": "What?"}, block], max_tokens=8)
+    # (A reply's first token loses its leading space, as with every model.)
+    assert text_of(reply) == expected.removeprefix(" ")

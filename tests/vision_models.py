@@ -29,8 +29,25 @@ MIN_PIXELS = 56 * 56
 MAX_PIXELS = 224 * 224
 
 
-def build_tiny_vlm(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
-    """Write a random Qwen2-VL (2 text layers, 2 vision blocks) to `dest`."""
+# Each family's vision tower, tiny: 2 blocks over 14-pixel patches, merged 2x2.
+VISION_TOWERS = {
+    "qwen2_vl": {"embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2},
+    # Qwen2.5-VL: windowed attention in every block but the listed ones.
+    "qwen2_5_vl": {
+        "hidden_size": 32,
+        "out_hidden_size": 64,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [1],
+    },
+}
+
+
+def build_tiny_vlm(
+    dest: Path, tokenizer_dir: Path, *, family: str = "qwen2_vl", seed: int = 0
+) -> Path:
+    """Write a random Qwen2-VL or Qwen2.5-VL (2 text layers, 2 vision blocks) to `dest`."""
     from mlx_vlm.utils import get_model_and_args, update_module_configs
     from transformers import AutoTokenizer
 
@@ -56,8 +73,7 @@ def build_tiny_vlm(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
         )
     )
     config = {
-        "model_type": "qwen2_vl",
-        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": family,
         "hidden_size": 64,
         "num_hidden_layers": 2,
         "intermediate_size": 128,
@@ -76,17 +92,14 @@ def build_tiny_vlm(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
         "vision_end_token_id": ids["<|vision_end|>"],
         "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
         "vision_config": {
-            "model_type": "qwen2_vl",
+            "model_type": family,
             "depth": 2,
-            "embed_dim": 32,
-            "hidden_size": 64,
-            "num_heads": 2,
             "patch_size": 14,
             "spatial_patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
             "in_channels": 3,
-            "mlp_ratio": 2,
+            **VISION_TOWERS[family],
         },
     }
     (dest / "config.json").write_text(json.dumps(config, indent=1))

@@ -72,6 +72,21 @@ def image_mark(nonce: str, index: int) -> str:
     return f"{IMAGE_OPEN}{nonce}:{index}{IMAGE_CLOSE}"
 
 
+def join_blocks(texts: list[str]) -> str:
+    """A turn's blocks as one text: a line between two, none beside an image's mark.
+
+    Vision templates put an image's tokens right against the text around them.
+    """
+    if not any(IMAGE_OPEN in text for text in texts):
+        return "\n".join(texts)
+    joined = ""
+    for index, text in enumerate(texts):
+        if index and not joined.endswith(IMAGE_CLOSE) and not text.startswith(IMAGE_OPEN):
+            joined += "\n"
+        joined += text
+    return joined
+
+
 # The caps on reading PDFs (docs/security.md). The API itself takes at most
 # 100 pages. The characters are a fixed bound, as the model's context is not
 # known here: a million characters is about 250k tokens, more than any
@@ -134,7 +149,7 @@ class BlockText:
         if isinstance(parts, str):
             return parts
         texts = (self.text(part, f"{where}.content.{i}") for i, part in enumerate(parts))
-        return "\n".join(text for text in texts if text)
+        return join_blocks([text for text in texts if text])
 
     def _document(self, source: Any, title: str | None, context: str | None, where: str) -> str:
         head = f"[document: {title}]" if title else "[document]"

@@ -16,6 +16,7 @@ from pensieved.conversation.attachments import (
     IMAGE_CLOSE,
     IMAGE_OPEN,
     BlockText,
+    join_blocks,
     referenced_tools,
 )
 from pensieved.conversation.control_tokens import ControlTokens, after_newline
@@ -103,14 +104,14 @@ def to_chat_messages(
                     texts.append(generic_result_text(name, body, block.is_error))
                     continue
                 if texts:  # text before a result stays before it
-                    turns.append({"role": msg.role, "content": "\n".join(texts)})
+                    turns.append({"role": msg.role, "content": join_blocks(texts)})
                     texts = []
                 turns.append(_tool_turn(block, name, body))
             elif not isinstance(block, ThinkingBlock):  # thinking: dropped (see above)
                 shown = as_text.text(block, where)
                 if shown:
                     texts.append(shown)
-        turn: ChatMessage = {"role": msg.role, "content": "\n".join(t for t in texts if t)}
+        turn: ChatMessage = {"role": msg.role, "content": join_blocks([t for t in texts if t])}
         if calls:
             turn["tool_calls"] = calls
         if turn["content"] or calls or not turns or turns[-1]["role"] != "tool":
