@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 from bench.claude_code import Conversation
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -16,6 +15,7 @@ from transformers import PreTrainedTokenizerFast
 from pensieved.conversation.pieces import CHECKED_RENDERS, PieceTokenizer
 from pensieved.conversation.prompt import PromptBuilder
 from pensieved.wire.protocol import MessagesRequest
+from tests.requests import request_of
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def claude_code_turns(reply: str, lines: int) -> MessagesRequest:
         "messages": conversation.turn2(reply),
         **conversation.anthropic_extras(),
     }
-    return msgspec.convert(body, MessagesRequest)
+    return request_of(body)
 
 
 REPLIES = [

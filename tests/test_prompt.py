@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,10 +18,11 @@ from pensieved.wire.decode import decode_request
 from pensieved.wire.errors import InvalidRequest
 from pensieved.wire.protocol import MessagesRequest
 from tests.documents import pdf_block
+from tests.requests import request_of
 
 
 def request(**fields: object) -> MessagesRequest:
-    return msgspec.convert({"model": "m", "max_tokens": 5, **fields}, MessagesRequest)
+    return request_of({"model": "m", "max_tokens": 5, **fields})
 
 
 def test_system_blocks_lead_and_same_role_turns_merge() -> None:
