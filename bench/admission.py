@@ -25,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.args import parse  # noqa: E402
+
 from pensieved.config import BUILTIN_SOURCE, EngineConfig, MemoryConfig, ModelConfig  # noqa: E402
 from pensieved.conversation.plan import GenerationRequest  # noqa: E402
 from pensieved.engine.core import Engine  # noqa: E402
@@ -114,4 +116,4 @@ async def main(calls: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000, help="calls per timed run")
-    asyncio.run(main(parser.parse_args().calls))
+    asyncio.run(main(parse(parser).calls))

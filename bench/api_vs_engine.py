@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import anthropic  # noqa: E402
+from bench.args import parse  # noqa: E402
 from tests.daemon import Daemon, start_daemon  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
@@ -211,7 +212,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dequantize", default="auto", choices=["auto", "always", "never"])
-    args = parser.parse_args()
+    args = parse(parser)
     # The same BLAS as the daemon, which preloads the system OpenBLAS too.
     from pensieved.engine import openblas
 
@@ -240,7 +241,7 @@ def main() -> None:
     print(f"{'decode tok/s':28}{raw_tps:12.1f}{api_tps:14.1f}{api_tps / raw_tps:8.2f}")
     print(
         f"{'time to first token (ms)':28}{raw_ttft:12.0f}{api_ttft:14.0f}"
-        f"{api_ttft / raw_ttft:8.2f}   (+{api_ttft - raw_ttft:.0f} ms)"
+        f"{api_ttft / raw_ttft:8.2f}   ({api_ttft - raw_ttft:+.0f} ms)"
     )
 
 

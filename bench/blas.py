@@ -8,8 +8,9 @@ process of its own, since LD_PRELOAD is fixed when a process starts: one
 started as the daemon starts (OpenBLAS preloaded, `openblas.reexec_with_openblas`),
 one with PENSIEVE_OPENBLAS=0. Prints which BLAS and kernel each ran, the
 medians, the ratios against the targets (prefill >= 5x, decode no slower) and
-the load average around each, and saves the table in bench/results/.
-Run: `make bench`, or `.venv/bin/python bench/blas.py [--runs N] [--model DIR]`.
+the load average around each (bench/args.py records it all in bench/results/).
+`--model tiny` measures the tiny random model instead, in seconds.
+Run: `make bench`, or `.venv/bin/python bench/blas.py [--runs N] [--model tiny|DIR]`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from bench.args import parse  # noqa: E402
 
 from pensieved.engine import cpu, openblas  # noqa: E402
 
-RESULTS = REPO / "bench" / "results"
 PREFILL_TARGET = 5.0
 DECODE_TARGET = 1.0
 
@@ -105,14 +105,23 @@ def measure(model_dir: Path, runs: int, args: argparse.Namespace, off: bool) -> 
         kept = [p for p in env.get("LD_PRELOAD", "").split() if "libopenblas" not in p]
         env["LD_PRELOAD"] = " ".join(kept)
         env.pop(openblas.REEXEC_MARK, None)
-    elif env.get(openblas.SWITCH, "").lower() in ("0", "false", "no", "off"):
+    elif env.get(openblas.SWITCH, "").lower() in openblas.OFF:
         del env[openblas.SWITCH]
     name = "reference BLAS (PENSIEVE_OPENBLAS=0)" if off else "OpenBLAS (as pensieved starts)"
     print(f"{name}: {runs} run(s)", file=sys.stderr, flush=True)
     command = [sys.executable, __file__, "--worker", str(model_dir), "--runs", str(runs)]
     command += ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
-    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
-    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    # The worker's progress goes through this process's stderr, and so into the record.
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as worker:
+        assert worker.stdout is not None and worker.stderr is not None
+        for line in worker.stderr:
+            print(line, end="", file=sys.stderr, flush=True)
+        output = worker.stdout.read()
+    if worker.returncode:
+        raise subprocess.CalledProcessError(worker.returncode, command)
+    result: dict[str, Any] = json.loads(output.splitlines()[-1])
     return result
 
 
@@ -149,7 +158,11 @@ def table(label: str, args: argparse.Namespace, fast: dict[str, Any], slow: dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="an MLX model directory (default: the embedded SmolLM2)")
+    parser.add_argument(
+        "--model",
+        default="builtin",
+        help="builtin (the embedded SmolLM2), tiny (a random 2-layer model) or an MLX model dir",
+    )
     parser.add_argument("--runs", type=int, default=3, help="OpenBLAS runs (median)")
     parser.add_argument(
         "--reference-runs",
@@ -164,30 +177,27 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    if args.model and not Path(args.model).is_dir():
-        # `make bench BENCH_ARGS="--model tiny"` names speed.py's tiny model.
-        print(f"(blas.py: --model {args.model} is no model folder; measuring the embedded one)")
-        args.model = None
+    if args.model not in ("builtin", "tiny") and not Path(args.model).is_dir():
+        parser.error(f"--model {args.model}: builtin, tiny or a model directory")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
-        if args.model:
-            model_dir, label = Path(args.model), Path(args.model).name
-        else:
+        if args.model in ("builtin", "tiny"):
             from pensieved.models.gguf import import_gguf
             from pensieved.models.registry import builtin_gguf_path
 
             model_dir = import_gguf(builtin_gguf_path(), Path(workdir) / "smollm2")
             label = "smollm2-135m"
+            if args.model == "tiny":
+                from tests.models import build_tiny_model
+
+                model_dir, label = build_tiny_model(Path(workdir) / "tiny", model_dir), "tiny"
+        else:
+            model_dir, label = Path(args.model), Path(args.model).name
         fast = measure(model_dir, args.runs, args, off=False)
         slow = measure(model_dir, args.reference_runs, args, off=True)
     report = table(label, args, fast, slow)
     minutes = (time.perf_counter() - started) / 60
     print(f"\n{report}\n({minutes:.1f} min)")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"blas-{'builtin' if not args.model else label}.txt"
-    command = " ".join(["bench/blas.py", *sys.argv[1:]])
-    path.write_text(f"{report}\n\n{time.strftime('%Y-%m-%d')}: {command} ({minutes:.1f} min)\n")
-    print(f"saved: {path.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`make bench-claude`: real Claude Code traffic replayed, and what the prompt cache served.
 
-Reads the captures in `../shared/claude-code/` (Claude Code 2.1.197: a
+Reads the captures in `--captures` (default `../shared/claude-code/`, beside
+the repository: they are not part of it; Claude Code 2.1.197: a
 `--print` run, its `--continue` in a new process, an interactive session
 with `/compact`; one request a line) and sends them, streamed, replies
 capped at `--max-tokens`, to daemons serving a tiny random model with a 65k
@@ -20,8 +21,9 @@ a fresh daemon:
 
 Per request: scenario, capture, kind, status, prompt tokens, tokens read
 from the prompt cache, time to the first content event, total seconds.
-Then the ratios against their targets, and a plot of cached vs prompt
-tokens per request, both written to `bench/results/`.
+Then the ratios against their targets (all of it recorded in
+`bench/results/claude-replay-MODEL.txt` by bench/args.py), and a plot of
+cached vs prompt tokens per request beside it.
 Run: `make bench-claude` (`BENCH_ARGS="--model NAME" make bench-claude`), or
 `.venv/bin/python bench/claude_replay.py --help`.
 """
@@ -43,10 +45,11 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.args import parse, shown  # noqa: E402
 from tests.captures import pinned as pinned_body  # noqa: E402
 from tests.daemon import Daemon, start_daemon  # noqa: E402
 
-RESULTS = REPO / "bench" / "results"
+OUT = REPO / "bench" / "out"
 GB = 1024**3  # as the engine counts `prompt_cache_gb`
 PRINT, CONTINUE, INTERACTIVE = "print", "continue", "interactive"
 CAPTURES = {
@@ -411,6 +414,15 @@ def bench_model(
     return name, model, tables["engine"]
 
 
+def captures_folder(value: str) -> Path:
+    """`--captures`, checked before anything runs: one line says what is missing."""
+    folder = Path(value)
+    missing = [name for name in CAPTURES.values() if not (folder / name).is_file()]
+    if missing:
+        sys.exit(f"no {', '.join(missing)} in {folder}: name the captures' folder with --captures")
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -422,9 +434,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, help="the config --model is read from")
     parser.add_argument(
         "--captures",
-        type=Path,
-        default=REPO.parent / "shared" / "claude-code",
-        help="the folder of capture-*.jsonl (default: ../shared/claude-code)",
+        type=captures_folder,
+        default=str(REPO.parent / "shared" / "claude-code"),
+        help="the folder of capture-*.jsonl (default: ../shared/claude-code, not in the repo)",
     )
     parser.add_argument("--max-tokens", type=int, default=8, help="every reply's cap")
     parser.add_argument(
@@ -432,9 +444,10 @@ def main() -> None:
         type=float,
         help="the budget outside the side-request scenario (default: the config's, or 2.0)",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where the table and plot go")
-    args = parser.parse_args()
-
+    parser.add_argument(
+        "--plot", type=Path, help="PNG path (default: beside the results file, else bench/out/)"
+    )
+    args = parse(parser, model="tiny")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pensieve-replay-") as tmp:
         work = Path(tmp)
@@ -447,12 +460,11 @@ def main() -> None:
     report = table(bench, label, facts, time.perf_counter() - started)
     print()
     print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = "\n".join([HEADER, *(r.line() for r in bench.rows)])
-    (args.out / f"claude-replay-{label}.txt").write_text(f"{report}\n\n{rows}\n")
-    path = args.out / f"claude-replay-{label}.png"
+    path = args.plot or (
+        args.results.with_suffix(".png") if args.results else OUT / f"claude-replay-{label}.png"
+    )
     plot(bench, label, path)
-    print(f"\ntable: {args.out / f'claude-replay-{label}.txt'}\nplot: {path}")
+    print(f"\nplot: {shown(path)}")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,28 @@
 """Prefill and decode speed of the CPU configurations (quantized vs float32, BLAS).
 
 Run it twice to compare BLAS libraries, since LD_PRELOAD is fixed at start:
+    .venv/bin/python bench/cpu_paths.py                       # OpenBLAS, as pensieved preloads it
     PENSIEVE_OPENBLAS=0 .venv/bin/python bench/cpu_paths.py   # the wheel's reference BLAS
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 .venv/bin/python bench/cpu_paths.py
 Each run measures the model as shipped (quantized) and dequantized to float32
-with mlx-lm's own `stream_generate`, on a 1000-token prompt.
+with mlx-lm's own `stream_generate`, on a 1000-token prompt. The two records
+are bench/results/cpu-paths-MODEL-openblas.txt and ...-reference-blas.txt.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 from pathlib import Path
 
-import mlx_lm
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from pensieved.engine import cpu, openblas
+import mlx_lm  # noqa: E402
+from bench.args import parse  # noqa: E402
+
+from pensieved.engine import cpu, openblas  # noqa: E402
 
 
 def measure(
@@ -34,14 +41,17 @@ def main() -> None:
     parser.add_argument("--model", help="MLX model directory (default: the embedded SmolLM2)")
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--new-tokens", type=int, default=40)
-    args = parser.parse_args()
+    off = os.environ.get(openblas.SWITCH, "").lower() in openblas.OFF
+    args = parse(parser, variant="reference-blas" if off else "openblas")
+    # OpenBLAS as the daemon preloads it, unless PENSIEVE_OPENBLAS=0.
+    openblas.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
+    blas = "OpenBLAS" if openblas.openblas_active() else "reference BLAS"
     model_dir = args.model
     if model_dir is None:
         from pensieved.config import Config
         from pensieved.models.registry import materialize
 
         model_dir = materialize(Config().default_model, Path(tempfile.mkdtemp()) / "models")
-    blas = "OpenBLAS" if openblas.openblas_active() else "reference BLAS"
     print(f"{'configuration':36}{'prefill tok/s':>15}{'decode tok/s':>14}")
     for dequantize in (False, True):
         prefill, decode = measure(model_dir, dequantize, args.prompt_tokens, args.new_tokens)

@@ -18,9 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import numpy as np
-from transformers import AutoTokenizer
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from bench.args import parse  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 DEFAULT_MODEL = Path.home() / ".local/share/pensieve/models/smollm2-135m-instruct"
 PRE, POST = "<tool_call>\n", "\n</tool_call>"
@@ -288,7 +292,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--repeats", type=int, default=20)
-    args = ap.parse_args()
+    args = parse(ap)
     hf = AutoTokenizer.from_pretrained(args.model_dir)
     print(f"tokenizer {args.model_dir.name}: vocab {len(hf)}, eos {hf.eos_token_id}; µs per token")
     print(f"  {'variant':9}{'compile':>9}{'cached':>8}{'mask50':>8}{'mask95':>8}"

@@ -7,7 +7,7 @@ the model's batch takes it (still quantized). From each, 64 tokens are
 decoded greedily, their keys and values quantized as they are written;
 the table gives the bytes the budget counts for the entry, their ratio to
 full precision, the tokens identical to the full-precision run's, and the
-store and fetch times. One run covers both models:
+store and fetch times. One run covers both models (`--model` one of them):
 
 - the embedded SmolLM2-135M, dequantized to float32 as the daemon runs it on
   MLX's CPU backend with OpenBLAS (keys and values in float32);
@@ -118,13 +118,23 @@ def measure(label: str, model_dir: str, tokens: int, count: int) -> list[dict[st
     return rows
 
 
-def prepare(workdir: Path) -> list[tuple[str, str]]:
-    """(label, model directory) of SmolLM2 as the daemon runs it here, and the tiny model."""
+def prepare(workdir: Path, choice: str) -> list[tuple[str, str]]:
+    """(label, model directory) of each model `--model` names, run as the daemon runs it here."""
     from bench.speed import prepare_model
     from tests.models import build_tiny_model
 
-    # Imports the embedded GGUF into workdir/smollm2 (the tiny model's tokenizer).
-    smollm_dir, smollm_label = prepare_model("builtin", workdir)
+    from pensieved.models.gguf import import_gguf
+    from pensieved.models.registry import builtin_gguf_path
+
+    models = []
+    if choice not in ("tiny", "both"):  # builtin, or a model directory
+        model_dir, label = prepare_model(choice, workdir)
+        return [(label, model_dir)]
+    if choice == "both":
+        model_dir, label = prepare_model("builtin", workdir)  # imports workdir/smollm2 too
+        models.append((label, model_dir))
+    else:
+        import_gguf(builtin_gguf_path(), workdir / "smollm2")  # the tiny model's tokenizer
     tiny = build_tiny_model(
         workdir / "tiny64",
         workdir / "smollm2",
@@ -134,11 +144,13 @@ def prepare(workdir: Path) -> list[tuple[str, str]]:
         kv_heads=2,
         head_dim=64,
     )
-    return [(smollm_label, smollm_dir), ("tiny (64-value heads)", str(tiny))]
+    models.append(("tiny (64-value heads)", str(tiny)))
+    return models
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="both", help="builtin, tiny, both, or an MLX dir")
     parser.add_argument("--tokens", type=int, default=4096, help="context length (tokens)")
     parser.add_argument("--decode", type=int, default=64, help="greedy tokens compared")
     args = parse(parser)
@@ -150,7 +162,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
-        for label, model_dir in prepare(Path(workdir)):
+        for label, model_dir in prepare(Path(workdir), args.model):
             rows += measure(label, model_dir, args.tokens, args.decode)
     blas = "OpenBLAS" if openblas.openblas_active() else "reference BLAS"
     print(

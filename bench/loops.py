@@ -30,6 +30,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.args import parse  # noqa: E402
 from tests.daemon import Daemon, daemon_running  # noqa: E402
 
 from pensieved.models.gguf import import_gguf  # noqa: E402
@@ -109,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tries", type=int, default=48, help="first turns per row")
     parser.add_argument("--max-tokens", type=int, default=1024)
-    args = parser.parse_args()
+    args = parse(parser)
     root = Path(tempfile.mkdtemp(prefix="pensieve-loops-"))
     folder = import_gguf(builtin_gguf_path(), root / "smollm2", BUILTIN_SAMPLING)
     config = {

@@ -19,10 +19,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.args import parse  # noqa: E402
 from tests.daemon import Daemon, start_daemon  # noqa: E402
 
 
-def first_token_seconds(daemon: Daemon, system: str) -> tuple[float, int]:
+def first_token_seconds(daemon: Daemon, system: str) -> tuple[float, int, int]:
+    """(seconds to the first text, prompt tokens, of them read from the prompt cache)."""
     started = time.perf_counter()
     with daemon.client().messages.stream(
         model="m",
@@ -35,8 +37,9 @@ def first_token_seconds(daemon: Daemon, system: str) -> tuple[float, int]:
             if event.type == "content_block_delta":
                 break
         elapsed = time.perf_counter() - started
-    final_usage = stream.current_message_snapshot.usage
-    return elapsed, final_usage.cache_read_input_tokens or 0
+    usage = stream.current_message_snapshot.usage
+    cached = usage.cache_read_input_tokens or 0
+    return elapsed, usage.input_tokens + cached, cached
 
 
 def run(source: str, words: int, persist: bool) -> dict[str, Any]:
@@ -55,22 +58,28 @@ def run(source: str, words: int, persist: bool) -> dict[str, Any]:
     daemon = start_daemon(home, config)  # returns once /health answers
     start_s = time.perf_counter() - started
     try:
-        ttft, cached = first_token_seconds(daemon, system)
+        ttft, prompt, cached = first_token_seconds(daemon, system)
     finally:
         daemon.stop()
-    return {"start_s": start_s, "ttft_s": ttft, "cached": cached}
+    return {"start_s": start_s, "ttft_s": ttft, "prompt": prompt, "cached": cached}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    parser.add_argument("--words", type=int, default=700, help="prefix size (~4.5 tokens each)")
-    args = parser.parse_args()
+    parser.add_argument("--words", type=int, default=700, help="prefix size (~6 tokens each)")
+    args = parse(parser)
     off = run(args.model, args.words, persist=False)
     on = run(args.model, args.words, persist=True)
-    print(f"{'after a restart':<22} {'start s':>8} {'turn-1 TTFT s':>14} {'cached tokens':>14}")
+    print(
+        f"{'after a restart':<22} {'start s':>8} {'turn-1 TTFT s':>14} {'prompt tokens':>14}"
+        f" {'cached tokens':>14}"
+    )
     for name, row in (("persistence off", off), ("persistence on", on)):
-        print(f"{name:<22} {row['start_s']:>8.2f} {row['ttft_s']:>14.2f} {row['cached']:>14}")
+        print(
+            f"{name:<22} {row['start_s']:>8.2f} {row['ttft_s']:>14.2f} {row['prompt']:>14}"
+            f" {row['cached']:>14}"
+        )
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.args import parse  # noqa: E402
 from tests.daemon import Daemon, start_daemon  # noqa: E402
 from tests.models import build_tiny_model  # noqa: E402
 
@@ -272,7 +273,7 @@ def main() -> None:
         action="store_true",
         help="second half of the run: the review's hostile inputs beside the same traffic",
     )
-    args = parser.parse_args()
+    args = parse(parser)
 
     work = Path(tempfile.mkdtemp(prefix="pensieve-soak-"))
     smollm = import_gguf(builtin_gguf_path(), work / "smollm2")

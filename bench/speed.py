@@ -52,7 +52,7 @@ from bench.api_vs_engine import (  # noqa: E402
     bench_daemon,
     sdk_stream,
 )
-from bench.args import parse  # noqa: E402
+from bench.args import parse, shown  # noqa: E402
 from bench.claude_code import Conversation, Json, fit_conversation  # noqa: E402
 from bench.mlx_server import MlxServer  # noqa: E402
 from bench.speed_report import Results, plot, table  # noqa: E402
@@ -315,7 +315,9 @@ def main() -> None:
         help="part 2 warm turn-2 runs per server: turn 1's reply, then it with a word added "
         "at its end (default: 5; tiny: 9)",
     )
-    parser.add_argument("--plot", type=Path, help="PNG path (default: bench/out/speed-MODEL.png)")
+    parser.add_argument(
+        "--plot", type=Path, help="PNG path (default: beside the results file, else bench/out/)"
+    )
     args = parse(parser)
     # The tiny model decodes ~20x faster: longer and more runs for steadier figures.
     tiny = args.model == "tiny"
@@ -351,9 +353,11 @@ def main() -> None:
     results.seconds = time.perf_counter() - started
     print()
     print(table(results))
-    path = args.plot or OUT / f"speed-{name}.png"
+    path = args.plot or (
+        args.results.with_suffix(".png") if args.results else OUT / f"speed-{name}.png"
+    )
     plot(results, path)
-    print(f"\nplot: {path}\nmlx_lm.server log: {results.peer_log}")
+    print(f"\nplot: {shown(path)}\nmlx_lm.server log: {shown(results.peer_log)}")
 
 
 if __name__ == "__main__":

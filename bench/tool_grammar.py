@@ -10,6 +10,8 @@ thread and logits processors. The ways to decode:
   the reply's JSON schema (again a long required string);
 - json, closing: the same in the last tokens before max_tokens, where each
   step also looks for the shortest way to close the document.
+Speculative decoding is off unless `--speculate` says otherwise: prompt
+lookup speeds up some modes and not others, which would hide the grammar's cost.
 Run: `.venv/bin/python bench/tool_grammar.py [--model builtin:smollm2-135m-instruct]`.
 """
 
@@ -26,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.args import parse  # noqa: E402
 
 from pensieved.config import ModelConfig  # noqa: E402
 from pensieved.conversation.constraints import CLOSE_WINDOW  # noqa: E402
@@ -82,10 +86,10 @@ async def decode_ms(
     return (last - first) / (count - 1) * 1000
 
 
-async def run(source: str, n: int, runs: int) -> None:
+async def run(source: str, n: int, runs: int, speculate: str) -> None:
     engine = Engine(Path(tempfile.mkdtemp()))
     engine.start()
-    config = ModelConfig("bench", source)
+    config = ModelConfig("bench", source, speculate=speculate)
     tools = (("Bash", json.dumps(SCHEMA)),)
     json_reply = OutputGrammar(reply_schema=json.dumps(STORY))
     modes: dict[str, tuple[OutputGrammar | None, bool]] = {
@@ -106,7 +110,10 @@ async def run(source: str, n: int, runs: int) -> None:
             results[mode].append(await decode_ms(engine, config, grammar, size, closing))
     engine.stop()
     base = statistics.median(results["free"])
-    print(f"model {source}, {n} tokens, median of {runs}, OpenBLAS {openblas.openblas_active()}")
+    print(
+        f"model {source}, {n} tokens, median of {runs}, speculate {speculate!r}, "
+        f"OpenBLAS {openblas.openblas_active()}"
+    )
     print(f"{'decoding':<16} {'ms/token':>9} {'vs free':>8}")
     for mode, times in results.items():
         ms = statistics.median(times)
@@ -118,9 +125,16 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--speculate",
+        default="off",
+        choices=("off", "grammar", "ngram"),
+        help="the model's `speculate` (default: off, the grammar's cost alone; "
+        "the daemon's default is ngram)",
+    )
+    args = parse(parser)
     openblas.reexec_with_openblas([sys.executable, __file__, *sys.argv[1:]])
-    asyncio.run(run(args.model, args.tokens, args.runs))
+    asyncio.run(run(args.model, args.tokens, args.runs, args.speculate))
 
 
 if __name__ == "__main__":

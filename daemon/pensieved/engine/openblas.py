@@ -62,9 +62,9 @@ WHEELS = ("ngsolve-openblas", "cmeel-openblas")
 GFORTRAN = "libgfortran.so.5"
 # OpenBLAS's threads spin while they wait for each other, so one that loses its
 # core to another process (Claude Code, an editor, a build) stalls every matmul:
-# on a busy 2-core machine, 2 threads prefilled at 25-185 tok/s and decoded at
-# 1-12, 1 thread at 135-150 and 10-11 (docs/performance.md). So one core is
-# left to the rest, unless the environment sets one of these.
+# on a busy 2-core machine, 2 threads prefilled and decoded several times
+# slower and far less steadily than 1 (measured while #22 was built). So one
+# core is left to the rest, unless the environment sets one of these.
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
 PROBE_TIMEOUT_S = 60.0
 # Loads the library as the re-executed process will (the same environment),
