@@ -65,10 +65,11 @@ class SchemaViolation(AssertionError):
 class OfficialSchema:
     """The document's component schemas as validators."""
 
-    def __init__(self, path: Path = DOCUMENT) -> None:
-        document = json.loads(path.read_text())
+    def __init__(self, path: Path = DOCUMENT, base: str = _BASE) -> None:
+        document = _nullable(json.loads(path.read_text()))
         resource = Resource.from_contents(document, default_specification=DRAFT202012)
-        self._registry: Registry[Any] = Registry().with_resource(_BASE, resource)
+        self._base = base
+        self._registry: Registry[Any] = Registry().with_resource(base, resource)
         self.names = frozenset(document["components"]["schemas"])
         self._validators: dict[str, jsonschema.protocols.Validator] = {}
         self._lock = threading.Lock()
@@ -79,7 +80,7 @@ class OfficialSchema:
                 if name not in self.names:
                     raise KeyError(f"no schema {name!r} in the document")
                 self._validators[name] = jsonschema.Draft202012Validator(
-                    {"$ref": f"{_BASE}#/components/schemas/{name}"},
+                    {"$ref": f"{self._base}#/components/schemas/{name}"},
                     registry=self._registry,
                     format_checker=_FORMATS,
                 )
@@ -91,6 +92,24 @@ class OfficialSchema:
         if errors:
             reasons = [_describe(leaf) for error in errors for leaf in _reasons(error)]
             raise SchemaViolation(f"{name}: " + "; ".join(dict.fromkeys(reasons)))
+
+
+def _nullable(node: Any) -> Any:
+    """An OpenAPI 3.0 document's `nullable: true` in JSON Schema's terms (3.1's documents
+    already say it with a null type), so that a validator of today reads it as meant."""
+    if isinstance(node, list):
+        return [_nullable(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _nullable(value) for key, value in node.items()}
+    if node.pop("nullable", False) is True:
+        if isinstance(node.get("type"), str):
+            node["type"] = [node["type"], "null"]
+            if "enum" in node:
+                node["enum"] = [*node["enum"], None]
+        else:
+            return {"anyOf": [node, {"type": "null"}]}
+    return node
 
 
 def _reasons(error: jsonschema.ValidationError) -> list[jsonschema.ValidationError]:
@@ -128,6 +147,25 @@ def official_schema() -> OfficialSchema:
     return OfficialSchema()
 
 
+# OpenAI's published document ("OpenAI API" 2.3.0, a copy of ../shared's), for
+# the OpenAI routes: their schemas are named `openai:Name` here.
+OPENAI_DOCUMENT = Path(__file__).parent / "data" / "openai-openapi.json"
+OPENAI = "openai:"
+
+
+@cache
+def openai_schema() -> OfficialSchema:
+    return OfficialSchema(OPENAI_DOCUMENT, "urn:openai:openapi")
+
+
+def schema_check(name: str, value: object) -> None:
+    """Check `value` against `name` in Anthropic's document, or OpenAI's for `openai:` names."""
+    if name.startswith(OPENAI):
+        openai_schema().check(name.removeprefix(OPENAI), value)
+    else:
+        official_schema().check(name, value)
+
+
 # Streamed events by their `type`; `ping` and `error` are outside the
 # document's event union: a ping carries nothing else, an error is an
 # ErrorResponse body.
@@ -146,6 +184,8 @@ def body_schema(method: str, path: str, status: int, beta: bool) -> str | None:
     """The schema a JSON body on this route and status must follow; None: Pensieve's own."""
     path = path.rstrip("/") or "/"
     prefix = "Beta" if beta else ""
+    if path == "/v1/chat/completions" and method == "POST":
+        return OPENAI + ("ErrorResponse" if status >= 400 else "CreateChatCompletionResponse")
     if status >= 400:
         return prefix + "ErrorResponse"
     if (method, path) in OWN_ROUTES:
@@ -233,7 +273,11 @@ class BodyCheck:
         index = self._events
         self._events += 1
         what = f"{self._what}, event {index} ({name or 'unnamed'})"
-        payload = self._json("\n".join(data).encode())
+        text = "\n".join(data)
+        if self._schema.startswith(OPENAI):
+            self._openai_event(text, what)
+            return
+        payload = self._json(text.encode())
         if payload is None:
             return
         kind = payload.get("type") if isinstance(payload, dict) else None
@@ -246,6 +290,16 @@ class BodyCheck:
             self._check(("Beta" if self._beta else "") + _EVENTS[name], payload, what)
         else:
             self._monitor.report(f"{what}: no event of Anthropic's is named {name!r}")
+
+    def _openai_event(self, text: str, what: str) -> None:
+        """A Chat Completions stream: chunks, an error body, then `[DONE]`."""
+        if text == "[DONE]":
+            return
+        payload = self._json(text.encode())
+        if isinstance(payload, dict) and "error" in payload:
+            self._check(OPENAI + "ErrorResponse", payload, what)
+        elif payload is not None:
+            self._check(OPENAI + "CreateChatCompletionStreamResponse", payload, what)
 
     def _json(self, data: bytes) -> Any:
         try:
@@ -262,7 +316,7 @@ class BodyCheck:
         self._monitor.count()
         value = _documented_divergences(schema, value)
         try:
-            official_schema().check(schema, value)
+            schema_check(schema, value)
         except SchemaViolation as exc:
             self._monitor.report(f"{what}: {exc}\n  body: {json.dumps(value)[:1000]}")
 
@@ -324,7 +378,8 @@ class ResponseMonitor:
             return None
         content_type = headers.get("content-type", "")
         event_stream = content_type.startswith("text/event-stream")
-        if event_stream and schema != "Message" and schema != "BetaMessage":
+        streams = ("Message", "BetaMessage", OPENAI + "CreateChatCompletionResponse")
+        if event_stream and schema not in streams:
             self.report(f"{what}: an event stream where Anthropic answers with JSON")
             return None
         return BodyCheck(self, what, schema, beta, event_stream)

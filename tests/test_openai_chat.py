@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import secrets
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import openai
 import pytest
 from mlx_lm.utils import load_tokenizer
 
@@ -20,11 +23,12 @@ from pensieved.wire.protocol import (
     ToolResultBlock,
     ToolUseBlock,
 )
+from tests.daemon import Daemon
 from tests.requests import request_of
 
 WEATHER = {
     "type": "object",
-    "properties": {"city": {"type": "string"}},
+    "properties": {"city": {"type": "string", "maxLength": 12}},
     "required": ["city"],
 }
 
@@ -201,3 +205,85 @@ def test_what_messages_cannot_mean_is_refused_naming_the_field(
     body.setdefault("messages", [{"role": "user", "content": "Hi"}])
     with pytest.raises(InvalidRequest, match=words):
         as_messages_request(chat(**body), max_tokens=10)
+
+
+# -- the route, through the official `openai` SDK ------------------------------------
+
+
+def openai_client(daemon: Daemon) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key=daemon.token, max_retries=0)
+
+
+def test_create_and_stream_through_the_openai_sdk(tiny_daemon: Daemon) -> None:
+    client = openai_client(tiny_daemon)
+    messages = [{"role": "user", "content": "Say hello. " + secrets.token_hex(4)}]
+    made = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_completion_tokens=8,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    assert made.object == "chat.completion" and made.id.startswith("chatcmpl-")
+    assert made.choices[0].finish_reason in ("stop", "length")
+    assert made.usage is not None and made.usage.completion_tokens >= 1
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,  # type: ignore[arg-type]
+        max_completion_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == made.choices[0].message.content
+    usage = chunks[-1].usage
+    assert usage is not None and usage.prompt_tokens == made.usage.prompt_tokens
+    # The second time, the prompt came from the cache.
+    assert usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+
+
+def test_a_forced_tool_call_through_the_openai_sdk(tiny_daemon: Daemon) -> None:
+    client = openai_client(tiny_daemon)
+    made = client.chat.completions.create(
+        model="long-tools",
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        tools=[{"type": "function", "function": {"name": "w", "parameters": WEATHER}}],
+        tool_choice={"type": "function", "function": {"name": "w"}},
+        max_completion_tokens=256,
+    )
+    choice = made.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "w"  # type: ignore[union-attr]
+    assert set(json.loads(call.function.arguments)) == {"city"}  # type: ignore[union-attr]
+
+
+def test_the_same_conversation_hits_the_cache_across_the_apis(tiny_daemon: Daemon) -> None:
+    question = "Tell me about " + " ".join(secrets.token_hex(3) for _ in range(120))
+    first = tiny_daemon.client().messages.create(
+        model="tiny-long", max_tokens=2, messages=[{"role": "user", "content": question}]
+    )
+    then = openai_client(tiny_daemon).chat.completions.create(
+        model="tiny-long",
+        max_completion_tokens=2,
+        messages=[{"role": "user", "content": question}],
+    )
+    assert then.usage is not None and then.usage.prompt_tokens_details is not None
+    prompt = first.usage.input_tokens + (first.usage.cache_read_input_tokens or 0)
+    assert then.usage.prompt_tokens == prompt
+    assert then.usage.prompt_tokens_details.cached_tokens == prompt - 1
+
+
+def test_errors_come_in_openais_envelope(tiny_daemon: Daemon) -> None:
+    client = openai_client(tiny_daemon)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], n=2
+        )
+    body = refused.value.body
+    assert isinstance(body, dict) and "n: only 1 choice" in body["message"]
+    bad_key = openai.OpenAI(base_url=f"{tiny_daemon.base_url}/v1", api_key="no", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])

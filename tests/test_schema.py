@@ -28,7 +28,14 @@ from pensieved.wire import responses
 from pensieved.wire.errors import error_body
 from tests.daemon import Daemon, running_daemon, sse_events
 from tests.models import THINKING_TEMPLATE, build_tiny_model
-from tests.schema import DOCUMENT, MONITOR, SchemaViolation, official_schema
+from tests.schema import (
+    DOCUMENT,
+    MONITOR,
+    OPENAI_DOCUMENT,
+    SchemaViolation,
+    official_schema,
+    openai_schema,
+)
 
 SHARED_DOCUMENT = Path(__file__).parents[2] / "shared" / "anthropic-openapi.json"
 HI = [{"role": "user", "content": "Hi"}]
@@ -57,6 +64,21 @@ def test_the_document_is_anthropics() -> None:
     assert document["openapi"].startswith("3.1")
     if SHARED_DOCUMENT.exists():  # the copy this one was taken from
         assert DOCUMENT.read_bytes() == SHARED_DOCUMENT.read_bytes()
+
+
+def test_the_openai_document_is_openais_and_its_nullables_are_read() -> None:
+    document = json.loads(OPENAI_DOCUMENT.read_text())
+    assert (document["openapi"], document["info"]["title"]) == ("3.0.0", "OpenAI API")
+    shared = SHARED_DOCUMENT.with_name("openai-openapi.json")
+    if shared.exists():
+        assert OPENAI_DOCUMENT.read_bytes() == shared.read_bytes()
+    # OpenAPI 3.0's `nullable: true` allows null; a field without it does not.
+    error = {
+        "error": {"message": "m", "type": "invalid_request_error", "param": None, "code": None}
+    }
+    openai_schema().check("ErrorResponse", error)
+    with pytest.raises(SchemaViolation):
+        openai_schema().check("ErrorResponse", {"error": {**error["error"], "message": None}})
 
 
 @pytest.mark.parametrize("beta", ["", "Beta"])

@@ -23,6 +23,7 @@ from pensieved.http.asgi import json_response
 from pensieved.http.messages import CountTokensResource, MessagesResource, PromptPreparer
 from pensieved.http.metrics import Metrics, MetricsMiddleware, MetricsResource
 from pensieved.http.models import ModelsResource
+from pensieved.http.openai_chat import ChatCompletionsResource
 from pensieved.http.origin import HostOriginGuard
 from pensieved.http.work import RequestWork
 from pensieved.memory.guard import MemoryGuard
@@ -204,6 +205,10 @@ def _model_health(model: ModelConfig, loaded: LoadedModel | None, engine: Engine
     }
 
 
+# The routes that answer in OpenAI's shapes.
+OPENAI_ROUTES = ("/v1/chat/completions",)
+
+
 def _write_error(
     req: falcon.asgi.Request,
     resp: falcon.asgi.Response,
@@ -219,6 +224,11 @@ def _write_error(
         resp.set_header("request-id", request_id)
     for name, value in (headers or {}).items():
         resp.set_header(name, value)
+    if req.path.startswith(OPENAI_ROUTES):
+        # OpenAI's envelope, which its SDKs read (the same statuses and words).
+        error = {"message": message, "type": error_type, "param": None, "code": None}
+        json_response(resp, {"error": error}, status)
+        return
     json_response(resp, error_body(error_type, message, request_id, details), status)
 
 
@@ -294,7 +304,9 @@ def create_app(
     app.add_route("/openapi.json", OpenApiResource())
     app.add_route("/v1/models", models)
     app.add_route("/v1/models/{model_id}", models, suffix="one")
-    app.add_route("/v1/messages", MessagesResource(preparer, engine, registry, metrics))
+    messages = MessagesResource(preparer, engine, registry, metrics)
+    app.add_route("/v1/messages", messages)
+    app.add_route("/v1/chat/completions", ChatCompletionsResource(messages, registry))
     app.add_route("/v1/messages/count_tokens", CountTokensResource(preparer))
     app.add_error_handler(Exception, _handle_unexpected)
     app.add_error_handler(falcon.HTTPError, _handle_http_error)

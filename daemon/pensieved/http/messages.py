@@ -122,9 +122,14 @@ class MessagesResource:
         self._metrics = metrics
         self._registry = registry
 
+    @property
+    def work(self) -> RequestWork:
+        """The daemon's threads for request work (http/work.py)."""
+        return self._preparer.work
+
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         # A full batch and queue refuse before the body is read, decoded and rendered.
-        self._check_busy()
+        self.check_busy()
         body = await read_body(req)
         work = self._preparer.work
         # A thread's `continue` becomes the full conversation before it is checked.
@@ -152,7 +157,7 @@ class MessagesResource:
                 return
             resp.sse = events
             return
-        message_id, started = await self._start(req, request, small)
+        message_id, started = await self.start(req, request, small)
         reply, model = started.reply, started.model
         gone = started.gone
         try:
@@ -189,7 +194,7 @@ class MessagesResource:
         small: bool,
         thread: ThreadTurn | None = None,
     ) -> AsyncIterator[SSEvent]:
-        message_id, started = await self._start(req, request, small)
+        message_id, started = await self.start(req, request, small)
         events = message_events(
             started.reply,
             message_id=message_id,
@@ -206,7 +211,7 @@ class MessagesResource:
             thread, events, message_id, lambda: started.reply.assembler.blocks
         )
 
-    async def _start(
+    async def start(
         self, req: falcon.asgi.Request, request: MessagesRequest, small: bool
     ) -> tuple[str, _Started]:
         """Load the model, render the prompt, plan its generation, and submit it to the engine."""
@@ -240,7 +245,7 @@ class MessagesResource:
             if output.tools
             else "",
         )
-        self._check_busy()  # again: others may have been submitted meanwhile
+        self.check_busy()  # again: others may have been submitted meanwhile
         gone = disconnected(req)
         reply = Reply(
             self._engine.submit(model, generation),
@@ -254,7 +259,7 @@ class MessagesResource:
         release_body(req)  # the engine has it now: its body no longer waits to be admitted
         return message_id, _Started(reply, model, input_tokens, cached, gone)
 
-    def _check_busy(self) -> None:
+    def check_busy(self) -> None:
         settings = self._registry.config.engine
         if self._engine.active_requests() >= settings.max_sequences + settings.max_queue:
             raise Busy(

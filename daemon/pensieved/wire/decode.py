@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any, TypeVar, get_args
 
 import msgspec
@@ -49,10 +50,24 @@ _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 
 def decode_request(body: bytes, kind: type[RequestT]) -> RequestT:
     """Decode and validate a request body, or raise `InvalidRequest` naming the field."""
+    request = decode_body(body, kind, _decode)
+    check_request(request)
+    return request
+
+
+AnyT = TypeVar("AnyT")
+
+
+def decode_body(
+    body: bytes, kind: type[AnyT], decode: Callable[[bytes, type[AnyT]], AnyT] | None = None
+) -> AnyT:
+    """`body` as a `kind`, or `InvalidRequest` naming the field (any API's request struct)."""
     if not body.strip():
         raise InvalidRequest("request body is empty; expected a JSON object")
     try:
-        request = _decode(body, kind)
+        if decode is None:
+            return msgspec.json.decode(body, type=kind)
+        return decode(body, kind)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(_field_message(str(exc))) from exc
     except msgspec.DecodeError as exc:
@@ -63,6 +78,10 @@ def decode_request(body: bytes, kind: type[RequestT]) -> RequestT:
     except RecursionError as exc:
         # msgspec stops at Python's recursion limit (~1000 levels).
         raise InvalidRequest("request body is nested too deeply") from exc
+
+
+def check_request(request: CountTokensRequest) -> None:
+    """The checks past the struct's types: stops, tools, turns, tool pairs, the thinking budget."""
     if not request.messages:
         raise InvalidRequest("messages: at least one message is required")
     _check_stop_sequences(getattr(request, "stop_sequences", None) or [])
@@ -80,7 +99,6 @@ def decode_request(body: bytes, kind: type[RequestT]) -> RequestT:
             "thinking.budget_tokens: must be less than max_tokens "
             f"({thinking.budget_tokens} >= {request.max_tokens})"
         )
-    return request
 
 
 def _decode(body: bytes, kind: type[RequestT]) -> RequestT:

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from pensieved import __version__
+from pensieved.wire.openai_chat import ChatCompletionRequest
 from pensieved.wire.protocol import CountTokensRequest, MessagesRequest
 
 DOCUMENT = Path(__file__).with_name("openapi.json")
@@ -139,9 +140,28 @@ RESPONSE_SCHEMAS: dict[str, Any] = {
 }
 
 
+# OpenAI's error envelope, on its routes.
+OPENAI_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
 def build_openapi() -> dict[str, Any]:
-    (messages_ref, count_ref), components = msgspec.json.schema_components(
-        [MessagesRequest, CountTokensRequest], ref_template=REF
+    (messages_ref, count_ref, chat_ref), components = msgspec.json.schema_components(
+        [MessagesRequest, CountTokensRequest, ChatCompletionRequest], ref_template=REF
     )
     secured: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}]
     open_route: list[dict[str, list[str]]] = []
@@ -244,6 +264,33 @@ def build_openapi() -> dict[str, Any]:
                             },
                         },
                         **_errors(*PROTECTED_ERRORS),
+                    },
+                }
+            },
+            "/v1/chat/completions": {
+                "post": {
+                    "operationId": "createChatCompletion",
+                    "description": "OpenAI's Chat Completions, on the same engine and prompt "
+                    "cache; responses and errors in OpenAI's shapes (its published document).",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": chat_ref}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "The completion, or chunks when `stream` is true",
+                            "content": {
+                                "application/json": {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": {"type": "string"}},
+                            },
+                        },
+                        **{
+                            str(status): {
+                                "description": "OpenAI's error envelope",
+                                "content": {"application/json": {"schema": OPENAI_ERROR}},
+                            }
+                            for status in PROTECTED_ERRORS
+                        },
                     },
                 }
             },
