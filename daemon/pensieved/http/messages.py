@@ -17,7 +17,6 @@ from pensieved.conversation.plan import GenerationPlan, check_fits, needs_gramma
 from pensieved.conversation.prompt import Prompt
 from pensieved.engine.core import Engine
 from pensieved.engine.loading import LoadedModel
-from pensieved.engine.stream import ClientGone, Failed, Finished
 from pensieved.http.asgi import disconnected, json_response, off_loop, read_body, release_body
 from pensieved.http.metrics import Metrics
 from pensieved.http.reply import Reply, sign_thinking
@@ -27,7 +26,7 @@ from pensieved.http.work import RequestWork
 from pensieved.models.registry import ModelRegistry
 from pensieved.wire import responses
 from pensieved.wire.decode import decode_request
-from pensieved.wire.errors import ApiError, Busy, EngineFailure, Overloaded, shown
+from pensieved.wire.errors import ApiError, Busy, EngineFailure, shown
 from pensieved.wire.protocol import CountTokensRequest, MessagesRequest
 
 log = logging.getLogger(__name__)
@@ -159,21 +158,9 @@ class MessagesResource:
             return
         message_id, started = await self.start(req, request, small)
         reply, model = started.reply, started.model
-        gone = started.gone
-        try:
-            async for event in reply.events(gone):
-                if isinstance(event, Finished):
-                    break
-                if isinstance(event, Failed):
-                    if event.error_type == Overloaded.error_type:
-                        raise Overloaded(event.message)
-                    raise EngineFailure(event.message)
-        except ClientGone:
-            log.info("%s client disconnected; generation dropped", request_id)
+        event = await reply.finished(started.gone)
+        if event is None:
             return
-        finally:
-            reply.stream.cancel()
-        assert isinstance(event, Finished)
         self._threads.record(thread, message_id, reply.assembler.blocks)
         json_response(
             resp,

@@ -27,7 +27,6 @@ from pensieved.http.messages import INLINE_BYTES, MessagesResource
 from pensieved.http.reply import Reply
 from pensieved.models.registry import ModelRegistry
 from pensieved.wire.decode import check_request, decode_body
-from pensieved.wire.errors import EngineFailure, Overloaded
 from pensieved.wire.openai_chat import ChatCompletionRequest, as_messages_request
 from pensieved.wire.protocol import MessagesRequest
 
@@ -70,19 +69,9 @@ class ChatCompletionsResource:
             usage = chat.stream_options is not None and chat.stream_options.include_usage
             resp.sse = _chunks(reply, gone, completion, usage)
             return
-        try:
-            async for event in reply.events(gone):
-                if isinstance(event, Finished):
-                    break
-                if isinstance(event, Failed):
-                    if event.error_type == Overloaded.error_type:
-                        raise Overloaded(event.message)
-                    raise EngineFailure(event.message)
-        except ClientGone:
+        event = await reply.finished(gone)
+        if event is None:
             return
-        finally:
-            reply.stream.cancel()
-        assert isinstance(event, Finished)
         message = _message(reply.assembler.blocks)
         reason = FINISH_REASONS.get(event.stop_reason, "stop")
         json_response(

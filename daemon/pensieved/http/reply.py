@@ -21,9 +21,17 @@ from dataclasses import replace
 from typing import Any
 
 from pensieved.conversation.content import BlockEvent, ContentAssembler
-from pensieved.engine.stream import Admitted, Failed, Finished, GenerationStream, TextDelta
+from pensieved.engine.stream import (
+    Admitted,
+    ClientGone,
+    Failed,
+    Finished,
+    GenerationStream,
+    TextDelta,
+)
 from pensieved.http.metrics import Metrics
 from pensieved.wire import responses
+from pensieved.wire.errors import EngineFailure, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +134,26 @@ class Reply:
             self._metrics.observe_reply(
                 prefilled, event.cached_tokens, event.output_tokens, ttft, rate
             )
+
+    async def finished(self, gone: asyncio.Event) -> Finished | None:
+        """Run a reply that is not streamed to its end; None when the client left first.
+
+        A failure is raised as the API error it is: 529 for an overload, 500 otherwise.
+        """
+        try:
+            async for event in self.events(gone):
+                if isinstance(event, Finished):
+                    return event
+                if isinstance(event, Failed):
+                    if event.error_type == Overloaded.error_type:
+                        raise Overloaded(event.message)
+                    raise EngineFailure(event.message)
+        except ClientGone:
+            log.info("%s client disconnected; generation dropped", self._request_id)
+            return None
+        finally:
+            self.stream.cancel()
+        raise AssertionError("a reply's events ended without Finished or Failed")
 
     async def events(
         self, gone: asyncio.Event, idle: float | None = None
