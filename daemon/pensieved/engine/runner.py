@@ -83,6 +83,8 @@ class Job:
     decoding: bool = False  # its prompt is prefilled
     # The last tokens of free text, where the model's `stop_loops` watches them.
     recent: list[int] | None = None
+    # What the prompt cache knows the prompt by (its images named by digest).
+    key: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -180,6 +182,7 @@ class Runner:
             cached_tokens=reused,
             grammar=grammar,
             recent=[] if stops_loops(loaded.config) else None,
+            key=key,
         )
         stream.deliver(Admitted(reused))
 
@@ -225,7 +228,7 @@ class Runner:
         self.held = [(r, s) for r, s in self.held if s is not stream]
         for uid, job in list(self.jobs.items()):
             if job.stream is stream:
-                self._remove(uid, job.request)
+                self._remove(uid, job)
                 del self.jobs[uid]
                 self.last_used = time.monotonic()
                 log.info("request cancelled after %d tokens", job.output_tokens)
@@ -255,7 +258,7 @@ class Runner:
             job = self.jobs.get(response.uid)
             if response.prompt_cache is not None and job is not None:
                 # A finished sequence leaves its prompt and reply for the next turn.
-                self._store(job.request, list(response.all_tokens), response.prompt_cache)
+                self._store(job, list(response.all_tokens), response.prompt_cache)
             if job is None:
                 continue
             try:
@@ -333,20 +336,21 @@ class Runner:
         if job is None:
             return
         # A request that ended by stop sequence or failure is still in the batch.
-        self._remove(uid, job.request)
+        self._remove(uid, job)
         self.served += 1
         job.stream.deliver(event)
 
-    def _remove(self, uid: int, request: GenerationRequest) -> None:
+    def _remove(self, uid: int, job: Job) -> None:
         """Take `uid` out of the batch, keeping what it prefilled in the prompt cache."""
         for cache, tokens in self.generator.remove([uid], return_prompt_caches=True).values():
-            self._store(request, list(tokens), cache)
+            self._store(job, list(tokens), cache)
 
-    def _store(self, request: GenerationRequest, tokens: list[int], cache: list[Any]) -> None:
+    def _store(self, job: Job, tokens: list[int], cache: list[Any]) -> None:
         """Keep a sequence's cache for the next turn, under its images' digests where it has any."""
+        request = job.request
         if request.images:
-            key = vision.prompt_key(request, self.loaded.logits_size)
             cut = len(request.prompt)
+            key = job.key
             tokens = key[: len(tokens)] if len(tokens) <= cut else key + tokens[cut:]
         self.prompt_cache.store(self.loaded.config, tokens, cache, side=request.side)
 
